@@ -1,0 +1,130 @@
+"""The assembled Mixtral: token embeddings, `num_hidden_layers` decoder layers, a final RMSNorm, lm_head.
+
+    h = embed_tokens(input_ids)
+    for each layer:
+        h = h + self_attn(input_layernorm(h))                 # grouped-query attention with RoPE
+        h = h + block_sparse_moe(post_attention_layernorm(h)) # top-k mixture of SwiGLU experts
+    logits = lm_head(norm(h))
+
+Module and parameter names follow the Hugging Face checkpoint keys (without the `model.`
+prefix, see `hf_keys.py`), except that each layer's experts are stored stacked
+(`block_sparse_moe.experts.w1 [E, I, H]` instead of `experts.{j}.w1.weight`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import Attention, KVCache
+from .config import MixtralConfig
+from .experts import Experts
+from .moe import SparseMoeBlock
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: `[batch, seq, hidden] -> ([batch, seq, hidden], router_logits [batch*seq, E] or None)`."""
+
+    def __init__(self, cfg: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.block_sparse_moe = SparseMoeBlock(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + moe_out, router_logits
+
+
+class Mixtral(nn.Module):
+    """Mixtral (or, with one expert, Mistral) decoder-only language model.
+
+    Children: `embed_tokens` (nn.Embedding), `layers` (nn.ModuleList of DecoderLayer), `norm`
+    (RMSNorm), `lm_head` (nn.Linear, no bias; the same Parameter as `embed_tokens.weight` when
+    `cfg.tie_word_embeddings`), `rotary_emb` (cos/sin table, non-persistent buffers).
+    Weights start random (normal, std 0.02; norms 1), like the reference's random init.
+    """
+
+    def __init__(self, cfg: MixtralConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Re-draw every weight: normal(0, std) for matrices, ones for norm gains."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None,
+                     device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty `KVCache` for `batch_size` sequences of up to `max_seq_len` tokens.
+
+        Defaults: max_seq_len = config.max_position_embeddings; device and dtype of the model's weights.
+        """
+        cfg = self.config
+        weight = self.embed_tokens.weight
+        return KVCache(
+            cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
+            cfg.max_position_embeddings if max_seq_len is None else max_seq_len, cfg.head_dim,
+            device=weight.device if device is None else device, dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None,
+                return_router_logits: bool = False, last_only: bool = False):
+        """input_ids `[batch, seq]` -> logits `[batch, seq, vocab]` (in the weights' dtype).
+
+        cache: a `KVCache` from `new_kv_cache`; the tokens are placed at positions
+        cache.pos .. cache.pos + seq - 1, attend to everything cached, and the position advances.
+        last_only: compute logits for the last position only (`[batch, 1, vocab]`).
+        return_router_logits: also return a tuple, one entry per layer, of router logits
+        `[batch*seq, E]` (None for a dense model's layers).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                             f"of shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if seq == 0:
+            raise ValueError("input_ids has no tokens (seq length 0)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        start = 0
+        if cache is not None:
+            cache.check_room(batch, seq)
+            start = cache.pos
+        cos, sin = self.rotary_emb(start, seq)
+
+        h = self.embed_tokens(input_ids)
+        all_router_logits = []
+        for layer in self.layers:
+            h, router_logits = layer(h, cos, sin, cache)
+            all_router_logits.append(router_logits)
+        if cache is not None:
+            cache.advance(seq)
+
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.norm(h))
+        if return_router_logits:
+            return logits, tuple(all_router_logits)
+        return logits
