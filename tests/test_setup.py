@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,13 +92,22 @@ def test_make_lab_serves_jupyterlab(tmp_path):
             if not line:
                 break
             seen.append(line)
-            found = re.search(rf"(http://(?:127\.0\.0\.1|localhost):{port}/lab\?token=\w+)", line)
+            # "localhost" may resolve to ::1 first, where the server may not listen; use the IPv4 line.
+            found = re.search(rf"(http://127\.0\.0\.1:{port}/lab\?token=\w+)", line)
             url = found.group(1) if found else None
         assert url, "make lab printed no URL:\n" + "".join(seen[-30:])
-        with urllib.request.urlopen(url, timeout=30) as response:
-            assert response.status == 200
-            assert "JupyterLab" in response.read().decode("utf-8", "replace")
+        body = None
+        for _ in range(20):  # the URL is printed as the server starts listening; allow a moment
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    assert response.status == 200
+                    body = response.read().decode("utf-8", "replace")
+                    break
+            except urllib.error.URLError:
+                time.sleep(0.5)
+        assert body is not None and "JupyterLab" in body, f"no answer from {url}"
     finally:
+        proc.stdout.close()
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
