@@ -25,7 +25,10 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
 
 
 class Experts(nn.Module):
-    """All experts of one layer, stacked: w1, w3 `[num_experts, intermediate, hidden]`, w2 `[num_experts, hidden, intermediate]`."""
+    """All experts of one layer, stacked.
+
+    w1, w3 `[num_experts, intermediate, hidden]`; w2 `[num_experts, hidden, intermediate]`.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()

@@ -75,6 +75,11 @@ class Mixtral(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    def set_dispatch(self, dispatch: str) -> None:
+        """Set every MoE block's dispatch strategy: "auto", "grouped" or "gathered" (see moe.py)."""
+        for layer in self.layers:
+            layer.block_sparse_moe.dispatch = dispatch
+
     def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None,
                      device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
         """An empty `KVCache` for `batch_size` sequences of up to `max_seq_len` tokens.

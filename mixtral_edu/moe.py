@@ -99,8 +99,18 @@ class SparseMoeBlock(nn.Module):
             raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES}, got {value!r}")
         self._dispatch = value
 
+    def resolve_dispatch(self, num_tokens: int, dispatch: Optional[str] = None) -> str:
+        """The strategy ("grouped" or "gathered") a call with `num_tokens` tokens will use."""
+        strategy = self.dispatch if dispatch is None else dispatch
+        if strategy not in DISPATCH_STRATEGIES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES}, got {strategy!r}")
+        if strategy == "auto":
+            return "gathered" if num_tokens == 1 else "grouped"
+        return strategy
+
     def forward(self, x: torch.Tensor, dispatch: Optional[str] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]` or None for a dense block)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                              # [tokens, hidden]
         if self.gate is None:                                     # dense: one expert, weight 1
@@ -108,10 +118,6 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(x)                              # [tokens, E]
         weights, expert_ids = route(router_logits, self.top_k)
         weights = weights.to(x.dtype)
-        strategy = self.dispatch if dispatch is None else dispatch
-        if strategy not in DISPATCH_STRATEGIES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES}, got {strategy!r}")
-        if strategy == "auto":
-            strategy = "gathered" if x.shape[0] == 1 else "grouped"
+        strategy = self.resolve_dispatch(x.shape[0], dispatch)
         run = dispatch_gathered if strategy == "gathered" else dispatch_grouped
         return run(self.experts, x, weights, expert_ids).view(shape), router_logits

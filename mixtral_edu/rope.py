@@ -107,7 +107,8 @@ def apply_rope_interleaved(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------- q/k permutation
 def _check_qk_weight(w: torch.Tensor, n_heads: int) -> int:
     if w.dim() != 2:
-        raise ValueError(f"expected a 2-D q/k projection weight [n_heads * head_dim, hidden], got shape {tuple(w.shape)}")
+        raise ValueError("expected a 2-D q/k projection weight [n_heads * head_dim, hidden], "
+                         f"got shape {tuple(w.shape)}")
     if n_heads <= 0 or w.shape[0] % n_heads or (w.shape[0] // n_heads) % 2:
         raise ValueError(
             f"q/k weight with {w.shape[0]} rows cannot be split into {n_heads} heads of even head_dim"

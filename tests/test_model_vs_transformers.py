@@ -145,3 +145,24 @@ def test_aux_loss_equals_transformers_load_balancing_loss_func(tmp_path):
     for k in (1, 3):   # other k on the same logits
         theirs_k = load_balancing_loss_func(ref.router_logits, cfg.num_local_experts, k)
         assert abs(load_balancing_loss(router_logits, k).item() - theirs_k.item()) < 1e-6
+
+
+def test_dense_config_equals_transformers_mistral(tmp_path):
+    """num_local_experts=1: the same block with one expert and no router is Mistral's dense MLP."""
+    cfg = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=1,
+                        num_experts_per_tok=1, sliding_window=12, rope_theta=1e4, max_position_embeddings=128)
+    hf_cfg = transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=12, max_position_embeddings=128, initializer_range=0.08,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Mixtral(cfg).eval()
+    assert load_hf_state_dict(ours, load_file(str(tmp_path / "model.safetensors"))) == ([], [])
+    input_ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert (ours(input_ids) - hf(input_ids).logits).abs().max().item() < 1e-4
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())

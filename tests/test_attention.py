@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from mixtral_edu.attention import Attention, KVCache, attention_mask
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.rope import apply_rope, rope_cos_sin
+
+
+def small_cfg(**overrides):
+    fields = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_local_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=64)
+    fields.update(overrides)
+    return MixtralConfig(**fields)
+
+
+def naive_attention(attn, x, cos, sin, window=None):
+    """Loop-free but explicit: repeat each KV head for its query heads, mask, softmax."""
+    b, t, _ = x.shape
+    d, h, kvh = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    q = apply_rope((x @ attn.q_proj.weight.T).view(b, t, h, d).transpose(1, 2), cos, sin)
+    k = apply_rope((x @ attn.k_proj.weight.T).view(b, t, kvh, d).transpose(1, 2), cos, sin)
+    v = (x @ attn.v_proj.weight.T).view(b, t, kvh, d).transpose(1, 2)
+    k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None]
+    allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2).reshape(b, t, h * d) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_grouped_query_attention_matches_naive(window):
+    torch.manual_seed(0)
+    cfg = small_cfg(sliding_window=window)
+    attn = Attention(cfg)
+    x = torch.randn(2, 13, cfg.hidden_size)
+    cos, sin = rope_cos_sin(cfg.head_dim, 13, cfg.rope_theta)
+    assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, window), atol=1e-5)
+
+
+def test_attention_mask_causal_and_window():
+    assert attention_mask(3, 0, 3).int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    # two new tokens at positions 3 and 4 after 3 cached ones, window 2
+    assert attention_mask(2, 3, 5, sliding_window=2).int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("window,batch", [(None, 1), (None, 3), (4, 2)])
+def test_incremental_decoding_equals_full_forward(window, batch):
+    torch.manual_seed(1)
+    cfg = small_cfg(sliding_window=window)
+    attn = Attention(cfg)
+    x = torch.randn(batch, 12, cfg.hidden_size)
+    cos, sin = rope_cos_sin(cfg.head_dim, 12, cfg.rope_theta)
+    full = attn(x, cos, sin)
+    cache = KVCache(1, batch, cfg.num_key_value_heads, 16, cfg.head_dim)
+    pieces = []
+    for start, end in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:   # prefill, a chunk, then 1 by 1
+        pieces.append(attn(x[:, start:end], cos[start:end], sin[start:end], cache))
+        cache.advance(end - start)
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    assert cache.pos == 12
+
+
+def test_kv_cache_checks_and_size():
+    cache = KVCache(2, 1, 2, 4, 8)
+    cache.check_room(1, 4)
+    with pytest.raises(ValueError, match="full"):
+        cache.check_room(1, 5)
+    with pytest.raises(ValueError, match="batch size 1"):
+        cache.check_room(2, 1)
+    k = torch.ones(1, 2, 3, 8)
+    k_all, _ = cache.update(0, k, k)
+    assert k_all.shape == (1, 2, 3, 8) and k_all.data_ptr() == cache.k.data_ptr()   # a view, no copy
+    cache.reset()
+    assert cache.pos == 0
+    # Mixtral-8x7B: 32 layers x 8 KV heads x 128 x (K and V) x 2 bytes = 131,072 bytes per token in bf16
+    cfg = MixtralConfig.mixtral_8x7b()
+    one_token = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 1, cfg.head_dim, dtype=torch.bfloat16)
+    assert one_token.nbytes == 131072
