@@ -1,0 +1,444 @@
+"""Load and save Mixtral checkpoints in every published layout, one tensor at a time.
+
+Layouts, recognised from the folder's contents (`detect_layout`):
+
+    "hf"           config.json + model.safetensors
+    "hf-sharded"   config.json + model.safetensors.index.json + model-000NN-of-000MM.safetensors
+    "mistral"      params.json + consolidated.safetensors      (interleaved RoPE q/k rows)
+    "mistral-pt"   params.json + consolidated.00.pt ... (or .pth): the original release, experts
+                   fused per layer; every file holds whole tensors (the files are merged, not
+                   concatenated), loaded only with torch.load(weights_only=True, mmap=True)
+
+Loading never holds two copies of the model: the model is first built on the "meta" device (no
+memory), then given uninitialised storage in the target dtype on the target device, and each
+tensor is read from a memory-mapped file, converted (names, q/k permutation, fused experts; see
+convert.py) and copied into place. Peak host memory is about the final model plus one tensor.
+
+Everything is checked: each key must be known and fill a parameter exactly once, with the shape the
+config implies; every parameter must be filled; an index must name shards that exist and hold the
+tensors it promises. Problems raise CheckpointError naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+
+from .config import MixtralConfig
+from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict, mistral_to_hf_tensors
+from .hf_keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
+from .model import Mixtral
+from .params import memory_footprint
+from .rope import RotaryEmbedding
+
+PathLike = Union[str, os.PathLike]
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+MISTRAL_SAFETENSORS = "consolidated.safetensors"
+_PT_FILE = re.compile(r"consolidated\.(\d+)\.pth?$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as it stands (the message says where)."""
+
+
+class InsufficientMemoryError(MemoryError):
+    """The model would not fit in the free memory of the target device (see `memory_plan`)."""
+
+
+# ============================================================================= layout
+def detect_layout(path: PathLike) -> str:
+    """"hf-sharded", "hf", "mistral" or "mistral-pt", from the files in folder `path`.
+
+    Files that are not weights (tokenizer.model, README.md, generation_config.json, ...) are ignored.
+    Raises CheckpointError when the folder is missing, has no weights, or lacks the config its
+    weights need (config.json for Hugging Face, params.json for Mistral).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    names = {p.name for p in folder.iterdir()}
+    if HF_INDEX in names:
+        layout, config = "hf-sharded", "config.json"
+    elif HF_SINGLE in names:
+        layout, config = "hf", "config.json"
+    elif MISTRAL_SAFETENSORS in names:
+        layout, config = "mistral", "params.json"
+    elif any(_PT_FILE.match(n) for n in names):
+        layout, config = "mistral-pt", "params.json"
+    else:
+        raise CheckpointError(
+            f"{folder}: no weights found (expected {HF_INDEX}, {HF_SINGLE}, {MISTRAL_SAFETENSORS} or "
+            f"consolidated.00.pt ...); the folder holds {sorted(names) or 'nothing'}")
+    if config not in names:
+        raise CheckpointError(f"{folder}: the {layout} layout needs {config}, which is missing")
+    return layout
+
+
+def read_config(path: PathLike) -> MixtralConfig:
+    """The architecture of the checkpoint in folder `path` (config.json or params.json by layout)."""
+    folder = Path(path)
+    layout = detect_layout(folder)
+    try:
+        if layout.startswith("hf"):
+            return MixtralConfig.from_hf_config(folder / "config.json")
+        return MixtralConfig.from_params_json(folder / "params.json")
+    except (ValueError, FileNotFoundError) as err:
+        raise CheckpointError(str(err)) from None
+
+
+# ============================================================================= memory plan
+def available_memory(device: Union[str, torch.device]) -> Optional[int]:
+    """Free bytes on `device`: MemAvailable for "cpu", torch.cuda.mem_get_info for CUDA, else None."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        import psutil
+        return int(psutil.virtual_memory().available)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
+
+
+def memory_plan(cfg: MixtralConfig, dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> dict:
+    """What loading needs against what `device` has: {"needed_bytes", "available_bytes", "fits"}.
+
+    needed_bytes is the weights in `dtype` (params.memory_footprint with no KV cache); the file is
+    memory-mapped and streamed, so nothing else of the model's size is held. available_bytes is
+    None (and fits True) for devices that cannot be asked (e.g. "meta").
+    """
+    needed = memory_footprint(cfg, dtype, context_len=0)["weights_bytes"]
+    available = available_memory(device)
+    return {"needed_bytes": needed, "available_bytes": available,
+            "fits": available is None or needed <= available}
+
+
+def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
+    gib = 2 ** 30
+    return (
+        f"loading needs {plan['needed_bytes'] / gib:.2f} GiB of weights in {dtype} on {device}, but only "
+        f"{plan['available_bytes'] / gib:.2f} GiB is free. Ways out: load in int8 (about half of bf16), "
+        "offload experts to CPU/disk and bring them in on demand, spread the layers over more GPUs, "
+        "or use a smaller dtype (bf16 instead of float32). Pass ignore_memory_check=True to try anyway."
+    )
+
+
+# ============================================================================= reading tensors
+class _Entry:
+    """One tensor in a file: its key, the file, and a function that reads it (lazily)."""
+
+    __slots__ = ("file", "key", "read")
+
+    def __init__(self, file: Path, key: str, read: Callable[[], torch.Tensor]) -> None:
+        self.file, self.key, self.read = file, key, read
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+    if not file.is_file():
+        raise CheckpointError(f"{file}: shard not found")
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError: truncated header, bad JSON, data shorter than promised
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def _safetensors_entries(file: Path, keys: Optional[list[str]] = None) -> Iterator[_Entry]:
+    """Entries of one memory-mapped safetensors file; with `keys`, exactly those (an index's promise)."""
+    handle = _open_safetensors(file)
+    present = set(handle.keys())
+    if keys is not None:
+        absent = [k for k in keys if k not in present]
+        if absent:
+            raise CheckpointError(f"{file}: the index says this shard holds {absent[:5]}, but it does not")
+        extra = sorted(present - set(keys))
+        if extra:
+            raise CheckpointError(f"{file}: holds tensors the index does not list: {extra[:5]}")
+    for key in (keys if keys is not None else sorted(present)):
+        def read(key=key):
+            try:
+                return handle.get_tensor(key)
+            except Exception as err:
+                raise CheckpointError(f"{file}: tensor {key} cannot be read ({err})") from None
+        yield _Entry(file, key, read)
+
+
+def _pt_entries(file: Path) -> Iterator[_Entry]:
+    """Entries of one original-release .pt file, memory-mapped, tensors only (no arbitrary unpickling)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: not a readable weights-only torch file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {key} is a {type(value).__name__}, not a tensor")
+        yield _Entry(file, key, lambda value=value: value)
+
+
+def _hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:
+    """(shard file, keys the index assigns to it) for a sharded HF folder, all shards checked to exist."""
+    index_file = folder / HF_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_file}: not a valid index ({type(err).__name__}: {err})") from None
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    missing = [s for s in by_shard if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index_file}: names shard(s) {sorted(missing)} that are not in the folder "
+                              f"(e.g. tensor {by_shard[missing[0]][0]} lives in {missing[0]})")
+    return [(folder / s, by_shard[s]) for s in sorted(by_shard)]
+
+
+def _files_and_entries(folder: Path, layout: str) -> tuple[list[Path], Callable[[Path], Iterator[_Entry]]]:
+    if layout == "hf-sharded":
+        shards = dict(_hf_shards(folder))
+        return list(shards), lambda f: _safetensors_entries(f, shards[f])
+    if layout == "hf":
+        return [folder / HF_SINGLE], _safetensors_entries
+    if layout == "mistral":
+        return [folder / MISTRAL_SAFETENSORS], _safetensors_entries
+    files = sorted((p for p in folder.iterdir() if _PT_FILE.match(p.name)),
+                   key=lambda p: int(_PT_FILE.match(p.name).group(1)))
+    return files, _pt_entries
+
+
+def _checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dtype:
+    """The dtype the checkpoint stores its float weights in (config.json's dtype, else the first tensor's)."""
+    if layout.startswith("hf"):
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        name = data.get("dtype") or data.get("torch_dtype")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    if layout == "mistral-pt":
+        for entry in _pt_entries(files[0]):
+            if entry.read().is_floating_point():
+                return entry.read().dtype
+    else:
+        handle = _open_safetensors(files[0])
+        for key in handle.keys():
+            code = handle.get_slice(key).get_dtype()
+            if code in _DTYPES:
+                return _DTYPES[code]
+    return torch.float32
+
+
+# ============================================================================= load
+def _empty_model(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype) -> Mixtral:
+    """A Mixtral with uninitialised weights of `dtype` on `device`, never materialised anywhere else."""
+    with torch.device("meta"):
+        model = Mixtral(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    # to_empty left the cos/sin table uninitialised; recompute it (as Mixtral(cfg).to(device, dtype) has it).
+    model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(
+        device=device, dtype=dtype)
+    return model
+
+
+def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConfig):
+    """Any layout's (key, tensor) -> per-expert HF (key, tensor) pairs."""
+    if layout.startswith("mistral"):
+        return mistral_to_hf_tensors(key, tensor, cfg)
+    return list(split_fused_experts({key: tensor}).items())   # also accepts transformers-5 fused tensors
+
+
+@torch.no_grad()
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+               *, progress: bool = True, ignore_memory_check: bool = False) -> Mixtral:
+    """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
+
+    device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
+    dtype: the weights' dtype; None keeps the checkpoint's (config.json's `dtype`, else the tensors').
+    progress: a tqdm bar over the tensors (on stderr).
+    ignore_memory_check: load even when `memory_plan` says the weights will not fit.
+    Raises CheckpointError (file and tensor named) for anything wrong with the files, and
+    InsufficientMemoryError when the weights would not fit.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(path)
+    layout = detect_layout(folder)
+    cfg = read_config(folder)
+    files, entries_of = _files_and_entries(folder, layout)
+    dtype = dtype or _checkpoint_dtype(folder, layout, files)
+    device = torch.device(device)
+    plan = memory_plan(cfg, dtype, device)
+    if not plan["fits"] and not ignore_memory_check:
+        raise InsufficientMemoryError(_refusal(plan, dtype, device))
+
+    model = _empty_model(cfg, device, dtype)
+    params = dict(model.named_parameters())
+    config_name = "config.json" if layout.startswith("hf") else "params.json"
+    filled: dict[tuple[str, Optional[int]], str] = {}
+    tied_lm_head: Optional[tuple[_Entry, torch.Tensor]] = None
+    total = sum(p.numel() for p in params.values())
+    bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {layout}", disable=not progress)
+    for file in files:
+        for entry in entries_of(file):
+            where = f"{entry.file}: tensor {entry.key}"
+            tensor = entry.read()
+            try:
+                pairs = _to_hf_tensors(layout, entry.key, tensor, cfg)
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{where}: {err.args[0] if err.args else err}") from None
+            for hf_key, t in pairs:
+                try:
+                    name, expert = hf_to_ours_key(hf_key)
+                except KeyError:
+                    raise CheckpointError(f"{where}: unexpected key, not a weight of this model") from None
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    tied_lm_head = (entry, t)     # checked against embed_tokens once that is loaded
+                    continue
+                param = params.get(name)
+                if param is None or (expert is not None and expert >= param.shape[0]):
+                    raise CheckpointError(f"{where}: unexpected key, the model in {config_name} has no {hf_key}")
+                if (name, expert) in filled:
+                    raise CheckpointError(f"{where}: {hf_key} was already loaded from {filled[(name, expert)]}")
+                target = param if expert is None else param[expert]
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{where}: shape {tuple(t.shape)}, but {config_name} implies "
+                                          f"{tuple(target.shape)} for {hf_key}")
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{where}: dtype {t.dtype} is not a float weight")
+                target.copy_(t)
+                filled[(name, expert)] = str(entry.file.name)
+                bar.update(t.numel())
+            del tensor, pairs
+    bar.close()
+
+    missing = []
+    for name, param in params.items():
+        experts = range(param.shape[0]) if re.search(r"\.experts\.w[123]$", name) else [None]
+        missing += [ours_to_hf_key(name, j, dense=not cfg.is_moe) for j in experts if (name, j) not in filled]
+    if missing:
+        raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "
+                              f"{config_name} needs (HF names): {missing[:8]}")
+    if tied_lm_head is not None:
+        entry, t = tied_lm_head
+        if not torch.equal(t.to(model.embed_tokens.weight), model.embed_tokens.weight):
+            raise CheckpointError(f"{entry.file}: tensor {entry.key}: {config_name} ties lm_head to the "
+                                  "embeddings, but this tensor differs from them")
+    return model.eval()
+
+
+# ============================================================================= save
+def _parse_size(size: Union[int, str]) -> int:
+    """'5GB' -> 5e9 bytes; KB/MB/GB are powers of 10, KiB/MiB/GiB of 2 (as in Hugging Face)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+    return int(float(m.group(1)) * scale[unit])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] = "5GB",
+               progress: bool = False) -> list[str]:
+    """Write `model` in the Hugging Face layout that transformers' from_pretrained reads.
+
+    Files: config.json (with the weights' dtype), and model.safetensors when everything fits in one
+    shard of `max_shard_size` bytes (int, or '500MB', '5GB', '2GiB'), else
+    model-000NN-of-000MM.safetensors shards plus model.safetensors.index.json. Keys are per expert
+    (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
+    Returns the names of the files written.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    state = to_hf_state_dict(model)                           # views into the model, no copy
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+
+    dtype = model.embed_tokens.weight.dtype
+    config = model.config.to_hf_config()
+    config["dtype"] = _dtype_name(dtype)
+    _write_json(folder / "config.json", config)
+    for stale in [folder / HF_SINGLE, folder / HF_INDEX, *folder.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)                         # a previous save must not leave extra shards
+
+    n = len(shards)
+    names = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, keys in tqdm(list(zip(names, shards)), desc="saving shards", disable=not progress):
+        # safetensors refuses tensors that share memory (w1[0], w1[1] are views of one parameter): copy this shard only.
+        save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in keys}, str(folder / name),
+                  metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(folder / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return ["config.json", *names] + ([HF_INDEX] if n > 1 else [])
+
+
+@torch.no_grad()
+def save_mistral(model: Mixtral, path: PathLike, layout: str = "mistral", num_files: int = 8) -> list[str]:
+    """Write `model` in one of Mistral's layouts (for tests and the notebook; it converts in memory).
+
+    layout "mistral": params.json + consolidated.safetensors (per-expert keys, interleaved q/k rows).
+    layout "mistral-pt": params.json + consolidated.00.pt ... as in the original release: experts
+    fused per layer, whole layers spread over `num_files` files (embeddings in the first, the final
+    norm and output in the last). Returns the names of the files written.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "params.json", cfg.to_params_json())
+    hf_state = to_hf_state_dict(model)
+    if layout == "mistral":
+        state = {k: v.to("cpu").contiguous().clone() for k, v in hf_to_mistral_state_dict(hf_state, cfg).items()}
+        save_file(state, str(folder / MISTRAL_SAFETENSORS))
+        return ["params.json", MISTRAL_SAFETENSORS]
+    if layout != "mistral-pt":
+        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r}")
+    state = hf_to_original_state_dict(hf_state, cfg)
+    files: list[dict[str, torch.Tensor]] = [{} for _ in range(num_files)]
+    for key, tensor in state.items():
+        m = re.match(r"layers\.(\d+)\.", key)
+        if m:
+            index = int(m.group(1)) * num_files // cfg.num_hidden_layers
+        else:
+            index = 0 if key == "tok_embeddings.weight" else num_files - 1
+        files[index][key] = tensor.to("cpu").contiguous().clone()
+    names = []
+    for i, part in enumerate(files):
+        names.append(f"consolidated.{i:02d}.pt")
+        torch.save(part, folder / names[-1])
+    return ["params.json", *names]
