@@ -1,0 +1,145 @@
+"""Every claim notebooks 02 (RMSNorm, RoPE), 03 (attention, KV cache) and 04 (SwiGLU experts) make, asserted.
+
+The notebooks print these facts; the tests recompute them independently of the notebooks' outputs so that a
+change in the package that makes a notebook's sentence false fails here, not only under nbval.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtral_edu.norm import RMSNorm, rms_norm
+from mixtral_edu.rope import (apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half, rope_cos_sin,
+                              rope_freqs_cis, rope_inv_freq, unpermute_qk_for_rotate_half)
+
+EPS = 1e-5
+
+
+# ============================================================================ 02 · RMSNorm
+def test_nb02_rms_norm_equals_a_python_loop_and_torch_rms_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16) * 2 + 0.5
+    g = torch.rand(16) + 0.5
+    ours = rms_norm(x, g, EPS)
+    for b in range(2):
+        for t in range(3):
+            row = x[b, t].tolist()
+            rms = math.sqrt(sum(v * v for v in row) / len(row) + EPS)
+            assert ours[b, t].tolist() == pytest.approx([gi * v / rms for gi, v in zip(g.tolist(), row)], abs=1e-5)
+    assert torch.allclose(ours, F.rms_norm(x, (16,), g, EPS), atol=1e-6)
+    assert torch.allclose(RMSNorm(16, EPS)(x), rms_norm(x, torch.ones(16), EPS))
+    # with gain 1 every output vector has RMS 1 (up to eps)
+    unit = rms_norm(x, torch.ones(16), EPS)
+    assert torch.allclose(unit.pow(2).mean(-1).sqrt(), torch.ones(2, 3), atol=1e-4)
+
+
+def test_nb02_rms_norm_differs_from_layer_norm_unless_the_mean_is_zero():
+    torch.manual_seed(1)
+    x = torch.randn(1000, 64) + 3.0
+    ones = torch.ones(64)
+    layer_norm = F.layer_norm(x, (64,), eps=EPS)
+    assert (rms_norm(x, ones, EPS) - layer_norm).abs().max() > 1.0          # "differ a lot"
+    centered = x - x.mean(-1, keepdim=True)
+    assert (rms_norm(centered, ones, EPS) - layer_norm).abs().max() < 1e-5  # "the same function"
+
+
+# ============================================================================ 02 · RoPE
+def _wavelengths(theta):
+    return 2 * math.pi / rope_inv_freq(128, theta)
+
+
+def test_nb02_wavelength_table_for_head_dim_128():
+    for theta, slowest, beyond_32k in ((1e4, 54_410, 4), (1e6, 5_063_256, 24)):
+        wl = _wavelengths(theta)
+        assert wl[0].item() == pytest.approx(2 * math.pi)                   # the fastest pair: 1 radian/token
+        assert wl[-1].item() == pytest.approx(slowest, rel=1e-5)
+        assert wl[-1].item() == pytest.approx(2 * math.pi * theta ** (126 / 128), rel=1e-5)
+        assert int((wl > 32768).sum()) == beyond_32k
+    # "about a third of the pairs" never complete a turn in 32k tokens with theta 1e6
+    assert 0.3 < 24 / 64 < 0.4
+    # exercise 2 of notebook 02: Mistral-7B (theta 1e4), 4096-token window
+    assert int((_wavelengths(1e4) > 4096).sum()) == 18
+
+
+def _rotate_by_hand(v, m, theta):
+    d = v.shape[0]
+    out = v.clone()
+    for i in range(d // 2):
+        angle = m * theta ** (-2 * i / d)
+        a, b = v[i].item(), v[i + d // 2].item()
+        out[i] = a * math.cos(angle) - b * math.sin(angle)
+        out[i + d // 2] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def test_nb02_apply_rope_is_the_hand_built_rotation_and_scores_depend_on_offset_only():
+    torch.manual_seed(2)
+    d, theta = 128, 1e6
+    cos, sin = rope_cos_sin(d, 4096, theta)
+    q, k = torch.randn(d), torch.randn(d)
+
+    def rope_at(v, m):
+        return apply_rope(v[None, None, None], cos[m:m + 1], sin[m:m + 1])[0, 0, 0]
+
+    for m in (0, 1, 7, 100, 4095):
+        assert (rope_at(q, m).double() - _rotate_by_hand(q.double(), m, theta)).abs().max() < 1e-3
+    assert rope_at(q, 4095).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+    n = 48
+    scores = torch.stack([torch.stack([rope_at(q, m) @ rope_at(k, j) for j in range(n)]) for m in range(n)])
+    for offset in range(-n + 1, n):
+        diag = torch.diagonal(scores, offset)
+        assert (diag.max() - diag.min()).item() < 1e-4
+    assert abs(scores[10, 3] - scores[10, 4]).item() > 1e-3
+
+
+def test_nb02_self_score_decays_more_slowly_with_the_larger_base():
+    offsets = torch.tensor([100, 1000, 4000])
+    decayed = {}
+    for theta in (1e4, 1e6):
+        c, s = rope_cos_sin(128, 4096, theta)
+        rotated = apply_rope(torch.ones(1, 1, 4096, 128), c, s)[0, 0]
+        decayed[theta] = (rotated @ rotated[0])[offsets]
+        assert (rotated @ rotated[0])[0].item() == pytest.approx(128.0, rel=1e-5)
+    assert bool((decayed[1e6] > decayed[1e4]).all())
+
+
+def test_nb02_interleaved_with_original_weights_equals_rotate_half_with_permuted_weights():
+    torch.manual_seed(3)
+    n_heads, n_kv_heads, head_dim, hidden, seq = 4, 2, 16, 32, 10
+    wq = torch.randn(n_heads * head_dim, hidden) / hidden ** 0.5
+    wk = torch.randn(n_kv_heads * head_dim, hidden) / hidden ** 0.5
+    x = torch.randn(1, seq, hidden)
+
+    def heads(t, n):
+        return t.view(1, seq, n, head_dim).transpose(1, 2)
+
+    def scores_of(q, k):
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        return q @ k.transpose(-1, -2)
+
+    freqs_cis = rope_freqs_cis(head_dim, seq, 1e6)
+    q_il = apply_rope_interleaved(heads(x @ wq.T, n_heads), freqs_cis)
+    k_il = apply_rope_interleaved(heads(x @ wk.T, n_kv_heads), freqs_cis)
+    cos, sin = rope_cos_sin(head_dim, seq, 1e6)
+    q_rh = apply_rope(heads(x @ permute_qk_for_rotate_half(wq, n_heads).T, n_heads), cos, sin)
+    k_rh = apply_rope(heads(x @ permute_qk_for_rotate_half(wk, n_kv_heads).T, n_kv_heads), cos, sin)
+    assert torch.allclose(scores_of(q_il, k_il), scores_of(q_rh, k_rh), atol=1e-5)
+
+    order = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15]
+    assert permute_qk_for_rotate_half(torch.arange(16.0)[:, None], 1)[:, 0].long().tolist() == order
+    assert torch.allclose(q_il[..., order], q_rh, atol=1e-5)
+
+    # forgetting the permutation gives different scores
+    q_wrong = apply_rope(heads(x @ wq.T, n_heads), cos, sin)
+    k_wrong = apply_rope(heads(x @ wk.T, n_kv_heads), cos, sin)
+    assert not torch.allclose(scores_of(q_il, k_il), scores_of(q_wrong, k_wrong), atol=1e-3)
+
+
+def test_nb02_permutation_row_order_for_two_heads_of_dim_8():
+    rows = torch.arange(16.0)[:, None]
+    p = permute_qk_for_rotate_half(rows, n_heads=2)
+    assert p[:, 0].int().tolist() == [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
+    assert torch.equal(unpermute_qk_for_rotate_half(p, 2), rows)
