@@ -6,7 +6,8 @@ per token and an optional tooltip per token. Notebook 01 colours by message role
 tokenizations differ; the routing notebook colours by expert.
 
 `token_boxes(...)` wraps the same HTML in a `TokenBoxes` object that Jupyter displays as HTML (it
-has `_repr_html_`), so nothing here imports IPython. `token_diff(a, b)` aligns two token lists.
+has `_repr_html_`), so nothing here imports IPython. `token_diff(a, b)` aligns two token lists,
+`token_diff_size` counts how many tokens differ and `token_diff_html` shows them side by side.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def token_diff(reference: Sequence, candidate: Sequence) -> list[tuple[str, int,
     tag is "equal", "replace", "delete" (only in reference) or "insert" (only in candidate).
     """
     return difflib.SequenceMatcher(a=list(reference), b=list(candidate), autojunk=False).get_opcodes()
+
+
+def token_diff_size(reference: Sequence, candidate: Sequence) -> int:
+    """How many tokens differ: over each non-equal stretch, the longer of its two sides (0 = identical)."""
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in token_diff(reference, candidate) if tag != "equal")
 
 
 def token_diff_html(

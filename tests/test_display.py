@@ -14,6 +14,7 @@ from mixtral_edu.display import (
     token_boxes_html,
     token_diff,
     token_diff_html,
+    token_diff_size,
     tokens_table,
 )
 
@@ -80,3 +81,10 @@ def test_tokens_table_aligns_columns():
     assert tokens_table([1, 13], ["<s>", "\n"]) == "  1 13\n<s> \\n"
     with pytest.raises(ValueError, match="2 ids but 1 pieces"):
         tokens_table([1, 2], ["a"])
+
+
+def test_token_diff_size_counts_the_longer_side_of_each_difference():
+    assert token_diff_size([1, 2, 3], [1, 2, 3]) == 0
+    assert token_diff_size([1, 733, 5, 2], [1, 523, 5, 2, 9]) == 2
+    assert token_diff_size([1, 2], [1, 7, 8, 9, 2]) == 3
+    assert token_diff_size([], [4, 5]) == 2
