@@ -22,6 +22,7 @@ tensors it promises. Problems raise CheckpointError naming the file and the tens
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -131,47 +132,126 @@ def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
 
 
 # ============================================================================= reading tensors
-class _Entry:
-    """One tensor in a file: its key, the file, and a function that reads it (lazily)."""
-
-    __slots__ = ("file", "key", "read")
-
-    def __init__(self, file: Path, key: str, read: Callable[[], torch.Tensor]) -> None:
-        self.file, self.key, self.read = file, key, read
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _open_safetensors(file: Path):
-    from safetensors import safe_open
-    if not file.is_file():
-        raise CheckpointError(f"{file}: shard not found")
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as err:  # SafetensorError: truncated header, bad JSON, data shorter than promised
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+class SafetensorsFile:
+    """A safetensors file, memory-mapped, its header checked against the file's size.
 
+    The format: 8 bytes little-endian N, then N bytes of JSON `{key: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the tensors' bytes (offsets count
+    from the end of the header). `tensor(key)` is a zero-copy view of the mapped bytes; `release(key)`
+    tells the kernel those pages are no longer needed, so a load never keeps the file resident beside
+    the model it fills. Use as a context manager (or call close()).
+    """
 
-def _safetensors_entries(file: Path, keys: Optional[list[str]] = None) -> Iterator[_Entry]:
-    """Entries of one memory-mapped safetensors file; with `keys`, exactly those (an index's promise)."""
-    handle = _open_safetensors(file)
-    present = set(handle.keys())
-    if keys is not None:
-        absent = [k for k in keys if k not in present]
-        if absent:
-            raise CheckpointError(f"{file}: the index says this shard holds {absent[:5]}, but it does not")
-        extra = sorted(present - set(keys))
-        if extra:
-            raise CheckpointError(f"{file}: holds tensors the index does not list: {extra[:5]}")
-    for key in (keys if keys is not None else sorted(present)):
-        def read(key=key):
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated or not safetensors ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                raise CheckpointError(f"{self.path}: truncated or not safetensors (header of {n} bytes "
+                                      f"does not fit in a {size}-byte file)")
             try:
-                return handle.get_tensor(key)
-            except Exception as err:
-                raise CheckpointError(f"{file}: tensor {key} cannot be read ({err})") from None
-        yield _Entry(file, key, read)
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header: dict[str, dict] = header
+        self._data_start = 8 + n
+        for key, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {key}: corrupt header entry {info!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {key}: data_offsets {[begin, end]} disagree with "
+                                      f"shape {shape} of {info['dtype']}")
+            if self._data_start + end > size:
+                raise CheckpointError(f"{self.path}: truncated: tensor {key} ends at byte "
+                                      f"{self._data_start + end}, the file has {size}")
+        self._file = open(self.path, "rb")
+        # ACCESS_COPY: writable (torch.frombuffer wants that) but private, so the file is never changed.
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor `key`, a view of the mapped file (delete it before close())."""
+        info = self.header[key]
+        dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self._data_start + begin)
+        return flat.reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Drop the pages of tensor `key` from this process's memory (they stay in the page cache)."""
+        begin, end = self.header[key]["data_offsets"]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = min(self._data_start + end, len(self._mm)) if self._mm is not None else 0
+        if stop > start and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _pt_entries(file: Path) -> Iterator[_Entry]:
-    """Entries of one original-release .pt file, memory-mapped, tensors only (no arbitrary unpickling)."""
+def _safetensors_tensors(file: Path, keys: Optional[list[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of one safetensors file, one at a time, each released after use.
+
+    With `keys` (an index's promise for this shard), exactly those keys must be in the file.
+    """
+    with SafetensorsFile(file) as st:
+        present = set(st.keys())
+        if keys is not None:
+            absent = [k for k in keys if k not in present]
+            if absent:
+                raise CheckpointError(f"{file}: the index says this shard holds tensor {absent[0]}"
+                                      f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}, but it does not")
+            extra = sorted(present - set(keys))
+            if extra:
+                raise CheckpointError(f"{file}: holds tensor {extra[0]} that the index does not list")
+        for key in (keys if keys is not None else sorted(present)):
+            tensor = st.tensor(key)
+            yield key, tensor
+            del tensor              # the view must go before its pages are released and the map closed
+            st.release(key)
+
+
+def _pt_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of one original-release .pt file, memory-mapped, tensors only (no arbitrary unpickling).
+
+    The file's mapping lives until its last tensor is used: peak memory is the model plus one file.
+    """
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -179,10 +259,10 @@ def _pt_entries(file: Path) -> Iterator[_Entry]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
     for key in sorted(state):
-        value = state[key]
+        value = state.pop(key)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{file}: entry {key} is a {type(value).__name__}, not a tensor")
-        yield _Entry(file, key, lambda value=value: value)
+        yield key, value
 
 
 def _hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:
@@ -205,36 +285,37 @@ def _hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:
     return [(folder / s, by_shard[s]) for s in sorted(by_shard)]
 
 
-def _files_and_entries(folder: Path, layout: str) -> tuple[list[Path], Callable[[Path], Iterator[_Entry]]]:
+def _weight_files(folder: Path, layout: str) -> tuple[list[Path], Callable[[Path], Iterator[tuple[str, torch.Tensor]]]]:
+    """The layout's weight files in loading order, and the function that streams one file's tensors."""
     if layout == "hf-sharded":
         shards = dict(_hf_shards(folder))
-        return list(shards), lambda f: _safetensors_entries(f, shards[f])
+        return list(shards), lambda f: _safetensors_tensors(f, shards[f])
     if layout == "hf":
-        return [folder / HF_SINGLE], _safetensors_entries
+        return [folder / HF_SINGLE], _safetensors_tensors
     if layout == "mistral":
-        return [folder / MISTRAL_SAFETENSORS], _safetensors_entries
+        return [folder / MISTRAL_SAFETENSORS], _safetensors_tensors
     files = sorted((p for p in folder.iterdir() if _PT_FILE.match(p.name)),
                    key=lambda p: int(_PT_FILE.match(p.name).group(1)))
-    return files, _pt_entries
+    return files, _pt_tensors
 
 
 def _checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dtype:
-    """The dtype the checkpoint stores its float weights in (config.json's dtype, else the first tensor's)."""
+    """The dtype the checkpoint stores its float weights in (config.json's dtype, else the first float tensor's)."""
     if layout.startswith("hf"):
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         name = data.get("dtype") or data.get("torch_dtype")
         if name in _DTYPES:
             return _DTYPES[name]
     if layout == "mistral-pt":
-        for entry in _pt_entries(files[0]):
-            if entry.read().is_floating_point():
-                return entry.read().dtype
+        for file in files:
+            for _key, tensor in _pt_tensors(file):
+                if tensor.is_floating_point():
+                    return tensor.dtype
     else:
-        handle = _open_safetensors(files[0])
-        for key in handle.keys():
-            code = handle.get_slice(key).get_dtype()
-            if code in _DTYPES:
-                return _DTYPES[code]
+        with SafetensorsFile(files[0]) as st:
+            for info in st.header.values():
+                if info["dtype"] in _DTYPES:
+                    return _DTYPES[info["dtype"]]
     return torch.float32
 
 
@@ -274,7 +355,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
     folder = Path(path)
     layout = detect_layout(folder)
     cfg = read_config(folder)
-    files, entries_of = _files_and_entries(folder, layout)
+    files, tensors_of = _weight_files(folder, layout)
     dtype = dtype or _checkpoint_dtype(folder, layout, files)
     device = torch.device(device)
     plan = memory_plan(cfg, dtype, device)
@@ -285,15 +366,14 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
     params = dict(model.named_parameters())
     config_name = "config.json" if layout.startswith("hf") else "params.json"
     filled: dict[tuple[str, Optional[int]], str] = {}
-    tied_lm_head: Optional[tuple[_Entry, torch.Tensor]] = None
-    total = sum(p.numel() for p in params.values())
-    bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {layout}", disable=not progress)
+    tied_lm_head: Optional[tuple[str, torch.Tensor]] = None
+    bar = tqdm(total=sum(p.numel() for p in params.values()), unit="param", unit_scale=True,
+               desc=f"loading {layout}", disable=not progress)
     for file in files:
-        for entry in entries_of(file):
-            where = f"{entry.file}: tensor {entry.key}"
-            tensor = entry.read()
+        for key, tensor in tensors_of(file):
+            where = f"{file}: tensor {key}"
             try:
-                pairs = _to_hf_tensors(layout, entry.key, tensor, cfg)
+                pairs = _to_hf_tensors(layout, key, tensor, cfg)
             except (KeyError, ValueError) as err:
                 raise CheckpointError(f"{where}: {err.args[0] if err.args else err}") from None
             for hf_key, t in pairs:
@@ -302,7 +382,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
                 except KeyError:
                     raise CheckpointError(f"{where}: unexpected key, not a weight of this model") from None
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    tied_lm_head = (entry, t)     # checked against embed_tokens once that is loaded
+                    tied_lm_head = (where, t.clone())   # checked against embed_tokens once that is loaded
                     continue
                 param = params.get(name)
                 if param is None or (expert is not None and expert >= param.shape[0]):
@@ -315,10 +395,10 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
                                           f"{tuple(target.shape)} for {hf_key}")
                 if not t.is_floating_point():
                     raise CheckpointError(f"{where}: dtype {t.dtype} is not a float weight")
-                target.copy_(t)
-                filled[(name, expert)] = str(entry.file.name)
+                target.copy_(t)                           # converts dtype and moves to the device
+                filled[(name, expert)] = file.name
                 bar.update(t.numel())
-            del tensor, pairs
+            del tensor, pairs, t
     bar.close()
 
     missing = []
@@ -329,9 +409,10 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "
                               f"{config_name} needs (HF names): {missing[:8]}")
     if tied_lm_head is not None:
-        entry, t = tied_lm_head
-        if not torch.equal(t.to(model.embed_tokens.weight), model.embed_tokens.weight):
-            raise CheckpointError(f"{entry.file}: tensor {entry.key}: {config_name} ties lm_head to the "
+        where, t = tied_lm_head
+        if t.shape != model.embed_tokens.weight.shape or not torch.equal(
+                t.to(model.embed_tokens.weight), model.embed_tokens.weight):
+            raise CheckpointError(f"{where}: {config_name} ties lm_head to the "
                                   "embeddings, but this tensor differs from them")
     return model.eval()
 
