@@ -38,6 +38,21 @@ from .router import route, router_probs
 TokenIds = Union[torch.Tensor, Sequence[int]]
 CHOICES = ("first", "any")
 
+# The paper's own numbers, NOT measured by this project: Mixtral of Experts (Jiang et al., 2024,
+# arXiv:2401.04088), Table 5, "Percentage of expert assignment repetitions", Mixtral-8x7B on The Pile
+# validation subsets. {subset: {layer: (first choice %, first or second choice %)}}.
+PAPER_TABLE5_LAYERS = (0, 15, 31)
+PAPER_TABLE5 = {
+    "ArXiv":            {0: (14.0, 46.5), 15: (27.9, 62.3), 31: (22.7, 52.9)},
+    "DM Mathematics":   {0: (14.1, 44.9), 15: (28.4, 67.0), 31: (19.7, 44.5)},
+    "Github":           {0: (14.9, 49.9), 15: (28.1, 66.9), 31: (19.7, 49.2)},
+    "Gutenberg":        {0: (13.9, 49.5), 15: (26.1, 63.1), 31: (26.3, 52.2)},
+    "PhilPapers":       {0: (13.6, 46.9), 15: (25.3, 61.9), 31: (22.1, 51.3)},
+    "PubMed Abstracts": {0: (14.2, 48.6), 15: (24.6, 61.6), 31: (22.0, 51.8)},
+    "StackExchange":    {0: (13.6, 48.2), 15: (27.2, 64.6), 31: (23.6, 53.6)},
+    "Wikipedia (en)":   {0: (14.4, 49.8), 15: (23.6, 62.1), 31: (25.3, 51.8)},
+}
+
 
 # ---------------------------------------------------------------------------------------- the trace
 @dataclass

@@ -211,3 +211,20 @@ def test_trace_domains_and_default_layers():
     assert default_layers(32) == (0, 15, 31)
     assert default_layers(4) == (0, 1, 3)
     assert default_layers(1) == (0,)
+
+
+def test_paper_table5_transcription_matches_the_papers_own_reading():
+    # The paper: first-layer repetitions are "close to random", layers 15 and 31 "significantly higher"
+    # for the first choice (its first-or-second column at layer 31 dips below random for DM Mathematics).
+    from mixtral_edu.routing import PAPER_TABLE5, PAPER_TABLE5_LAYERS
+
+    assert len(PAPER_TABLE5) == 8 and PAPER_TABLE5_LAYERS == (0, 15, 31)
+    first_random, either_random = (100 * r for r in random_repetition_baselines(8, 2))
+    for subset, rows in PAPER_TABLE5.items():
+        assert set(rows) == {0, 15, 31}
+        assert abs(rows[0][0] - first_random) < 3 and abs(rows[0][1] - either_random) < 4
+        assert rows[15][0] > first_random + 10 and rows[31][0] > first_random + 5
+        assert rows[15][1] > either_random + 10
+        for first, either in rows.values():
+            assert first < either                                   # "first or second" includes "first"
+    assert PAPER_TABLE5["DM Mathematics"][31] == (19.7, 44.5)
