@@ -143,3 +143,98 @@ def test_nb02_permutation_row_order_for_two_heads_of_dim_8():
     p = permute_qk_for_rotate_half(rows, n_heads=2)
     assert p[:, 0].int().tolist() == [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
     assert torch.equal(unpermute_qk_for_rotate_half(p, 2), rows)
+
+
+# ============================================================================ 03 · attention and KV cache
+import dataclasses  # noqa: E402
+
+from mixtral_edu.attention import Attention, attention_mask  # noqa: E402
+from mixtral_edu.config import MixtralConfig  # noqa: E402
+from mixtral_edu.model import Mixtral  # noqa: E402
+from mixtral_edu.params import count_parameters, kv_cache_bytes_per_token, memory_footprint  # noqa: E402
+
+
+def _naive_attention(attn, x, cos, sin, window=None):
+    """Per-head loop with the KV head h // group, a mask from two Python loops and a hand-written softmax."""
+    batch, seq, _ = x.shape
+    nh, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = (x @ attn.q_proj.weight.T).view(batch, seq, nh, d).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.T).view(batch, seq, nkv, d).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.T).view(batch, seq, nkv, d).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    allowed = torch.tensor([[j <= i and (window is None or i - j < window) for j in range(seq)] for i in range(seq)])
+    outs, weights = [], []
+    for h in range(nh):
+        kv = h // (nh // nkv)
+        scores = (q[:, h] @ k[:, kv].transpose(-1, -2) / d ** 0.5).masked_fill(~allowed, float("-inf"))
+        p = scores.exp() / scores.exp().sum(-1, keepdim=True)
+        weights.append(p)
+        outs.append(p @ v[:, kv])
+    return torch.cat(outs, dim=-1) @ attn.o_proj.weight.T, torch.stack(weights, dim=1)
+
+
+def test_nb03_mixtral_8x7b_has_32_query_heads_in_groups_of_4_over_8_kv_heads():
+    big = MixtralConfig.mixtral_8x7b()
+    assert (big.num_attention_heads, big.num_key_value_heads, big.num_key_value_groups, big.head_dim) == (32, 8, 4, 128)
+    assert big.sliding_window is None
+    assert MixtralConfig.mistral_7b().sliding_window == 4096
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_nb03_gqa_attention_equals_the_naive_per_head_loop(window):
+    torch.manual_seed(0)
+    cfg = MixtralConfig.tiny(hidden_size=64, num_attention_heads=32, num_key_value_heads=8, head_dim=8,
+                             sliding_window=window)
+    attn = Attention(cfg)
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+        torch.nn.init.normal_(lin.weight, std=0.2)
+    x = torch.randn(2, 12, 64)
+    cos, sin = rope_cos_sin(8, 12, cfg.rope_theta)
+    with torch.no_grad():
+        ours = attn(x, cos, sin)
+        naive, probs = _naive_attention(attn, x, cos, sin, window)
+    assert torch.allclose(ours, naive, atol=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 32, 12), atol=1e-5)
+    assert probs.triu(1).abs().max() == 0
+    if window is not None:
+        full = Attention(dataclasses.replace(cfg, sliding_window=None))
+        full.load_state_dict(attn.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(full(x, cos, sin), ours, atol=1e-3)
+
+
+def test_nb03_mask_rows_count_the_visible_keys():
+    assert attention_mask(12, 0, 12).sum(-1).tolist() == list(range(1, 13))
+    assert attention_mask(12, 0, 12, sliding_window=4).sum(-1).tolist() == [1, 2, 3] + [4] * 9
+    assert attention_mask(20, 0, 20, sliding_window=6).sum(-1).tolist() == [min(i + 1, 6) for i in range(20)]
+
+
+def test_nb03_kv_cache_sizes():
+    big = MixtralConfig.mixtral_8x7b()
+    assert kv_cache_bytes_per_token(big, "bf16") == 131_072 == 128 * 1024 == 2 * 32 * 8 * 128 * 2
+    full = memory_footprint(big, "bf16", context_len=32768)
+    assert full["kv_cache_bytes"] == 4_294_967_296 == 4 * 2 ** 30
+    assert f"{full['weights_bytes'] / 2**30:.2f}" == "86.99"
+    mha = dataclasses.replace(big, num_key_value_heads=32)
+    assert kv_cache_bytes_per_token(mha) * 32768 == 16 * 2 ** 30
+    assert kv_cache_bytes_per_token(MixtralConfig.mistral_7b(), "bf16") == 131_072
+    model_cfg = MixtralConfig.tiny()
+    cache = Mixtral(model_cfg).new_kv_cache(batch_size=1, max_seq_len=256)
+    assert tuple(cache.k.shape) == (4, 1, 2, 256, 16)
+    assert cache.nbytes == 262_144 == kv_cache_bytes_per_token(model_cfg, "float32") * 256
+
+
+def test_nb03_incremental_decoding_equals_the_full_forward_pass():
+    torch.manual_seed(2)
+    model = Mixtral(MixtralConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        full_logits = model(ids)
+        cache = model.new_kv_cache(batch_size=2, max_seq_len=64)
+        steps = [model(ids[:, :8], cache=cache)]
+        for t in range(8, 40):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    assert cache.pos == 40
+    assert (cached - full_logits).abs().max() < 1e-5
+    assert torch.equal(cached.argmax(-1), full_logits.argmax(-1))
