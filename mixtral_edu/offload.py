@@ -1,0 +1,161 @@
+"""Expert offloading: experts in (pinned) CPU memory, an LRU cache of experts on the GPU.
+
+The experts are 96.6% of Mixtral's weights, but a token uses only 2 of the 8 in each layer. So a
+GPU too small for the model can keep everything else resident and fetch experts on demand:
+
+* every expert's w1, w2, w3 stay in CPU memory, pinned (page-locked) when CUDA is there, so the
+  copy to the GPU runs at full PCIe speed;
+* an `ExpertCache` owns `capacity` slots on the compute device, each big enough for one expert.
+  Asking for expert (layer, e) is a *hit* when a slot already holds it; otherwise a *miss*
+  copies it into the least recently used slot (an *eviction* when that slot was in use).
+
+Consecutive tokens often reuse experts (the paper's Section 5), which is what makes the cache
+pay. The arithmetic is the in-memory model's own (`Experts.forward` / `forward_gathered` on the
+fetched weights), so outputs are bit-for-bit identical; only where the weights come from changes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .experts import Experts
+
+
+@dataclass
+class CacheStats:
+    """Counters of an ExpertCache: hits + misses = lookups; evictions <= misses."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class ExpertCache:
+    """An LRU cache of experts on `device`, shared by all layers.
+
+    Slots are allocated once: w1, w3 `[capacity, I, H]` and w2 `[capacity, H, I]` in `dtype`.
+    `get(key, source)` returns the slot index holding expert `key` (any hashable, e.g. (layer, e)),
+    copying `source()` = (w1, w2, w3) into a free or least recently used slot on a miss.
+    """
+
+    def __init__(self, capacity: int, hidden_size: int, intermediate_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        if capacity < 1:
+            raise ValueError(f"ExpertCache capacity must be at least 1 expert, got {capacity}")
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.w1 = torch.empty(capacity, intermediate_size, hidden_size, device=device, dtype=dtype)
+        self.w3 = torch.empty(capacity, intermediate_size, hidden_size, device=device, dtype=dtype)
+        self.w2 = torch.empty(capacity, hidden_size, intermediate_size, device=device, dtype=dtype)
+        self.slot_of: "OrderedDict[object, int]" = OrderedDict()   # key -> slot, least recent first
+        self.stats = CacheStats()
+
+    def get(self, key, source) -> int:
+        """The slot holding `key`, fetching `source()` = (w1, w2, w3) on a miss; marks it most recent."""
+        if key in self.slot_of:
+            self.stats.hits += 1
+            self.slot_of.move_to_end(key)
+            return self.slot_of[key]
+        self.stats.misses += 1
+        if len(self.slot_of) < self.capacity:
+            slot = len(self.slot_of)
+        else:
+            _, slot = self.slot_of.popitem(last=False)           # evict the least recently used
+            self.stats.evictions += 1
+        w1, w2, w3 = source()
+        non_blocking = w1.is_pinned() if w1.device.type == "cpu" and self.device.type == "cuda" else False
+        for dst, src in ((self.w1, w1), (self.w2, w2), (self.w3, w3)):
+            dst[slot].copy_(src, non_blocking=non_blocking)
+            self.stats.bytes_copied += src.numel() * src.element_size()
+        self.slot_of[key] = slot
+        return slot
+
+    def cached_keys(self) -> list:
+        """Keys in the cache, least recently used first."""
+        return list(self.slot_of)
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+
+
+class OffloadedExperts(nn.Module):
+    """One layer's experts kept off the compute device, served through a shared ExpertCache.
+
+    Host copies w1, w3 `[E, I, H]`, w2 `[E, H, I]` (plain tensors, not parameters, so `model.to(...)`
+    leaves them where they are). Same interface as `Experts`.
+    """
+
+    def __init__(self, experts: Experts, cache: ExpertCache, layer_idx: int, pin: Optional[bool] = None) -> None:
+        super().__init__()
+        if pin is None:
+            pin = torch.cuda.is_available()
+        self.num_experts = experts.num_experts
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.host = {}
+        for name in ("w1", "w2", "w3"):
+            w = getattr(experts, name).detach().to("cpu", cache.w1.dtype)
+            self.host[name] = w.pin_memory() if pin else w.contiguous()
+
+    def _slot(self, e: int) -> int:
+        return self.cache.get((self.layer_idx, e), lambda: tuple(self.host[n][e] for n in ("w1", "w2", "w3")))
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert number `expert` on x `[..., hidden]` -> `[..., hidden]`, exactly as `Experts.forward`."""
+        slot = self._slot(int(expert))
+        c = self.cache
+        return Experts.forward(SimpleNamespace(w1=c.w1, w2=c.w2, w3=c.w3), x, slot)
+
+    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]`.
+
+        Fetches the distinct experts (a host sync, unavoidable here), then runs the in-memory
+        `Experts.forward_gathered` on the cache slots with ids remapped to slot numbers.
+        """
+        wanted = torch.unique(expert_ids).tolist()
+        if len(wanted) > self.cache.capacity:
+            raise ValueError(f"these tokens need {len(wanted)} distinct experts at once but the cache holds "
+                             f"{self.cache.capacity}; use a larger cache or one token at a time")
+        slot_ids = torch.empty_like(expert_ids)
+        for e in wanted:
+            slot_ids[expert_ids == e] = self._slot(e)
+        c = self.cache
+        return Experts.forward_gathered(SimpleNamespace(w1=c.w1, w2=c.w2, w3=c.w3), x, slot_ids)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, num_experts={self.num_experts}, offloaded (cache of {self.cache.capacity})"
+
+
+@torch.no_grad()
+def offload_experts(model: nn.Module, device: torch.device | str, capacity: int,
+                    pin: Optional[bool] = None) -> ExpertCache:
+    """Move `model` to `device` except its experts, which go to CPU memory behind one LRU cache.
+
+    capacity: experts the device holds at once (`Plan.cache_slots`). Works in place on a `Mixtral`
+    whose experts are `Experts`; returns the cache (read `cache.stats` for hits and misses).
+    """
+    first = model.layers[0].block_sparse_moe.experts
+    if not isinstance(first, Experts):
+        raise ValueError(f"offload_experts needs in-memory Experts, found {type(first).__name__}")
+    num_experts, inter, hidden = first.w1.shape
+    cache = ExpertCache(capacity, hidden, inter, device=device, dtype=first.w1.dtype)
+    for i, layer in enumerate(model.layers):
+        moe = layer.block_sparse_moe
+        moe.experts = OffloadedExperts(moe.experts, cache, i, pin=pin)   # frees the device copy
+    model.to(device)
+    return cache

@@ -1,0 +1,222 @@
+"""Where do the weights go? A planner from sizes alone (no weights, no GPU needed).
+
+Mixtral-8x7B holds 46.7B parameters: 93.4 GB in bf16. `plan_placement` looks at the config, the
+weight dtype, the context length and how much memory each GPU has free, and picks the first of
+these that fits, from fastest to slowest:
+
+1. "bf16-single":  every weight in bf16 on one GPU (an H200's 141 GB holds it).
+2. "bf16-split":   bf16, the decoder layers split over several GPUs in order; the hidden state
+                   `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
+3. "int8-single":  experts and attention stored as int8 with one scale per output channel, the
+                   rest bf16, about 47 GB on one GPU (see quant.py).
+4. "offload":      every weight but the experts on the GPU; the experts wait in pinned CPU memory
+                   and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
+
+At batch 1 decoding is bound by memory bandwidth: each token reads every active weight once.
+`active_weight_bytes` counts those bytes, so tokens/s can be compared with bandwidth / bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .config import MixtralConfig
+from .params import count_parameters, dtype_bytes, kv_cache_bytes_per_token
+
+GB = 1e9
+GiB = 2 ** 30
+# Left free on each GPU for the CUDA context, cuBLAS workspace, activations and logits.
+DEFAULT_RESERVE_BYTES = 2 * GiB
+STRATEGIES = ("bf16-single", "bf16-split", "int8-single", "offload")
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def int8_weights_bytes(cfg: MixtralConfig, scale_dtype="bf16") -> int:
+    """Bytes of the int8 weight-only model (quant.py): experts and attention as int8 plus one
+    scale per output channel; embeddings, lm_head, router and norms stay in `scale_dtype`."""
+    p = count_parameters(cfg)
+    quantised = p["experts"] + p["attention"]
+    rest = p["total"] - quantised
+    H, I, L, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_local_experts
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    scales = L * E * (I + H + I) + L * (q_out + 2 * kv_out + H)  # one per output row
+    return int(quantised + (rest + scales) * dtype_bytes(scale_dtype))
+
+
+def active_weight_bytes(cfg: MixtralConfig, quant: Optional[str] = None, dtype="bf16") -> int:
+    """Bytes of weights one decoded token reads: everything but the embedding table (one row of
+    it) and the experts not chosen. quant=None: all in `dtype`; quant="int8": as quant.py stores it.
+    The KV cache read (131 kB per cached token for 8x7B in bf16) is not included."""
+    p = count_parameters(cfg)
+    k, E = cfg.num_experts_per_tok, cfg.num_local_experts
+    experts_read = p["experts"] * k // E
+    other = p["active"] - p["embeddings"] - experts_read       # attention, router, norms, lm_head
+    if quant is None:
+        return int((p["active"] - p["embeddings"]) * dtype_bytes(dtype))
+    if quant != "int8":
+        raise ValueError(f"quant must be None or 'int8', got {quant!r}")
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    scales = L * k * (I + H + I) + L * (q_out + 2 * kv_out + H)
+    int8_part = experts_read + p["attention"]
+    return int(int8_part + (other - p["attention"] + scales) * dtype_bytes(dtype))
+
+
+def bandwidth_bound_tokens_per_s(cfg: MixtralConfig, bandwidth_bytes_per_s: float,
+                                 quant: Optional[str] = None, dtype="bf16") -> float:
+    """The batch-1 ceiling: bandwidth ÷ bytes of active weights per token."""
+    return bandwidth_bytes_per_s / active_weight_bytes(cfg, quant, dtype)
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """The planner's decision.
+
+    strategy: one of STRATEGIES. devices: the GPUs used, e.g. ["cuda:0", "cuda:1"].
+    layers_per_device: decoder layers on each device, in order (split plans; otherwise all on one).
+    bytes_per_device: planned GPU bytes (weights + KV cache + reserve) on each device.
+    cache_slots: experts the GPU holds at once (offload plans only).
+    explanation: the reasoning in plain words.
+    """
+
+    strategy: str
+    devices: list
+    weight_dtype: str
+    layers_per_device: list
+    bytes_per_device: list
+    kv_cache_bytes: int
+    cache_slots: Optional[int] = None
+    explanation: str = ""
+    rejected: dict = field(default_factory=dict)   # strategy -> why it did not fit
+
+    def __str__(self) -> str:
+        return self.explanation
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def _split_layers(num_layers: int, capacities: Sequence[float]) -> list:
+    """Layers per device, proportional to each device's room (largest remainders get the spares)."""
+    total = sum(capacities)
+    exact = [num_layers * c / total for c in capacities]
+    counts = [int(x) for x in exact]
+    spare = num_layers - sum(counts)
+    for i in sorted(range(len(counts)), key=lambda i: exact[i] - counts[i], reverse=True)[:spare]:
+        counts[i] += 1
+    return counts
+
+
+def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16", context_len: int = 4096,
+                   batch_size: int = 1, reserve_bytes: float = DEFAULT_RESERVE_BYTES,
+                   allow_int8: bool = True, device_names: Optional[Sequence[str]] = None) -> Plan:
+    """Choose how to place `cfg`'s weights on GPUs with `free_bytes[i]` free bytes each.
+
+    dtype: the unquantised weight dtype (bf16). context_len × batch_size tokens of KV cache are
+    budgeted on the GPUs. reserve_bytes stay free on every GPU for activations and workspaces.
+    Returns a Plan; raises ValueError when not even offloading fits.
+    """
+    if not free_bytes:
+        raise ValueError("free_bytes is empty: the planner needs at least one GPU")
+    if any(f <= 0 for f in free_bytes):
+        raise ValueError(f"free_bytes must all be positive, got {list(free_bytes)}")
+    names = list(device_names) if device_names is not None else [f"cuda:{i}" for i in range(len(free_bytes))]
+    if len(names) != len(free_bytes):
+        raise ValueError(f"{len(names)} device names for {len(free_bytes)} devices")
+    kv_dtype = "bf16" if str(dtype) in ("int8",) else dtype
+    kv = int(kv_cache_bytes_per_token(cfg, kv_dtype) * context_len * batch_size)
+    p = count_parameters(cfg)
+    b = dtype_bytes(dtype)
+    bf16_weights = int(p["total"] * b)
+    order = sorted(range(len(free_bytes)), key=lambda i: free_bytes[i], reverse=True)
+    biggest = order[0]
+    rejected = {}
+    need_line = f"KV cache for {context_len} tokens × batch {batch_size} = {_gb(kv)}, reserve {_gb(reserve_bytes)} per GPU"
+
+    # 1. everything on one GPU
+    need = bf16_weights + kv + reserve_bytes
+    if need <= free_bytes[biggest]:
+        return Plan("bf16-single", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [int(need)], kv,
+                    explanation=(f"bf16 on one GPU: the {_gb(bf16_weights)} of {dtype} weights plus "
+                                 f"{need_line} need {_gb(need)}, and {names[biggest]} has {_gb(free_bytes[biggest])} free. "
+                                 "Nothing is quantised or moved, so this is exact and the fastest option."),
+                    rejected=rejected)
+    rejected["bf16-single"] = (f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
+
+    # 2. layers split over the fewest GPUs that hold them (largest first)
+    per_layer = p["per_layer"] * b + kv / cfg.num_hidden_layers
+    first_extra = p["embeddings"] * b                      # embed_tokens on the first GPU
+    last_extra = (p["lm_head"] + cfg.hidden_size) * b      # final norm and lm_head on the last
+    for n in range(2, len(free_bytes) + 1):
+        used = order[:n]
+        room = [free_bytes[i] - reserve_bytes for i in used]
+        room[0] -= first_extra
+        room[-1] -= last_extra
+        if min(room) <= 0:
+            continue
+        counts = _split_layers(cfg.num_hidden_layers, room)
+        if all(c * per_layer <= r for c, r in zip(counts, room)) and min(counts) > 0:
+            planned = [int(c * per_layer + reserve_bytes) for c in counts]
+            planned[0] += int(first_extra)
+            planned[-1] += int(last_extra)
+            where = ", ".join(f"layers {sum(counts[:j])}-{sum(counts[:j + 1]) - 1} on {names[i]}"
+                              for j, i in enumerate(used))
+            return Plan("bf16-split", [names[i] for i in used], str(dtype), counts, planned, kv,
+                        explanation=(f"bf16 split by layers over {n} GPUs: {_gb(bf16_weights)} of weights do not fit "
+                                     f"one GPU ({_gb(free_bytes[biggest])} free at most) but fit {n} together. {where}; "
+                                     f"the embedding sits with the first layers and lm_head with the last. {need_line}. "
+                                     "Each token's hidden state hops GPU to GPU, so the GPUs work one after another: "
+                                     "exact bf16 results, at about the speed of one GPU."),
+                        rejected=rejected)
+    if len(free_bytes) > 1:
+        rejected["bf16-split"] = f"{_gb(bf16_weights)} of weights do not fit even all {len(free_bytes)} GPUs together"
+    else:
+        rejected["bf16-split"] = "only one GPU"
+
+    # 3. int8 weight-only on one GPU
+    int8_bytes = int8_weights_bytes(cfg, dtype)
+    need = int8_bytes + kv + reserve_bytes
+    if allow_int8 and need <= free_bytes[biggest]:
+        return Plan("int8-single", [names[biggest]], "int8", [cfg.num_hidden_layers], [int(need)], kv,
+                    explanation=(f"int8 weight-only on one GPU: bf16 needs {_gb(bf16_weights)}, more than the "
+                                 f"{_gb(free_bytes[biggest])} free on {names[biggest]}. Storing the experts and attention as "
+                                 f"int8 with one scale per output channel (embeddings, router, norms, lm_head stay bf16) "
+                                 f"takes {_gb(int8_bytes)}; with the {need_line} that is {_gb(need)}. "
+                                 "Each token reads half the bytes, so it is also faster; outputs differ slightly from bf16."),
+                    rejected=rejected)
+    rejected["int8-single"] = ("not allowed" if not allow_int8 else
+                               f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
+
+    # 4. expert offloading: non-expert weights + KV on the GPU, experts cached LRU
+    expert_bytes = p["one_expert"] * b
+    resident = int((p["total"] - p["experts"]) * b)
+    room = free_bytes[biggest] - reserve_bytes - resident - kv
+    slots = int(room // expert_bytes) if room > 0 else 0
+    total_experts = cfg.num_hidden_layers * cfg.num_local_experts
+    slots = min(slots, total_experts)
+    if slots >= cfg.num_experts_per_tok:
+        planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
+        return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv, cache_slots=slots,
+                    explanation=(f"expert offloading: neither bf16 ({_gb(bf16_weights)}) nor int8 ({_gb(int8_bytes)}) fits "
+                                 f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
+                                 f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
+                                 f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and an LRU cache on the GPU holds "
+                                 f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%). "
+                                 "Results are exact; speed depends on the cache hit rate, because a miss copies "
+                                 f"{expert_bytes / GB:.2f} GB over PCIe."),
+                    rejected=rejected)
+    rejected["offload"] = (f"after {_gb(resident)} of non-expert weights and the KV cache, room for {slots} experts; "
+                           f"at least {cfg.num_experts_per_tok} are needed")
+    raise ValueError("no placement fits: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
+
+
+def free_gpu_bytes() -> list:
+    """Free bytes on each visible CUDA device right now (not pure: asks the driver). Empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]

@@ -1,0 +1,46 @@
+"""Splitting the model by layers over devices (here: two CPU "devices") changes nothing."""
+
+import copy
+
+import pytest
+import torch
+
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.layer_split import new_split_kv_cache, split_by_layers
+from mixtral_edu.model import Mixtral
+
+
+def test_split_model_equals_whole_model():
+    cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Mixtral(cfg).eval()
+    split = split_by_layers(copy.deepcopy(model), ["cpu", "cpu"], [1, 3])
+    assert [str(d) for d in split.layer_devices] == ["cpu"] * 4
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids), split(ids))
+        c1, c2 = model.new_kv_cache(2, 16), new_split_kv_cache(split, 2, 16)
+        assert torch.equal(model(ids, cache=c1), split(ids, cache=c2))
+        step = ids[:, :1]
+        assert torch.equal(model(step, cache=c1), split(step, cache=c2))
+    assert c2.pos == 8 and len(c2.k) == 4
+
+
+def test_split_moves_inputs_between_devices():
+    # meta tensors stand in for a second GPU: the pre-hook must hand layer 1 its inputs on meta
+    cfg = MixtralConfig.tiny(vocab_size=64, num_hidden_layers=2, max_position_embeddings=32)
+    model = split_by_layers(Mixtral(cfg), ["cpu", "meta"], [1, 1])
+    model.set_dispatch("gathered")          # the grouped dispatch needs expert counts, unknown on meta
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, dtype=torch.long))
+    assert seen == ["meta", "meta"] and out.device.type == "meta"
+    assert model.embed_tokens.weight.device.type == "cpu" and model.lm_head.weight.device.type == "meta"
+
+
+def test_bad_layer_counts_are_refused():
+    cfg = MixtralConfig.tiny(vocab_size=64, num_hidden_layers=2, max_position_embeddings=32)
+    with pytest.raises(ValueError, match="layers_per_device"):
+        split_by_layers(Mixtral(cfg), ["cpu", "cpu"], [2, 1])

@@ -1,0 +1,80 @@
+"""The placement planner's decisions for the GPUs learners have, and the arithmetic behind them."""
+
+import pytest
+
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.params import count_parameters
+from mixtral_edu.placement import (
+    active_weight_bytes, bandwidth_bound_tokens_per_s, int8_weights_bytes, plan_placement,
+)
+
+CFG = MixtralConfig.mixtral_8x7b()
+GB = 1e9
+
+
+def test_one_141gb_gpu_holds_bf16():
+    plan = plan_placement(CFG, [141 * GB])
+    assert plan.strategy == "bf16-single"
+    assert plan.devices == ["cuda:0"] and plan.weight_dtype == "bf16"
+    assert 93 * GB < plan.bytes_per_device[0] < 141 * GB
+    assert "bf16 on one GPU" in plan.explanation
+
+
+def test_one_80gb_gpu_gets_int8():
+    plan = plan_placement(CFG, [80 * GB])
+    assert plan.strategy == "int8-single" and plan.weight_dtype == "int8"
+    assert plan.rejected["bf16-single"].startswith("needs 96.1 GB")
+    assert 46 * GB < plan.bytes_per_device[0] < 52 * GB
+    assert "47.0 GB" in plan.explanation and "per output channel" in plan.explanation
+
+
+def test_two_80gb_gpus_split_bf16_by_layers():
+    plan = plan_placement(CFG, [80 * GB, 80 * GB])
+    assert plan.strategy == "bf16-split"
+    assert plan.devices == ["cuda:0", "cuda:1"]
+    assert plan.layers_per_device == [16, 16]
+    assert all(b < 80 * GB for b in plan.bytes_per_device)
+    assert "layers 0-15 on cuda:0, layers 16-31 on cuda:1" in plan.explanation
+
+
+def test_uneven_gpus_split_in_proportion():
+    plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"])
+    assert plan.strategy == "bf16-split"
+    assert plan.devices == ["cuda:1", "cuda:0"]          # the larger GPU first
+    assert plan.layers_per_device[0] > plan.layers_per_device[1]
+    assert sum(plan.layers_per_device) == 32
+    assert all(b <= f for b, f in zip(plan.bytes_per_device, [80 * GB, 40 * GB]))
+
+
+def test_one_24gb_gpu_offloads_experts():
+    plan = plan_placement(CFG, [24 * GB])
+    assert plan.strategy == "offload"
+    one_expert = count_parameters(CFG)["one_expert"] * 2
+    resident = (count_parameters(CFG)["total"] - count_parameters(CFG)["experts"]) * 2
+    # the slots fill what is left after resident weights, KV cache and reserve, and no more
+    left = 24 * GB - resident - plan.kv_cache_bytes - 2 * 2 ** 30
+    assert plan.cache_slots == int(left // one_expert) == 51
+    assert plan.bytes_per_device[0] <= 24 * GB
+    assert "LRU cache" in plan.explanation and "pinned CPU memory" in plan.explanation
+
+
+def test_long_context_changes_the_decision():
+    # 141 GB holds bf16 at 4k tokens, but not with a 32k context at batch 16 (64 GB of KV cache)
+    plan = plan_placement(CFG, [141 * GB], context_len=32768, batch_size=16)
+    assert plan.kv_cache_bytes == 131072 * 32768 * 16
+    assert plan.strategy == "int8-single"
+
+
+def test_nothing_fits_raises_with_reasons():
+    with pytest.raises(ValueError, match="no placement fits.*offload"):
+        plan_placement(CFG, [4 * GB])
+    with pytest.raises(ValueError, match="at least one GPU"):
+        plan_placement(CFG, [])
+
+
+def test_int8_and_bandwidth_arithmetic():
+    assert int8_weights_bytes(CFG) == pytest.approx(47.0e9, rel=0.01)
+    assert active_weight_bytes(CFG) == (12_879_925_248 - 32000 * 4096) * 2
+    # the issue's bounds: H200 bf16 ~188 tokens/s, H100 int8 ~260 tokens/s
+    assert bandwidth_bound_tokens_per_s(CFG, 4.8e12) == pytest.approx(188.25, abs=0.01)
+    assert bandwidth_bound_tokens_per_s(CFG, 3.35e12, quant="int8") == pytest.approx(260, abs=1)
