@@ -325,6 +325,8 @@ def _empty_model(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype) -
     with torch.device("meta"):
         model = Mixtral(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:      # to_empty made a new Parameter for each module, undoing the tie
+        model.lm_head.weight = model.embed_tokens.weight
     # to_empty left the cos/sin table uninitialised; recompute it (as Mixtral(cfg).to(device, dtype) has it).
     model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(
         device=device, dtype=dtype)
@@ -501,8 +503,13 @@ def save_mistral(model: Mixtral, path: PathLike, layout: str = "mistral", num_fi
     cfg = model.config
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "params.json", cfg.to_params_json())
+    params = cfg.to_params_json()
+    if cfg.max_position_embeddings != 32768:          # from_params_json's default, Mixtral's context
+        params["max_seq_len"] = cfg.max_position_embeddings
+    _write_json(folder / "params.json", params)
     hf_state = to_hf_state_dict(model)
+    if cfg.tie_word_embeddings:                       # params.json cannot say "tied": store output explicitly
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
     if layout == "mistral":
         state = {k: v.to("cpu").contiguous().clone() for k, v in hf_to_mistral_state_dict(hf_state, cfg).items()}
         save_file(state, str(folder / MISTRAL_SAFETENSORS))

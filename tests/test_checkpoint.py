@@ -1,0 +1,186 @@
+"""Every published layout loads with the reference's logits; save_model's output loads in transformers."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # noqa: E402  (a hard requirement of the test suite)
+
+from mixtral_edu.checkpoint import (SafetensorsFile, detect_layout, load_model, read_config, save_mistral,
+                                    save_model)
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.model import Mixtral
+
+CFG = dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+           max_position_embeddings=128)
+
+
+def reference(seed=0, **overrides):
+    """A random transformers MixtralForCausalLM (norm gains random too) and input ids."""
+    cfg = MixtralConfig(**{**CFG, **overrides})
+    hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
+    hf_cfg.initializer_range = 0.08
+    torch.manual_seed(seed)
+    hf = transformers.MixtralForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    return cfg, hf, ids
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hf_sharded(tmp_path_factory):
+    """transformers' save_pretrained in several shards, with the files people also download beside it."""
+    cfg, hf, ids = reference()
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path, max_shard_size="100KB")
+    (path / "tokenizer.model").write_bytes(b"not weights")
+    (path / "README.md").write_text("a model card")
+    with torch.no_grad():
+        logits = hf(ids).logits
+    return path, cfg, ids, logits
+
+
+def test_transformers_shards_load_with_equal_logits(hf_sharded):
+    path, cfg, ids, ref = hf_sharded
+    assert len(list(path.glob("model-*-of-*.safetensors"))) >= 3
+    assert detect_layout(path) == "hf-sharded"
+    model = load_model(path, progress=False)
+    assert isinstance(model, Mixtral) and not model.training
+    assert model.embed_tokens.weight.dtype == torch.float32 and model.embed_tokens.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert max_diff(model(ids), ref) < 1e-5
+
+
+def test_transformers_single_file_loads(tmp_path):
+    cfg, hf, ids = reference(seed=3)
+    hf.save_pretrained(tmp_path)
+    assert detect_layout(tmp_path) == "hf"
+    with torch.no_grad():
+        assert max_diff(load_model(tmp_path, progress=False)(ids), hf(ids).logits) < 1e-5
+
+
+def test_save_model_loads_in_transformers(hf_sharded, tmp_path):
+    path, cfg, ids, ref = hf_sharded
+    ours = load_model(path, progress=False)
+    written = save_model(ours, tmp_path, max_shard_size=150_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert written == ["config.json", *shards, "model.safetensors.index.json"]
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors" and len(shards) > 2
+    # per-expert keys, each shard holding what the index says, in float32 like the model
+    assert "model.layers.2.block_sparse_moe.experts.7.w2.weight" in index["weight_map"]
+    total = 0
+    for shard in shards:
+        with SafetensorsFile(tmp_path / shard) as st:
+            assert sorted(st.keys()) == sorted(k for k, s in index["weight_map"].items() if s == shard)
+            assert {info["dtype"] for info in st.header.values()} == {"F32"}
+            total += sum(info["data_offsets"][1] - info["data_offsets"][0] for info in st.header.values())
+    assert index["metadata"]["total_size"] == total
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, ref) < 1e-5
+
+
+def test_save_model_single_file_bf16_round_trip(tmp_path):
+    cfg, hf, ids = reference(seed=1)
+    model = load_model_from(hf, tmp_path / "src").to(torch.bfloat16)
+    written = save_model(model, tmp_path / "bf16")
+    assert written == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    back = load_model(tmp_path / "bf16", progress=False)             # dtype=None keeps the checkpoint's
+    assert back.embed_tokens.weight.dtype == torch.bfloat16 and back.rotary_emb.cos.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    as_f32 = load_model(tmp_path / "bf16", dtype=torch.float32, progress=False)
+    assert as_f32.layers[0].block_sparse_moe.experts.w2.dtype == torch.float32
+    assert torch.equal(as_f32.layers[0].block_sparse_moe.experts.w2,
+                       model.layers[0].block_sparse_moe.experts.w2.float())
+    hf16 = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert hf16.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def load_model_from(hf, path):
+    hf.save_pretrained(path)
+    return load_model(path, progress=False)
+
+
+def test_resaving_into_the_same_folder_leaves_no_stale_shards(tmp_path):
+    model = Mixtral(MixtralConfig(**CFG))
+    save_model(model, tmp_path, max_shard_size=100_000)
+    save_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert detect_layout(tmp_path) == "hf"
+
+
+@pytest.mark.parametrize("layout", ["mistral", "mistral-pt"])
+def test_mistral_layouts_load_with_equal_logits(hf_sharded, tmp_path, layout):
+    path, cfg, ids, ref = hf_sharded
+    written = save_mistral(load_model(path, progress=False), tmp_path, layout=layout)
+    assert written[0] == "params.json"
+    if layout == "mistral":
+        assert written[1:] == ["consolidated.safetensors"]
+        with SafetensorsFile(tmp_path / "consolidated.safetensors") as st:
+            assert st.header["layers.0.feed_forward.experts.7.w2.weight"]["shape"] == [48, 80]
+            assert st.header["layers.0.attention.wk.weight"]["shape"] == [32, 48]
+    else:
+        assert written[1:] == [f"consolidated.{i:02d}.pt" for i in range(8)]
+        merged = {}
+        for name in written[1:]:
+            part = torch.load(tmp_path / name, weights_only=True)
+            assert not set(part) & set(merged)                 # whole tensors, each in one file only
+            merged.update(part)
+        assert merged["layers.2.block_sparse_moe.w2"].shape == (8 * 80, 48)
+    assert detect_layout(tmp_path) == layout
+    assert read_config(tmp_path) == cfg
+    model = load_model(tmp_path, progress=False)
+    with torch.no_grad():
+        assert max_diff(model(ids), ref) < 1e-5
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg, hf, ids = reference(tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf", progress=False)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    save_model(model, tmp_path / "ours")
+    for layout in ("mistral", "mistral-pt"):
+        save_mistral(model, tmp_path / layout, layout=layout)
+    with torch.no_grad():
+        for folder in ("hf", "ours", "mistral", "mistral-pt"):
+            assert max_diff(load_model(tmp_path / folder, progress=False)(ids), hf(ids).logits) < 1e-5
+
+
+def test_dense_model_round_trips_in_every_layout(tmp_path):
+    cfg = MixtralConfig(**{**CFG, "num_local_experts": 1, "num_experts_per_tok": 1})
+    torch.manual_seed(0)
+    model = Mixtral(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    save_model(model, tmp_path / "hf")
+    save_mistral(model, tmp_path / "mistral")
+    with SafetensorsFile(tmp_path / "mistral" / "consolidated.safetensors") as st:
+        assert "layers.0.feed_forward.w2.weight" in st.keys()
+    with torch.no_grad():
+        for folder in ("hf", "mistral"):
+            assert torch.equal(load_model(tmp_path / folder, progress=False)(ids), model(ids))
+
+
+def test_progress_bar_goes_to_stderr_and_can_be_disabled(hf_sharded, capsys):
+    path = hf_sharded[0]
+    load_model(path)
+    assert "loading hf-sharded" in capsys.readouterr().err
+    load_model(path, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_meta_device_loads_nothing_but_checks_everything(hf_sharded):
+    model = load_model(hf_sharded[0], device="meta", progress=False)
+    assert model.layers[0].block_sparse_moe.experts.w1.is_meta
