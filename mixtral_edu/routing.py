@@ -200,7 +200,7 @@ def trace_domains(model, texts_by_domain: Mapping[str, Sequence[Union[str, Token
     A text is a string (needs `tokenizer`; BOS is prepended when `bos`) or its token ids.
     Each text is its own sequence, so no consecutive pair ever spans two texts.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     jobs = [(d, t) for d, texts in texts_by_domain.items() for t in texts]
     out: dict[str, list[RoutingTrace]] = {d: [] for d in texts_by_domain}
