@@ -4,13 +4,19 @@ The notebooks print these facts; the tests recompute them independently of the n
 change in the package that makes a notebook's sentence false fails here, not only under nbval.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mixtral_edu.attention import Attention, attention_mask
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.experts import Experts, swiglu_expert
+from mixtral_edu.model import Mixtral
 from mixtral_edu.norm import RMSNorm, rms_norm
+from mixtral_edu.params import count_parameters, kv_cache_bytes_per_token, memory_footprint
 from mixtral_edu.rope import (apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half, rope_cos_sin,
                               rope_freqs_cis, rope_inv_freq, unpermute_qk_for_rotate_half)
 
@@ -146,12 +152,6 @@ def test_nb02_permutation_row_order_for_two_heads_of_dim_8():
 
 
 # ============================================================================ 03 · attention and KV cache
-import dataclasses  # noqa: E402
-
-from mixtral_edu.attention import Attention, attention_mask  # noqa: E402
-from mixtral_edu.config import MixtralConfig  # noqa: E402
-from mixtral_edu.model import Mixtral  # noqa: E402
-from mixtral_edu.params import count_parameters, kv_cache_bytes_per_token, memory_footprint  # noqa: E402
 
 
 def _naive_attention(attn, x, cos, sin, window=None):
@@ -238,3 +238,76 @@ def test_nb03_incremental_decoding_equals_the_full_forward_pass():
     assert cache.pos == 40
     assert (cached - full_logits).abs().max() < 1e-5
     assert torch.equal(cached.argmax(-1), full_logits.argmax(-1))
+
+
+# ============================================================================ 04 · SwiGLU experts
+def test_nb04_silu_is_z_sigmoid_z_with_its_minimum_near_minus_0_278():
+    z = torch.linspace(-5, 5, 1001, dtype=torch.float64)
+    assert torch.allclose(F.silu(z), z / (1 + torch.exp(-z)))
+    fine = torch.linspace(-3, 0, 300001, dtype=torch.float64)
+    i = F.silu(fine).argmin()
+    assert f"{F.silu(fine)[i]:.4f}" == "-0.2785" and f"{fine[i]:.4f}" == "-1.2785"
+    # close to relu far from 0, and below it in between
+    t = torch.tensor([-2.0, 0.0, 1.0, 4.0])
+    assert [f"{v:.4f}" for v in F.silu(t)] == ["-0.2384", "0.0000", "0.7311", "3.9281"]
+    assert [f"{v:.4f}" for v in F.gelu(t)] == ["-0.0455", "0.0000", "0.8413", "3.9999"]
+
+
+def test_nb04_expert_equals_the_unit_by_unit_sum():
+    torch.manual_seed(0)
+    experts = Experts(8, 16, 32)
+    x = torch.randn(3, 16)
+
+    def by_hand(row, w1, w2, w3):
+        out = torch.zeros(w2.shape[0])
+        for i in range(w1.shape[0]):
+            a, b = w1[i] @ row, w3[i] @ row
+            out += (a / (1 + torch.exp(-a))) * b * w2[:, i]
+        return out
+
+    with torch.no_grad():
+        for e in range(8):
+            naive = torch.stack([by_hand(r, experts.w1[e], experts.w2[e], experts.w3[e]) for r in x])
+            assert torch.allclose(experts(x, e), naive, atol=1e-6)
+            assert torch.allclose(swiglu_expert(x, experts.w1[e], experts.w2[e], experts.w3[e]), naive, atol=1e-6)
+        assert not torch.allclose(experts(x, 0), experts(x, 5))
+    assert experts.w1[5].untyped_storage().data_ptr() == experts.w1.untyped_storage().data_ptr()
+
+
+def test_nb04_one_8x7b_expert_and_the_meta_built_model_match_count_parameters():
+    big = MixtralConfig.mixtral_8x7b()
+    p = count_parameters(big)
+    assert p["one_expert"] == 3 * 4096 * 14336 == 176_160_768
+    with torch.device("meta"):
+        layer_experts = Experts(8, 4096, 14336)
+        model = Mixtral(big)
+    assert sum(t.numel() for t in layer_experts.parameters()) == 8 * 176_160_768 == 1_409_286_144
+    assert sum(t.numel() for t in model.parameters()) == p["total"] == 46_702_792_704
+
+
+def test_nb04_why_experts_are_96_6_percent_of_the_model():
+    big = MixtralConfig.mixtral_8x7b()
+    p = count_parameters(big)
+    parts = ["experts", "attention", "embeddings", "lm_head", "router", "norms"]
+    assert sum(p[name] for name in parts) == p["total"]
+    shares = {name: 100 * p[name] / p["total"] for name in parts}
+    assert {k: f"{v:.4f}" for k, v in shares.items()} == {
+        "experts": "96.5620", "attention": "2.8739", "embeddings": "0.2807", "lm_head": "0.2807",
+        "router": "0.0022", "norms": "0.0006"}
+    assert f"{shares['experts']:.1f}" == "96.6"
+    assert f"{shares['embeddings'] + shares['lm_head']:.2f}" == "0.56"
+    H = big.hidden_size
+    attn_per_layer = p["attention"] // big.num_hidden_layers
+    assert attn_per_layer == 2.5 * H * H                 # GQA: W_k, W_v are H x H/4
+    assert p["one_expert"] == 10.5 * H * H                # I = 3.5 H, three matrices
+    assert f"{p['one_expert'] / attn_per_layer:.2f}" == "4.20"
+    assert f"{8 * p['one_expert'] / attn_per_layer:.1f}" == "33.6"
+    assert p["active"] == 12_879_925_248 and f"{100 * p['active'] / p['total']:.1f}" == "27.6"
+
+
+def test_nb04_exercises():
+    q = count_parameters(MixtralConfig.mistral_7b())
+    assert q["total"] == 7_241_732_096
+    assert f"{100 * q['experts'] / q['total']:.1f}" == "77.8"
+    I_equal = 8 * 4096 / 3
+    assert f"{I_equal:.2f}" == "10922.67" and MixtralConfig.mixtral_8x7b().intermediate_size == 3.5 * 4096
