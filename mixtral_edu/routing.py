@@ -218,6 +218,19 @@ def trace_domains(model, texts_by_domain: Mapping[str, Sequence[Union[str, Token
     return out
 
 
+def evenly_spaced_windows(stream: torch.Tensor, window: int, count: int) -> list[torch.Tensor]:
+    """`count` windows of `window` tokens spread evenly along a 1-D token stream `[N]` (first starts at 0,
+    last ends at N), so a sample covers the whole held-out text rather than its first document."""
+    if stream.dim() != 1:
+        raise ValueError(f"stream must be 1-D token ids, got shape {tuple(stream.shape)}")
+    if window < 2 or count < 1:
+        raise ValueError(f"need window >= 2 and count >= 1, got window={window}, count={count}")
+    if stream.numel() < window:
+        raise ValueError(f"stream of {stream.numel()} tokens is shorter than one window of {window}")
+    starts = torch.linspace(0, stream.numel() - window, count).long().tolist()
+    return [stream[s:s + window] for s in starts]
+
+
 # ---------------------------------------------------------------------------------------- usage
 def expert_usage(expert_ids: torch.Tensor, num_experts: int, choice: str = "any") -> torch.Tensor:
     """expert_ids `[..., T, k]` -> usage `[..., E]` float64, summing to 1 over experts.

@@ -228,3 +228,15 @@ def test_paper_table5_transcription_matches_the_papers_own_reading():
         for first, either in rows.values():
             assert first < either                                   # "first or second" includes "first"
     assert PAPER_TABLE5["DM Mathematics"][31] == (19.7, 44.5)
+
+
+def test_evenly_spaced_windows():
+    from mixtral_edu.routing import evenly_spaced_windows
+
+    stream = torch.arange(100)
+    ws = evenly_spaced_windows(stream, 10, 4)
+    assert [w[0].item() for w in ws] == [0, 30, 60, 90] and all(len(w) == 10 for w in ws)
+    assert ws[-1][-1].item() == 99
+    assert [w[0].item() for w in evenly_spaced_windows(stream, 100, 1)] == [0]
+    with pytest.raises(ValueError, match="shorter"):
+        evenly_spaced_windows(stream, 101, 1)
