@@ -214,7 +214,10 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:   # a tensor view is still alive (e.g. in a traceback); it unmaps when freed
+                pass
             self._mm = None
         self._file.close()
 
@@ -226,21 +229,9 @@ class SafetensorsFile:
 
 
 def _safetensors_tensors(file: Path, keys: Optional[list[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of one safetensors file, one at a time, each released after use.
-
-    With `keys` (an index's promise for this shard), exactly those keys must be in the file.
-    """
+    """(key, tensor) of one safetensors file (only `keys`, if given), one at a time, each released after use."""
     with SafetensorsFile(file) as st:
-        present = set(st.keys())
-        if keys is not None:
-            absent = [k for k in keys if k not in present]
-            if absent:
-                raise CheckpointError(f"{file}: the index says this shard holds tensor {absent[0]}"
-                                      f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}, but it does not")
-            extra = sorted(present - set(keys))
-            if extra:
-                raise CheckpointError(f"{file}: holds tensor {extra[0]} that the index does not list")
-        for key in (keys if keys is not None else sorted(present)):
+        for key in (keys if keys is not None else sorted(st.keys())):
             tensor = st.tensor(key)
             yield key, tensor
             del tensor              # the view must go before its pages are released and the map closed
@@ -282,7 +273,23 @@ def _hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:
     if missing:
         raise CheckpointError(f"{index_file}: names shard(s) {sorted(missing)} that are not in the folder "
                               f"(e.g. tensor {by_shard[missing[0]][0]} lives in {missing[0]})")
+    # Check every shard's header against the index before loading anything: no partial loads.
+    headers = {s: _header_keys(folder / s) for s in by_shard}
+    for shard, keys in sorted(by_shard.items()):
+        absent = [k for k in keys if k not in headers[shard]]
+        if absent:
+            raise CheckpointError(f"{folder / shard}: the index says this shard holds tensor {absent[0]}"
+                                  f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}, but it does not")
+    for shard, keys in sorted(by_shard.items()):
+        extra = sorted(headers[shard] - set(keys))
+        if extra:
+            raise CheckpointError(f"{folder / shard}: holds tensor {extra[0]} that the index does not list")
     return [(folder / s, by_shard[s]) for s in sorted(by_shard)]
+
+
+def _header_keys(file: Path) -> set[str]:
+    with SafetensorsFile(file) as st:
+        return set(st.keys())
 
 
 def _weight_files(folder: Path, layout: str) -> tuple[list[Path], Callable[[Path], Iterator[tuple[str, torch.Tensor]]]]:
