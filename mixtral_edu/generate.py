@@ -183,6 +183,7 @@ class TextStream:
 
     >>> stream = TextStream(tokenizer, prompt_ids)
     >>> for i in new_ids: print(stream.push(i), end="")
+    >>> print(stream.flush())
     """
 
     def __init__(self, tokenizer, context_ids: Sequence[int] = ()) -> None:
@@ -197,6 +198,12 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+    def flush(self) -> str:
+        """At the end: whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
         new, self.emitted = text[self.emitted:], len(text)
         return new
 
@@ -227,9 +234,9 @@ def chat_reply(model, tokenizer, messages, max_new_tokens: int = 128, temperatur
     text_stream = TextStream(tokenizer, prompt)
     started = False
 
-    def emit(token_id: int) -> None:
+    def emit(token_id: Optional[int]) -> None:
         nonlocal started
-        piece = text_stream.push(token_id)
+        piece = text_stream.push(token_id) if token_id is not None else text_stream.flush()
         if not started:  # the answer's first piece carries the template's space: drop it
             piece = piece.lstrip(" ")
             started = bool(piece)
@@ -238,6 +245,7 @@ def chat_reply(model, tokenizer, messages, max_new_tokens: int = 128, temperatur
 
     new_ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, eos_id=tokenizer.eos_id, stream=emit)
+    emit(None)  # the end: let out a held-back unfinished character
     if new_ids and new_ids[-1] == tokenizer.eos_id:
         new_ids = new_ids[:-1]
     return tokenizer.decode(new_ids).lstrip(" ")

@@ -278,8 +278,19 @@ def test_text_stream_gets_spaces_and_multibyte_characters_right(tokenizer):
     assert stream.text == continuation
     assert not any("\ufffd" in p for p in pieces)
     assert "" in pieces  # the parrot emoji is byte pieces: its first bytes were held back
+    assert stream.flush() == ""  # nothing left over at the end
     # naive per-token decoding loses the spaces: that is what TextStream is for
     assert "".join(tokenizer.decode([i]) for i in new) != continuation
+
+
+def test_text_stream_flush_lets_out_an_unfinished_character(tokenizer):
+    prompt = tokenizer.encode("a")
+    parrot = tokenizer.encode("a 🦜")[len(prompt):]  # '▁', then four byte pieces
+    stream = TextStream(tokenizer, prompt)
+    assert "".join(stream.push(i) for i in parrot[:-1]) == " "
+    held = stream.flush()
+    assert held and set(held) == {"\ufffd"}  # the three bytes of an unfinished emoji
+    assert stream.flush() == ""
 
 
 def test_chat_reply_is_the_decoded_generation(tokenizer):
