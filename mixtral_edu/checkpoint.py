@@ -1,22 +1,30 @@
 """Load and save Mixtral checkpoints in every published layout, one tensor at a time.
 
-Layouts, recognised from the folder's contents (`detect_layout`):
+Layouts, recognised from the folder's contents (`detect_layout`); other files such as
+tokenizer.model, README.md or generation_config.json are ignored:
 
     "hf"           config.json + model.safetensors
     "hf-sharded"   config.json + model.safetensors.index.json + model-000NN-of-000MM.safetensors
     "mistral"      params.json + consolidated.safetensors      (interleaved RoPE q/k rows)
     "mistral-pt"   params.json + consolidated.00.pt ... (or .pth): the original release, experts
-                   fused per layer; every file holds whole tensors (the files are merged, not
-                   concatenated), loaded only with torch.load(weights_only=True, mmap=True)
+                   fused per layer. Each file holds whole tensors (transformers' converter merges
+                   the files' dicts, it does not concatenate slices); read only with
+                   torch.load(weights_only=True, mmap=True), so nothing but tensors is unpickled.
 
-Loading never holds two copies of the model: the model is first built on the "meta" device (no
-memory), then given uninitialised storage in the target dtype on the target device, and each
-tensor is read from a memory-mapped file, converted (names, q/k permutation, fused experts; see
-convert.py) and copied into place. Peak host memory is about the final model plus one tensor.
+Loading never holds two copies of the model. The model is built on the "meta" device (no memory),
+then given uninitialised storage in the target dtype on the target device; each tensor is read
+from the memory-mapped file (`SafetensorsFile`), converted (names, q/k permutation, fused experts;
+see convert.py), copied into place, and its file pages released. Peak host memory is the final
+model plus one tensor (plus one .pt file for the original release, 1/8 of the model).
 
 Everything is checked: each key must be known and fill a parameter exactly once, with the shape the
-config implies; every parameter must be filled; an index must name shards that exist and hold the
-tensors it promises. Problems raise CheckpointError naming the file and the tensor.
+config implies; every parameter must be filled; an index must name shards that exist and hold
+exactly the tensors it promises; headers must fit the file. Problems raise CheckpointError naming
+the file and the tensor. Before loading, `memory_plan` compares the weights' size with the free
+memory of the device and refuses (InsufficientMemoryError) unless told to go ahead.
+
+`save_model` writes the Hugging Face layout that transformers' from_pretrained reads; `save_mistral`
+writes Mistral's two layouts (used by the tests and the notebook).
 """
 
 from __future__ import annotations
