@@ -113,3 +113,79 @@ def test_nb05_z_loss_worked_numbers():
     assert router_z_loss(torch.zeros(1, 8) + 5).item() == pytest.approx((5 + math.log(8)) ** 2, rel=1e-6)
     # a constant shift changes no routing decision
     assert torch.equal(route(WORKED_LOGITS + 5, 2)[1], route(WORKED_LOGITS, 2)[1])
+
+
+# ============================================================================ 06 · full model
+def test_nb06_parameter_count_by_group_and_on_meta():
+    cfg = MixtralConfig.tiny()
+    model = Mixtral(cfg)
+    counts = count_parameters(cfg)
+    groups = {"embeddings": "embed_tokens.", "lm_head": "lm_head.", "attention": ".self_attn.",
+              "experts": ".experts.", "router": ".gate.", "norms": "norm."}
+    for group, pattern in groups.items():
+        assert sum(p.numel() for n, p in model.named_parameters() if pattern in n) == counts[group], group
+    total = sum(p.numel() for p in model.parameters())
+    assert total == counts["total"] == 4_934_208
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert total - expert_params + expert_params * 2 // 8 == counts["active"]          # exercise 1
+    big_cfg = MixtralConfig.mixtral_8x7b()
+    with torch.device("meta"):
+        big = Mixtral(big_cfg)
+    big_total = sum(p.numel() for p in big.parameters())
+    assert big_total == count_parameters(big_cfg)["total"] == 46_702_792_704
+    big_experts = sum(p.numel() for n, p in big.named_parameters() if ".experts." in n)
+    assert f"{big_experts / big_total:.2%}" == "96.56%"
+    # "the tiny model is mostly embeddings and lm_head, the real one almost all experts"
+    assert (counts["embeddings"] + counts["lm_head"]) / total > 0.8
+    assert count_parameters(big_cfg)["experts"] / big_total > 0.95
+
+
+def test_nb06_tiny_model_equals_transformers_and_greedy_agrees():
+    cfg = MixtralConfig.tiny()
+    model = Mixtral(cfg).eval()
+    hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
+    hf_cfg.initializer_range = 0.08
+    torch.manual_seed(0)
+    reference = transformers.MixtralForCausalLM(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        hf_state = load_file(os.path.join(folder, "model.safetensors"))
+    assert len(hf_state) == 127
+    assert hf_to_ours_key("model.layers.0.block_sparse_moe.experts.5.w1.weight") == \
+        ("layers.0.block_sparse_moe.experts.w1", 5)
+    assert load_hf_state_dict(model, hf_state) == ([], [])
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 80))
+    with torch.no_grad():
+        ref = reference(input_ids, output_router_logits=True)
+        logits, router_logits = model(input_ids, return_router_logits=True)
+    assert (logits - ref.logits).abs().max().item() < 1e-4
+    for mine, theirs in zip(router_logits, ref.router_logits):
+        assert (mine - theirs).abs().max().item() < 1e-5
+        assert torch.equal(route(mine, 2)[1], torch.topk(torch.softmax(theirs, -1), 2, dim=-1).indices)
+
+    prompt, steps = input_ids[:1, :12], 16
+    with torch.no_grad():
+        cache = model.new_kv_cache(1, 12 + steps)
+        nxt = model(prompt, cache=cache, last_only=True)
+        with_cache = []
+        for _ in range(steps):
+            token = nxt[:, -1].argmax(-1, keepdim=True)
+            with_cache.append(token.item())
+            nxt = model(token, cache=cache)
+        ids = prompt
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        generated = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                       max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
+                                       pad_token_id=0)
+    assert with_cache == ids[0, 12:].tolist() == generated[0, 12:].tolist()
+
+    # exercise 2: top-1 routing in both models still agrees, and changes the logits
+    for ours_layer, ref_layer in zip(model.layers, reference.model.layers):
+        ours_layer.block_sparse_moe.top_k = 1
+        ref_layer.mlp.gate.top_k = 1
+    with torch.no_grad():
+        top1 = model(input_ids)
+        assert (top1 - reference(input_ids).logits).abs().max().item() < 1e-4
+    assert (top1 - logits).abs().max().item() > 1e-3
