@@ -99,6 +99,14 @@ def test_cache_processes_each_token_once(model):
     assert no_cache_tokens > 5 * counter.tokens_processed
 
 
+def test_no_cache_loop_processes_the_quadratic_count(model):
+    """Notebook 08's formula: re-running the whole sequence costs N*P + N(N-1)/2 positions for N tokens."""
+    n = 15
+    counter = CountingModel(model)
+    full_forward_greedy(counter, PROMPT, n)
+    assert counter.tokens_processed == n * len(PROMPT) + n * (n - 1) // 2
+
+
 def test_generate_leaves_training_mode_as_it_was(model):
     model.train()
     generate(model, PROMPT, 2)
@@ -149,6 +157,50 @@ def test_next_token_probs_by_hand():
     assert torch.equal(next_token_probs(logits, top_p=0.4), torch.tensor([0.0, 1.0, 0.0, 0.0]))
     # the filters compose: top_k=3 then top_p=0.5 of (4/9, 3/9, 2/9)
     assert torch.allclose(next_token_probs(logits, top_k=3, top_p=0.5), torch.tensor([0, 4 / 7, 0, 3 / 7]))
+
+
+def test_temperature_sharpens_and_flattens():
+    """Notebook 08's claims: lower T puts more mass on the top token and lowers the entropy;
+    T -> 0 tends to greedy, T -> infinity to uniform."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * 3
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-(p * p.log()).sum())
+    temps = [0.25, 0.5, 1.0, 2.0, 4.0]
+    tops = [float(next_token_probs(logits, temperature=t).max()) for t in temps]
+    entropies = [entropy(next_token_probs(logits, temperature=t)) for t in temps]
+    assert tops == sorted(tops, reverse=True) and len(set(tops)) == len(tops)
+    assert entropies == sorted(entropies) and len(set(entropies)) == len(entropies)
+    assert float(next_token_probs(logits, temperature=1e-3).max()) > 0.999
+    assert int(next_token_probs(logits, temperature=1e-3).argmax()) == int(logits.argmax())
+    assert float(next_token_probs(logits, temperature=1e4).max()) < 2 / 1000
+
+
+def nucleus_by_hand(p, top_p):
+    """Nucleus filtering as a plain loop: the likeliest tokens until their mass reaches top_p."""
+    ranked = sorted(range(len(p)), key=lambda i: -p[i])
+    kept, mass = [], 0.0
+    for i in ranked:
+        kept.append(i)
+        mass += p[i]
+        if mass >= top_p:
+            break
+    out = [0.0] * len(p)
+    for i in kept:
+        out[i] = p[i] / mass
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_top_p_equals_the_plain_loop():
+    for seed in range(5):
+        logits = torch.randn(300, generator=torch.Generator().manual_seed(seed)) * 2
+        p = torch.softmax(logits, -1).double().tolist()
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            filtered = next_token_probs(logits, top_p=top_p)
+            by_hand = nucleus_by_hand(p, top_p)
+            assert torch.equal(filtered > 0, by_hand > 0), (seed, top_p)
+            assert torch.allclose(filtered.double(), by_hand, atol=1e-6)
 
 
 def test_next_token_probs_is_batched():
