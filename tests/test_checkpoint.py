@@ -184,3 +184,46 @@ def test_progress_bar_goes_to_stderr_and_can_be_disabled(hf_sharded, capsys):
 def test_meta_device_loads_nothing_but_checks_everything(hf_sharded):
     model = load_model(hf_sharded[0], device="meta", progress=False)
     assert model.layers[0].block_sparse_moe.experts.w1.is_meta
+
+
+def test_skipping_the_qk_permutation_gives_wrong_logits_except_at_position_0(hf_sharded, tmp_path):
+    """Notebook 07's trap: Mistral's wq/wk renamed but not permuted still run, with wrong logits."""
+    from mixtral_edu.convert import mistral_to_hf_key
+    from mixtral_edu.hf_keys import load_hf_state_dict
+    path, cfg, ids, ref = hf_sharded
+    save_mistral(load_model(path, progress=False), tmp_path)
+    with SafetensorsFile(tmp_path / "consolidated.safetensors") as st:
+        state = {mistral_to_hf_key(k): st.tensor(k).clone() for k in st.keys()}
+    wrong = Mixtral(cfg).eval()
+    load_hf_state_dict(wrong, state)
+    with torch.no_grad():
+        err = (wrong(ids) - ref).abs().amax(-1)                          # [batch, seq]
+    assert err[:, 0].max().item() < 1e-5          # angle 0 at position 0: channel order does not matter
+    assert err[:, 1:].min().item() > 1e-3         # every later position is wrong
+    assert (wrong(ids).argmax(-1) != ref.argmax(-1)).any()
+
+
+def test_bf16_checkpoint_is_half_the_bytes(tmp_path):
+    model = Mixtral(MixtralConfig(**CFG))
+    save_model(model, tmp_path / "f32")
+    save_model(model.to(torch.bfloat16), tmp_path / "bf16")
+    f32, bf16 = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("f32", "bf16"))
+    assert 0.49 < bf16 / f32 < 0.51
+
+
+def test_refusal_for_mixtral_8x7b_on_64_gib(tmp_path, monkeypatch):
+    """Notebook 07: the real config, an empty weights file, 64 GiB free -> a refusal before any reading."""
+    from mixtral_edu import checkpoint
+    from mixtral_edu.checkpoint import InsufficientMemoryError, memory_plan
+    big = MixtralConfig.mixtral_8x7b()
+    (tmp_path / "config.json").write_text(json.dumps({**big.to_hf_config(), "dtype": "bfloat16"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: 64 * 2 ** 30)
+    assert memory_plan(big, torch.bfloat16, "cpu") == {"needed_bytes": 93_405_585_408,
+                                                       "available_bytes": 68_719_476_736, "fits": False}
+    with pytest.raises(InsufficientMemoryError, match=r"needs 86\.99 GiB of weights in torch\.bfloat16 on cpu, "
+                                                      r"but only 64\.00 GiB is free\. Ways out: load in int8"):
+        load_model(tmp_path)
+    from mixtral_edu.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not safetensors \(0 bytes"):
+        load_model(tmp_path, ignore_memory_check=True, device="meta", progress=False)   # the override goes on

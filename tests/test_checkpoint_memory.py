@@ -28,23 +28,37 @@ SMALL = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_h
 
 PROBE = r"""
 import gc, json, sys
-from mixtral_edu.checkpoint import load_model
+from safetensors.torch import load_file
+from mixtral_edu.checkpoint import load_model, read_config
+from mixtral_edu.hf_keys import load_hf_state_dict
+from mixtral_edu.model import Mixtral
+
+def careless_load(path):
+    model = Mixtral(read_config(path))                        # a random model ...
+    state = load_file(path + "/model.safetensors")            # ... plus the whole file in memory
+    load_hf_state_dict(model, state)
+    return model
+
 def status(field):
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
 load_model(sys.argv[1], progress=False)
 result = {}
 for path in sys.argv[2:]:
+    load = careless_load if path.endswith("careless") else load_model
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                  # reset the peak (VmHWM) to the current resident size
     base = status("VmRSS")
-    model = load_model(path, progress=False)
+    model = load(path) if load is careless_load else load(path, progress=False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     result[path] = {"base": base, "peak": status("VmHWM"), "model_bytes": size}
     del model
 print(json.dumps(result))
 """
+
+
+LAYOUTS = ("hf", "pt", "careless")
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +74,12 @@ def measured(tmp_path_factory):
     save_model(big, root / "hf")                     # one file: keeping it mapped would show ~2x
     save_mistral(big, root / "pt", layout="mistral-pt", num_files=8)
     del big
-    paths = [str(root / name) for name in ("hf", "pt")]
+    (root / "careless").symlink_to(root / "hf")
+    paths = [str(root / name) for name in LAYOUTS]
     out = subprocess.run([sys.executable, "-c", PROBE, str(root / "warm"), *paths],
                          capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout)
-    return {name: result[path] for name, path in zip(("hf", "pt"), paths)}
+    return {name: result[path] for name, path in zip(LAYOUTS, paths)}
 
 
 @pytest.mark.parametrize("layout", ["hf", "pt"])
@@ -74,3 +89,11 @@ def test_peak_memory_is_model_plus_one_tensor(measured, layout):
     growth = (m["peak"] - m["base"]) / m["model_bytes"]
     print(layout, round(growth, 3))
     assert 0.9 < growth < 1.3, f"{layout}: peak grew by {growth:.2f} x the model's size"
+
+
+def test_a_careless_load_holds_two_copies(measured):
+    """A random model plus the whole state dict read into memory: the peak is about twice the model."""
+    m = measured["careless"]
+    growth = (m["peak"] - m["base"]) / m["model_bytes"]
+    print("careless", round(growth, 3))
+    assert growth > 1.8
