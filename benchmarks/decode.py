@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixtral_edu.config import MixtralConfig  # noqa: E402
 from mixtral_edu.fast_decode import FastDecoder, random_model  # noqa: E402
-from mixtral_edu.gpu_kernels import gathered_matvec, triton_available  # noqa: E402
+from mixtral_edu.gpu_kernels import gathered_glu, gathered_matvec, triton_available  # noqa: E402
 from mixtral_edu.placement import active_weight_bytes  # noqa: E402
 from mixtral_edu.quant import Int8Experts  # noqa: E402
 
@@ -96,8 +96,11 @@ def check_kernel(model, device) -> str:
 
 
 @torch.no_grad()
-def eager_decode(model, prompt, tokens, max_len, device):
-    """Mixtral.forward, one token per call, greedy. Returns (new ids, seconds for the decode steps)."""
+def eager_decode(model, prompt, tokens, max_len, device, keep_logits: int = 8):
+    """Mixtral.forward, one token per call, greedy.
+
+    Returns (new ids, seconds for the decode steps, float32 logits of the first `keep_logits` steps:
+    entry i is what the model predicts after reading ids[i])."""
     cache = model.new_kv_cache(1, max_len)
     logits = model(prompt, cache=cache, last_only=True)[:, -1]
     out = [logits.argmax(-1, keepdim=True)]
@@ -105,18 +108,86 @@ def eager_decode(model, prompt, tokens, max_len, device):
     cache.pos -= 1
     sync(device)
     t0 = time.perf_counter()
+    kept = []
     for _ in range(tokens - 1):
         logits = model(out[-1], cache=cache)[:, -1]
+        if len(kept) < keep_logits:
+            kept.append(logits.float())
         out.append(logits.argmax(-1, keepdim=True))
     sync(device)
-    return torch.cat(out, 1)[0].tolist(), time.perf_counter() - t0
+    return torch.cat(out, 1)[0].tolist(), time.perf_counter() - t0, kept
 
 
 @torch.no_grad()
-def fast_decode(model, prompt, tokens, max_len, device, mode):
+def teacher_forced_check(decoder, prompt, ref_ids, ref_logits) -> tuple:
+    """Feed the fast decoder eager's tokens and compare its logits with eager's at each step.
+
+    Returns (largest relative error ||fast - eager|| / ||eager||, steps whose argmax agrees, steps)."""
+    decoder.prefill(prompt)
+    worst, agree = 0.0, 0
+    for i, ref in enumerate(ref_logits):
+        decoder.token.fill_(ref_ids[i])
+        logits = decoder.step().float()
+        worst = max(worst, ((logits - ref).norm() / ref.norm()).item())
+        agree += int(logits.argmax() == ref.argmax())
+    return worst, agree, len(ref_logits)
+
+
+def kernel_bench(device, bw: float) -> None:
+    """Bandwidth of the decode step's big matrix-vector products, alone (CUDA events, median of 20)."""
+    H, I, E = 4096, 14336, 8
+    ids = torch.tensor([5, 2], device=device)
+
+    def timed(fn, nbytes, label):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        t = sorted(times)[10]
+        print(f"  {label:<46} {t * 1e6:8.1f} us  {nbytes / t / 1e12:5.2f} TB/s  ({nbytes / t / bw:.0%} of copy)")
+
+    print("kernel bench (weights read once per call):")
+    x = torch.randn(1, H, device=device, dtype=torch.bfloat16)
+    for wdtype in ("bf16", "int8"):
+        def make(shape):
+            w = torch.randn(shape, device=device, dtype=torch.bfloat16)
+            if wdtype == "bf16":
+                return w, None
+            return (w * 40).clamp(-127, 127).to(torch.int8), torch.rand(shape[:2], device=device, dtype=torch.bfloat16) / 100
+        w1, s1 = make((E, I, H))
+        w3, s3 = make((E, I, H))
+        w2, s2 = make((E, H, I))
+        one = w1.element_size()
+        h = torch.randn(2, I, device=device, dtype=torch.bfloat16)
+        timed(lambda: gathered_glu(x, w1, w3, ids, s1, s3), 2 * 2 * I * H * one, f"{wdtype} w1+w3 of 2 experts (glu)")
+        timed(lambda: gathered_matvec(x, w1, ids, s1), 2 * I * H * one, f"{wdtype} w1 of 2 experts")
+        timed(lambda: gathered_matvec(h, w2, ids, s2), 2 * I * H * one, f"{wdtype} w2 of 2 experts")
+        if wdtype == "bf16":
+            timed(lambda: w1[ids] @ x[0], 2 * I * H * one * 3, "bf16 w1[ids] @ x (gather copies: 3x bytes)")
+        del w1, w3, w2
+    for n in (6144, 4096, 32000):
+        w = torch.randn(n, H, device=device, dtype=torch.bfloat16)
+        timed(lambda: torch.nn.functional.linear(x, w), n * H * 2, f"bf16 F.linear (cuBLAS) [{n}, {H}]")
+        wk = w[None]
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        timed(lambda: gathered_matvec(x, wk, zero), n * H * 2, f"bf16 kernel [{n}, {H}]")
+        del w, wk
+    kern = gathered_matvec.__globals__["_gathered_matvec_kernel"]
+    for key, cfg in getattr(kern, "cache", {}).items():
+        print(f"  autotuned {key}: {cfg}")
+
+
+@torch.no_grad()
+def fast_decode(model, prompt, tokens, max_len, device, mode, reference=None):
     use_kernel = triton_available(device) and mode in ("graph", "compile", "fast")
     decoder = FastDecoder(model, max_len, use_kernel=use_kernel, cuda_graph=mode != "fast",
-                          compile=mode.startswith("compile"))
+                          compile=mode.startswith("compile"), fuse_qkv=True)
     t_setup = time.perf_counter()
     decoder.prefill(prompt)
     decoder.step()                                  # compiles / captures / warms up
@@ -132,8 +203,9 @@ def fast_decode(model, prompt, tokens, max_len, device, mode):
     sync(device)
     seconds = time.perf_counter() - t0
     ids = torch.cat(out, 1)[0].tolist()
+    check = teacher_forced_check(decoder, prompt, *reference) if reference else None
     del decoder
-    return ids, seconds, t_setup
+    return ids, seconds, t_setup, check
 
 
 def main(argv=None) -> int:
@@ -150,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on CPU)")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later modes are skipped past it")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--kernel-bench", action="store_true", help="time the big matrix-vector products alone first")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
@@ -172,6 +245,13 @@ def main(argv=None) -> int:
     results.update(copy_bandwidth=bw, spec_bandwidth=spec)
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s"
           + (f"   vendor spec: {spec / 1e12:.2f} TB/s ({bw / spec:.0%} of it)" if spec else ""))
+
+    if args.kernel_bench and triton_available(device) and device.type == "cuda":
+        try:
+            kernel_bench(device, bw)
+        except Exception as err:  # a measurement aid only: report and carry on
+            print(f"kernel bench FAILED: {type(err).__name__}: {err}")
+        torch.cuda.empty_cache()
 
     max_len = args.prompt_len + args.tokens + 8
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
@@ -203,7 +283,10 @@ def main(argv=None) -> int:
                 print(check_kernel(model, device))
             except Exception as err:  # report and go on: the other modes still measure something
                 print(f"kernel check FAILED: {type(err).__name__}: {err}")
-        reference = None
+        reference, eager_ids = None, None
+        if "eager" not in modes:                          # a short eager run to check the fast modes against
+            ids, _, kept = eager_decode(model, prompt, 9, max_len, device)
+            reference = (ids, kept)
         for mode in modes:
             if time.perf_counter() - start > args.time_budget:
                 print(f"[{mode}] skipped: past the time budget of {args.time_budget:.0f} s")
@@ -211,34 +294,37 @@ def main(argv=None) -> int:
             try:
                 if mode == "eager":
                     n = min(args.eager_tokens, args.tokens)
-                    ids, seconds = eager_decode(model, prompt, n, max_len, device)
-                    setup = 0.0
-                    reference = ids
+                    ids, seconds, kept = eager_decode(model, prompt, n, max_len, device)
+                    setup, check = 0.0, None
+                    reference, eager_ids = (ids, kept), ids
                 else:
                     n = args.tokens
-                    ids, seconds, setup = fast_decode(model, prompt, n, max_len, device, mode)
+                    ids, seconds, setup, check = fast_decode(model, prompt, n, max_len, device, mode, reference)
             except Exception as err:
                 print(f"[{mode}] FAILED: {type(err).__name__}: {err}")
                 traceback.print_exc(limit=3)
                 continue
             tps = (n - 1) / seconds
             same = None
-            if reference is not None and mode != "eager":
-                m = min(len(reference), len(ids))
-                same = next((i for i in range(m) if ids[i] != reference[i]), m)
+            if eager_ids is not None and mode != "eager":
+                m = min(len(eager_ids), len(ids))
+                same = next((i for i in range(m) if ids[i] != eager_ids[i]), m)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             run = dict(quant=quant, mode=mode, tokens=n, tokens_per_s=tps, ms_per_token=1e3 * seconds / (n - 1),
                        setup_s=setup, peak_memory_bytes=peak, weights_bytes=weights,
                        active_bytes_per_token=nbytes, fraction_of_measured_bound=tps * nbytes / bw,
                        fraction_of_spec_bound=tps * nbytes / spec if spec else None,
-                       agrees_with_eager_for=same)
+                       agrees_with_eager_for=same,
+                       teacher_forced=None if check is None else dict(max_rel_error=check[0], argmax_agree=check[1], steps=check[2]))
             results["runs"].append(run)
             print(f"[{mode}] {tps:.1f} tokens/s ({run['ms_per_token']:.2f} ms/token, setup {setup:.1f} s); "
                   f"{run['fraction_of_measured_bound']:.0%} of the measured-bandwidth bound"
                   + (f", {run['fraction_of_spec_bound']:.0%} of the spec bound" if spec else "")
                   + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else "")
-                  + (f"; greedy tokens equal eager's for the first {same} of {min(len(reference), len(ids))}"
-                     if same is not None else ""))
+                  + (f"; greedy tokens equal eager's for the first {same} of {min(len(eager_ids), len(ids))}"
+                     if same is not None else "")
+                  + (f"; fed eager's tokens: logits within {check[0]:.1e} (relative), argmax agrees {check[1]}/{check[2]}"
+                     if check else ""))
         del model
         gc.collect()
         if device.type == "cuda":

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import MixtralConfig
 from .experts import Experts
-from .gpu_kernels import gathered_matvec, triton_available
+from .gpu_kernels import gathered_glu, gathered_matvec, triton_available
 from .model import Mixtral
 from .norm import RMSNorm
 from .quant import Int8Experts, Int8Linear, quantize_layer_
@@ -79,6 +79,39 @@ def random_model(cfg: MixtralConfig, device: torch.device | str, dtype: torch.dt
     return model.requires_grad_(False).eval()
 
 
+@torch.no_grad()
+def fuse_qkv_(model: Mixtral) -> list:
+    """Store each layer's q, k and v projections as one tensor `[(heads + 2 kv_heads) * head_dim, hidden]`
+    and make q_proj/k_proj/v_proj's weights views of it: one matrix-vector product instead of three
+    while decoding, no extra memory, and `model.forward` sees the same weights as before.
+
+    Returns, per layer, (weight, scale or None) of the fused projection. Works on nn.Linear and
+    Int8Linear projections; a model already fused is returned as it is.
+    """
+    fused = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if isinstance(attn.q_proj, Int8Linear):
+            w = torch.cat([m.weight for m in mods])
+            s = torch.cat([m.scale for m in mods])
+            start = 0
+            for m in mods:
+                n = m.weight.shape[0]
+                m.weight, m.scale = w[start:start + n], s[start:start + n]
+                start += n
+            fused.append((w, s))
+        else:
+            w = torch.cat([m.weight for m in mods])
+            start = 0
+            for m in mods:
+                n = m.weight.shape[0]
+                m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
+                start += n
+            fused.append((w, None))
+    return fused
+
+
 # ----------------------------------------------------------------------------- one step
 def _linear(module: nn.Module, x: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     """x `[1, in]` -> `[1, out]` through an nn.Linear or an Int8Linear (the kernel for int8 on a GPU)."""
@@ -94,7 +127,7 @@ def _experts_one_token(experts: nn.Module, x: torch.Tensor, weights: torch.Tenso
     if use_kernel and isinstance(experts, (Experts, Int8Experts)):
         s1, s2, s3 = ((experts.w1_scale, experts.w2_scale, experts.w3_scale) if isinstance(experts, Int8Experts)
                       else (None, None, None))
-        h = F.silu(gathered_matvec(x, experts.w1, ids, s1)) * gathered_matvec(x, experts.w3, ids, s3)  # [k, I]
+        h = gathered_glu(x, experts.w1, experts.w3, ids, s1, s3)                                     # [k, I]
         out = gathered_matvec(h, experts.w2, ids, s2)                                                   # [k, H]
     else:
         out = experts.forward_gathered(x, ids[None])[0]                                                 # [k, H]
@@ -102,12 +135,13 @@ def _experts_one_token(experts: nn.Module, x: torch.Tensor, weights: torch.Tenso
 
 
 def decode_step(model: Mixtral, cache, token: torch.Tensor, pos: torch.Tensor,
-                use_kernel: bool = False) -> torch.Tensor:
+                use_kernel: bool = False, qkv: Optional[list] = None) -> torch.Tensor:
     """One greedy-decoding step without host syncs.
 
     token `[1, 1]` int64 (the last token), pos `[1]` int64 (its position) -> logits `[1, vocab]`.
     Writes the token's keys and values into `cache` (a `KVCache` with batch 1) at `pos`; attends to
     the cached positions <= pos. Does not move `cache.pos` or `pos`; the caller does.
+    qkv: the fused projections from `fuse_qkv_` (one product for q, k and v), or None.
     """
     cfg = model.config
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -123,9 +157,18 @@ def decode_step(model: Mixtral, cache, token: torch.Tensor, pos: torch.Tensor,
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = _linear(attn.q_proj, x, use_kernel).view(1, nh, 1, hd)
-        k = _linear(attn.k_proj, x, use_kernel).view(1, nkv, 1, hd)
-        v = _linear(attn.v_proj, x, use_kernel).view(1, nkv, 1, hd)
+        if qkv is not None:
+            w, scale = qkv[i]
+            if scale is None:
+                y = F.linear(x, w)
+            elif use_kernel:
+                y = gathered_matvec(x, w[None], torch.zeros(1, dtype=torch.long, device=x.device), scale[None])
+            else:
+                y = F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
+            q, k, v = y.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = (_linear(m, x, use_kernel) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = q.reshape(1, nh, 1, hd), k.reshape(1, nkv, 1, hd), v.reshape(1, nkv, 1, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k[i].index_copy_(2, pos, k)                                   # cache.k[i]: [1, kv_heads, S, head_dim]
         cache.v[i].index_copy_(2, pos, v)
@@ -154,16 +197,18 @@ class FastDecoder:
 
     use_kernel: the Triton expert kernel (default: when available for the model's device).
     cuda_graph: capture the step once and replay it (default: on CUDA). compile: torch.compile the
-    step first (fuses the small kernels; the first call takes a while).
+    step first (fuses the small kernels; the first call takes a while). fuse_qkv: see `fuse_qkv_`
+    (changes how the model stores q/k/v, not their values).
     """
 
     def __init__(self, model: Mixtral, max_seq_len: int, use_kernel: Optional[bool] = None,
-                 cuda_graph: Optional[bool] = None, compile: bool = False) -> None:
+                 cuda_graph: Optional[bool] = None, compile: bool = False, fuse_qkv: bool = False) -> None:
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.use_kernel = triton_available(self.device) if use_kernel is None else use_kernel
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.cache = model.new_kv_cache(1, max_seq_len)
+        self.qkv = fuse_qkv_(model) if fuse_qkv else None
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)   # static input buffers
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits = None
@@ -172,7 +217,7 @@ class FastDecoder:
         self._run = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = decode_step(self.model, self.cache, token, pos, self.use_kernel)
+        logits = decode_step(self.model, self.cache, token, pos, self.use_kernel, self.qkv)
         return logits, logits.argmax(dim=-1, keepdim=True)
 
     def _eager_step(self) -> torch.Tensor:

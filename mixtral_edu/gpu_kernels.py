@@ -45,32 +45,92 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gathered_matvec_kernel(x_ptr, w_ptr, ids_ptr, scale_ptr, out_ptr, N, K,
+    def _gathered_matvec_kernel(x_ptr, w_ptr, v_ptr, ids_ptr, scale_ptr, vscale_ptr, out_ptr, N, K,
                                 x_slot_stride, w_expert_stride, w_row_stride,
-                                HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                HAS_SCALE: tl.constexpr, GLU: tl.constexpr, EVEN: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         slot = tl.program_id(0)                                  # which of the k chosen experts
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         expert = tl.load(ids_ptr + slot).to(tl.int64)            # read on the GPU: no host sync
-        w_rows = w_ptr + expert * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
+        offsets = expert * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
         x_row = x_ptr + slot * x_slot_stride
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)   # GLU: the second matrix (w3)
         for k0 in range(0, K, BLOCK_K):
             c = k0 + cols
-            xk = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + c[None, :], mask=(rows[:, None] < N) & (c[None, :] < K), other=0.0)
+            if EVEN:                                             # no masks: full-width vector loads
+                xk = tl.load(x_row + c).to(tl.float32)
+                w = tl.load(w_ptr + offsets + c[None, :])
+                if GLU:
+                    v = tl.load(v_ptr + offsets + c[None, :])
+            else:
+                m = (rows[:, None] < N) & (c[None, :] < K)
+                xk = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + offsets + c[None, :], mask=m, other=0.0)
+                if GLU:
+                    v = tl.load(v_ptr + offsets + c[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * xk[None, :]
+            if GLU:
+                acc_v += v.to(tl.float32) * xk[None, :]
         y = tl.sum(acc, axis=1)                                  # [BLOCK_N], float32
         if HAS_SCALE:                                            # int8: one scale per output row
             y = y * tl.load(scale_ptr + expert * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if GLU:                                                  # silu(w1 x) * (w3 x)
+            y_v = tl.sum(acc_v, axis=1)
+            if HAS_SCALE:
+                y_v = y_v * tl.load(vscale_ptr + expert * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+            y = y * tl.sigmoid(y) * y_v
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
+    _gathered_matvec_kernel = triton.heuristics(
+        {"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(_gathered_matvec_kernel)
     if not INTERPRET:
+        # (BLOCK_N, BLOCK_K, warps, stages); the larger BLOCK_K ones keep enough bytes in flight for int8
+        CONFIGS = [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3),
+                   (16, 1024, 8, 3), (32, 1024, 8, 2), (8, 2048, 8, 2), (64, 256, 8, 3)]
         _gathered_matvec_kernel = triton.autotune(
-            configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                     for n, k, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4))],
-            key=["N", "K", "HAS_SCALE"],
+            configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                     for n, k, w, st in CONFIGS],
+            key=["N", "K", "HAS_SCALE", "GLU"],
         )(_gathered_matvec_kernel)
+
+
+def _launch(x, w, v, ids, scale, vscale, glu: bool) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("the gathered kernels need Triton (a CUDA build of PyTorch, or TRITON_INTERPRET=1)")
+    E, N, K = w.shape
+    k = ids.shape[0]
+    if x.dim() != 2 or x.shape[1] != K or x.shape[0] not in (1, k):
+        raise ValueError(f"x must be [1 or {k}, {K}], got {tuple(x.shape)}")
+    if w.stride(2) != 1 or x.stride(1) != 1 or (v is not None and v.stride() != w.stride()):
+        raise ValueError("weights and x must be contiguous in their last dimension (and w1, w3 alike)")
+    if (w.dtype == torch.int8) != (scale is not None):
+        raise ValueError("int8 weights need a scale [E, N]; float weights take none")
+    if scale is not None and not (scale.is_contiguous() and (vscale is None or vscale.is_contiguous())):
+        raise ValueError("scales must be contiguous [E, N]")
+    out = torch.empty(k, N, device=x.device, dtype=x.dtype)
+    x_slot_stride = 0 if x.shape[0] == 1 else x.stride(0)
+    args = (x, w, v if v is not None else w, ids, scale if scale is not None else out,
+            vscale if vscale is not None else out, out, N, K, x_slot_stride, w.stride(0), w.stride(1))
+    if INTERPRET:
+        _gathered_matvec_kernel[(k, triton.cdiv(N, 16))](*args, HAS_SCALE=scale is not None, GLU=glu,
+                                                         BLOCK_N=16, BLOCK_K=32)
+    else:
+        grid = lambda meta: (k, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _gathered_matvec_kernel[grid](*args, HAS_SCALE=scale is not None, GLU=glu)
+    return out
+
+
+def gathered_glu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, ids: torch.Tensor,
+                 s1: Optional[torch.Tensor] = None, s3: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first half of each chosen expert in one pass: out[s] = silu(w1[ids[s]] @ x) * (w3[ids[s]] @ x).
+
+    x `[1, H]`, w1 and w3 `[E, I, H]` (int8 with scales s1, s3 `[E, I]`), ids `[k]` -> `[k, I]`.
+    """
+    if w3.shape != w1.shape or w3.dtype != w1.dtype:
+        raise ValueError(f"w1 and w3 must match, got {tuple(w1.shape)} {w1.dtype} and {tuple(w3.shape)} {w3.dtype}")
+    return _launch(x, w1, w3, ids, s1, s3, glu=True)
 
 
 def gathered_matvec(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
@@ -80,25 +140,4 @@ def gathered_matvec(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
     w `[E, N, K]` (bf16/fp16/fp32, or int8 with scale `[E, N]`), ids `[k]` int64 on w's device.
     Accumulates in float32; returns x's dtype.
     """
-    if triton is None:
-        raise RuntimeError("gathered_matvec needs Triton (a CUDA build of PyTorch, or TRITON_INTERPRET=1)")
-    E, N, K = w.shape
-    k = ids.shape[0]
-    if x.dim() != 2 or x.shape[1] != K or x.shape[0] not in (1, k):
-        raise ValueError(f"x must be [1 or {k}, {K}], got {tuple(x.shape)}")
-    if w.stride(2) != 1 or x.stride(1) != 1:
-        raise ValueError("w and x must be contiguous in their last dimension")
-    if (w.dtype == torch.int8) != (scale is not None):
-        raise ValueError("int8 weights need a scale [E, N]; float weights take none")
-    out = torch.empty(k, N, device=x.device, dtype=x.dtype)
-    x_slot_stride = 0 if x.shape[0] == 1 else x.stride(0)
-    scale_arg = scale if scale is not None else out                      # unused when HAS_SCALE is False
-    if INTERPRET:
-        grid = (k, triton.cdiv(N, 16))
-        _gathered_matvec_kernel[grid](x, w, ids, scale_arg, out, N, K, x_slot_stride, w.stride(0), w.stride(1),
-                                      HAS_SCALE=scale is not None, BLOCK_N=16, BLOCK_K=32)
-    else:
-        grid = lambda meta: (k, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _gathered_matvec_kernel[grid](x, w, ids, scale_arg, out, N, K, x_slot_stride, w.stride(0), w.stride(1),
-                                      HAS_SCALE=scale is not None)
-    return out
+    return _launch(x, w, None, ids, scale, None, glu=False)

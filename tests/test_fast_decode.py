@@ -25,8 +25,9 @@ def reference_greedy(model, ids, n, max_len):
     return tokens, steps
 
 
-@pytest.mark.parametrize("variant", ["bf16-path", "int8", "sliding_window"])
-def test_fast_decoder_equals_forward(variant):
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("variant", ["float-path", "int8", "sliding_window"])
+def test_fast_decoder_equals_forward(variant, fuse):
     extra = {"sliding_window": 5} if variant == "sliding_window" else {}
     cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=3, max_position_embeddings=64, **extra)
     torch.manual_seed(0)
@@ -36,7 +37,7 @@ def test_fast_decoder_equals_forward(variant):
         model = quantize_model(model)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
     tokens, steps = reference_greedy(model, ids, 10, 40)
-    decoder = FastDecoder(model, 40, use_kernel=False, cuda_graph=False)
+    decoder = FastDecoder(model, 40, use_kernel=False, cuda_graph=False, fuse_qkv=fuse)
     assert decoder.generate(ids, 10) == tokens
     decoder.prefill(ids)
     for expected in steps[:-1]:
@@ -64,3 +65,18 @@ def test_random_model_is_built_in_place():
     q = random_model(cfg, "cpu", torch.bfloat16, quant="int8", seed=1)
     assert isinstance(q.layers[0].block_sparse_moe.experts, Int8Experts)
     assert q.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+
+
+def test_fuse_qkv_keeps_the_weights_and_shares_memory():
+    from mixtral_edu.fast_decode import fuse_qkv_
+    cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    for model in (Mixtral(cfg).eval(), quantize_model(Mixtral(cfg).eval())):
+        ids = torch.randint(0, 128, (1, 6))
+        before = model(ids)
+        fused = fuse_qkv_(model)
+        attn = model.layers[1].self_attn
+        w, _ = fused[1]
+        assert w.shape[0] == (4 + 2 * 2) * 16
+        assert attn.k_proj.weight.data_ptr() == w[64:].data_ptr()      # a view, not a copy
+        assert torch.equal(model(ids), before)

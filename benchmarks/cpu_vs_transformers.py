@@ -1,0 +1,225 @@
+"""Our Mixtral against transformers' MixtralForCausalLM on the CPU: same weights, same threads.
+
+    .venv/bin/python benchmarks/cpu_vs_transformers.py            # the issue-9 config (139M params)
+    .venv/bin/python benchmarks/cpu_vs_transformers.py --small    # tiny sizes, seconds (the smoke test)
+
+What happens, in one process:
+
+1. transformers builds a random MixtralForCausalLM (float32) and writes it with `save_pretrained`
+   into a temporary folder; ours is loaded from that folder with `mixtral_edu.checkpoint.load_model`,
+   so both hold the same weights and ours got them the way a user's checkpoint would.
+2. Prefill: one forward pass over `--prefill-len` tokens that fills a KV cache and computes the
+   last position's logits only (what generation does). Both models, alternating, best of `--repeats`.
+3. Decode: `--new-tokens` greedy tokens after a `--prompt-len`-token prompt. Ours through
+   `mixtral_edu.generate.generate`, transformers through its own `generate(do_sample=False)` (a
+   DynamicCache). A per-token timestamp callback on each side times the steps after the first new
+   token, so the prompt's prefill is not counted: tokens/s = (new_tokens - 1) / (t_last - t_first).
+4. The bandwidth bound: decoding one token at batch 1 must read every active weight once
+   (attention, router, the top-k experts of every layer, lm_head; one embedding row), so
+   tokens/s <= read bandwidth / active bytes per token. The read bandwidth is measured in the same
+   run (the sum of a tensor much larger than the caches).
+5. Both greedy continuations must be identical; the script exits with status 1 when they are not.
+
+Timings are best-of-N wall-clock times with the two models interleaved, so a busy machine slows
+both alike; the ratios are the numbers to compare, the absolute times depend on the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import torch
+
+from mixtral_edu.checkpoint import load_model
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.generate import generate
+from mixtral_edu.params import count_parameters
+
+ISSUE_CONFIG = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=8, top_k=2, intermediate=1024,
+                    vocab=32000, prefill_len=512, prompt_len=32, new_tokens=128)
+SMALL_CONFIG = dict(hidden=64, layers=2, heads=4, kv_heads=2, experts=8, top_k=2, intermediate=128,
+                    vocab=1000, prefill_len=64, prompt_len=8, new_tokens=16)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny sizes for a quick check (overridable below)")
+    for name, default in ISSUE_CONFIG.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {default}")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch.set_num_threads for both models (default: torch's, %(default)s here)")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many timed runs (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    base = SMALL_CONFIG if args.small else ISSUE_CONFIG
+    for name, default in base.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+# ------------------------------------------------------------------ the models
+
+def build_models(args: argparse.Namespace, folder: str):
+    """A random transformers Mixtral saved with save_pretrained, and ours loaded from that folder."""
+    import transformers
+
+    cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                        num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+                        max_position_embeddings=max(args.prefill_len, args.prompt_len + args.new_tokens))
+    hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
+    torch.manual_seed(args.seed)
+    hf = transformers.MixtralForCausalLM(hf_cfg).to(torch.float32).eval()
+    # Run to max_new_tokens whatever comes out (a random model may well pick id 2).
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(folder)
+    ours = load_model(folder, dtype=torch.float32, progress=False)
+    return cfg, hf, ours
+
+
+def active_bytes_per_token(cfg: MixtralConfig, element_size: int = 4) -> int:
+    """Bytes of weights one decoding step reads: the active parameters, but one embedding row, not the table."""
+    counts = count_parameters(cfg)
+    return (counts["active"] - counts["embeddings"] + cfg.hidden_size) * element_size
+
+
+def read_bandwidth(repeats: int, nbytes: int = 512 * 2**20) -> float:
+    """Bytes/s of reading a float32 tensor of `nbytes` (far larger than the CPU caches) with `sum`; best run."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(max(repeats, 3)):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+# ------------------------------------------------------------------ prefill
+
+@torch.inference_mode()
+def prefill_ours(model, ids: torch.Tensor) -> torch.Tensor:
+    cache = model.new_kv_cache(1, ids.shape[1])
+    return model(ids, cache=cache, last_only=True)[0, -1]
+
+
+@torch.inference_mode()
+def prefill_hf(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return time.perf_counter() - t, out
+
+
+# ------------------------------------------------------------------ decode
+
+class Stamps:
+    """Records a timestamp per new token; works as our `stream` callback and as transformers' streamer."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def __call__(self, token_id) -> None:          # ours: called with each new id
+        self.times.append(time.perf_counter())
+
+    def put(self, value) -> None:                  # transformers: first the prompt, then each new token
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def tokens_per_s(self) -> float:
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def decode_ours(model, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+    stamps = Stamps()
+    ids = generate(model, prompt, n, temperature=0.0, eos_id=None, stream=stamps)
+    return stamps.tokens_per_s(), ids
+
+
+@torch.inference_mode()
+def decode_hf(model, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+    stamps = Stamps()
+    out = model.generate(prompt, max_new_tokens=n, do_sample=False, streamer=stamps)
+    return stamps.tokens_per_s(), out[0, prompt.shape[1]:].tolist()
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        cfg, hf, ours = build_models(args, folder)
+    counts = count_parameters(cfg)
+    print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
+          f"{cfg.num_key_value_heads} KV heads, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, "
+          f"expert size {cfg.intermediate_size}, vocab {cfg.vocab_size}, float32; "
+          f"{counts['total'] / 1e6:.1f}M parameters, {counts['active'] / 1e6:.1f}M active")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"transformers attention {hf.config._attn_implementation!r}, "
+          f"experts {getattr(hf.config, '_experts_implementation', 'n/a')!r}; best of {args.repeats} runs")
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prefill_ids = torch.randint(3, cfg.vocab_size, (1, args.prefill_len), generator=gen)
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=gen)
+
+    # Prefill. One untimed warm-up each, then alternate.
+    prefill_ours(ours, prefill_ids), prefill_hf(hf, prefill_ids)
+    t_ours = t_hf = float("inf")
+    for _ in range(args.repeats):
+        t, logits_ours = timed(prefill_ours, ours, prefill_ids)
+        t_ours = min(t_ours, t)
+        t, logits_hf = timed(prefill_hf, hf, prefill_ids)
+        t_hf = min(t_hf, t)
+    prefill_diff = (logits_ours - logits_hf).abs().max().item()
+
+    # Decode. A short warm-up each, then alternate.
+    decode_ours(ours, prompt, 2), decode_hf(hf, prompt, 2)
+    tps_ours = tps_hf = 0.0
+    for _ in range(args.repeats):
+        tps, ids_ours = decode_ours(ours, prompt, args.new_tokens)
+        tps_ours = max(tps_ours, tps)
+        tps, ids_hf = decode_hf(hf, prompt, args.new_tokens)
+        tps_hf = max(tps_hf, tps)
+
+    bandwidth = read_bandwidth(args.repeats)
+    weight_bytes = active_bytes_per_token(cfg)
+    bound = bandwidth / weight_bytes
+
+    print(f"prefill {args.prefill_len} tokens: ours {t_ours * 1e3:.1f} ms, transformers {t_hf * 1e3:.1f} ms, "
+          f"ours/transformers time {t_ours / t_hf:.2f}  (last-position logits max |diff| {prefill_diff:.1e})")
+    print(f"decode {args.new_tokens} greedy tokens after {args.prompt_len}: ours {tps_ours:.1f} tok/s, "
+          f"transformers (generate, DynamicCache) {tps_hf:.1f} tok/s, ours/transformers {tps_ours / tps_hf:.2f}x")
+    print(f"bandwidth bound: {weight_bytes / 1e6:.1f} MB of active weights per token, read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s -> at most {bound:.1f} tok/s; ours at {tps_ours / bound:.0%} of it, "
+          f"transformers at {tps_hf / bound:.0%}")
+
+    if ids_ours != ids_hf:
+        first = next(i for i, (a, b) in enumerate(zip(ids_ours, ids_hf)) if a != b) \
+            if any(a != b for a, b in zip(ids_ours, ids_hf)) else min(len(ids_ours), len(ids_hf))
+        print(f"FAIL: greedy tokens differ from new token {first} on: ours {ids_ours[first:first + 8]}, "
+              f"transformers {ids_hf[first:first + 8]}")
+        return 1
+    print(f"greedy tokens identical ({len(ids_ours)} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
