@@ -16,6 +16,6 @@ mkdir -p "$OUT"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   timeout "${T1:-400}" python3 benchmarks/decode.py --config full --random-weights --tokens 128 \
       --quant "${QUANT:-none,int8}" --modes "${MODES:-graph,compile}" --kernel-bench --json "$OUT/decode.json" \
-      2>&1 | grep -v -e "Online softmax" -e "split the reduction" -e "important use case" -e "softmax.$" -e "warnings.warn" -e "^$"
+      2>&1 | grep --line-buffered -v -e "UserWarning" -e "Online softmax" -e "split the reduction" -e "important use case" -e "softmax.$" -e "warnings.warn" -e "^$"
   date -u
 } 2>&1 | tee "$OUT/log"
