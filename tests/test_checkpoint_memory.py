@@ -35,7 +35,7 @@ from mixtral_edu.model import Mixtral
 
 def careless_load(path):
     model = Mixtral(read_config(path))                        # a random model ...
-    state = load_file(path + "/model.safetensors")            # ... plus the whole file in memory
+    state = {k: v.clone() for k, v in load_file(path + "/model.safetensors").items()}  # ... plus the file, read
     load_hf_state_dict(model, state)
     return model
 
@@ -92,7 +92,7 @@ def test_peak_memory_is_model_plus_one_tensor(measured, layout):
 
 
 def test_a_careless_load_holds_two_copies(measured):
-    """A random model plus the whole state dict read into memory: the peak is about twice the model."""
+    """A random model plus the whole state dict read into memory: the peak is at least twice the model."""
     m = measured["careless"]
     growth = (m["peak"] - m["base"]) / m["model_bytes"]
     print("careless", round(growth, 3))
