@@ -24,6 +24,15 @@ ENTRY_POINT = Path(sys.executable).parent / "mixtral-edu"
 PROMPT = "def fibonacci(n):"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and immune to the spin-waits of busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A small random Mixtral with the real vocabulary, saved in the Hugging Face layout."""
@@ -279,7 +288,7 @@ def test_params_bad_input(capsys, tmp_path):
 # ---------------------------------------------------------------- the installed entry point
 
 def test_installed_entry_point_runs(weights):
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
     done = subprocess.run([str(ENTRY_POINT), "generate", PROMPT, "--weights", str(weights), "--max-new-tokens", "8"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
