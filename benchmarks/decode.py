@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default="none", help="comma-separated: none, int8")
     ap.add_argument("--modes", default=None, help="comma-separated (default: eager,graph,compile on CUDA; eager,fast on CPU)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens to decode (greedy)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override num_hidden_layers (e.g. 2 layers in float32 for a decisive logits check)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--eager-tokens", type=int, default=32, help="tokens for the slow eager mode")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = MixtralConfig.mixtral_8x7b() if args.config == "full" else MixtralConfig.tiny()
+    if args.layers:
+        cfg.num_hidden_layers = args.layers
     modes = (args.modes or ("eager,graph,compile" if device.type == "cuda" else "eager,fast")).split(",")
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
