@@ -4,13 +4,15 @@ Mixtral-8x7B holds 46.7B parameters: 93.4 GB in bf16. `plan_placement` looks at 
 weight dtype, the context length and how much memory each GPU has free, and picks the first of
 these that fits, from fastest to slowest:
 
-1. "bf16-single":  every weight in bf16 on one GPU (an H200's 141 GB holds it).
-2. "bf16-split":   bf16, the decoder layers split over several GPUs in order; the hidden state
-                   `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
-3. "int8-single":  experts and attention stored as int8 with one scale per output channel, the
-                   rest bf16, about 47 GB on one GPU (see quant.py).
-4. "offload":      every weight but the experts on the GPU; the experts wait in pinned CPU memory
-                   and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
+1. "single":   every weight in bf16 on one GPU (an H200's 141 GB holds it).
+2. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
+               `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
+3. "int8":     experts and attention stored as int8 with one scale per output channel, the
+               rest bf16, about 47 GB on one GPU (see quant.py).
+4. "offload":  every weight but the experts on the GPU; the experts wait in pinned CPU memory
+               and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
+
+`load_placed(path, plan)` then loads a checkpoint the way a plan says.
 
 At batch 1 decoding is bound by memory bandwidth: each token reads every active weight once.
 `active_weight_bytes` counts those bytes, so tokens/s can be compared with bandwidth / bytes.
@@ -28,7 +30,7 @@ GB = 1e9
 GiB = 2 ** 30
 # Left free on each GPU for the CUDA context, cuBLAS workspace, activations and logits.
 DEFAULT_RESERVE_BYTES = 2 * GiB
-STRATEGIES = ("bf16-single", "bf16-split", "int8-single", "offload")
+STRATEGIES = ("single", "split", "int8", "offload")
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -139,12 +141,12 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
     # 1. everything on one GPU
     need = bf16_weights + kv + reserve_bytes
     if need <= free_bytes[biggest]:
-        return Plan("bf16-single", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [int(need)], kv,
-                    explanation=(f"bf16 on one GPU: the {_gb(bf16_weights)} of {dtype} weights plus "
+        return Plan("single", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [int(need)], kv,
+                    explanation=(f"{dtype} on one device: the {_gb(bf16_weights)} of {dtype} weights plus "
                                  f"{need_line} need {_gb(need)}, and {names[biggest]} has {_gb(free_bytes[biggest])} free. "
                                  "Nothing is quantised or moved, so this is exact and the fastest option."),
                     rejected=rejected)
-    rejected["bf16-single"] = (f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
+    rejected["single"] = (f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
 
     # 2. layers split over the fewest GPUs that hold them (largest first)
     per_layer = p["per_layer"] * b + kv / cfg.num_hidden_layers
@@ -164,30 +166,30 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
             planned[-1] += int(last_extra)
             where = ", ".join(f"layers {sum(counts[:j])}-{sum(counts[:j + 1]) - 1} on {names[i]}"
                               for j, i in enumerate(used))
-            return Plan("bf16-split", [names[i] for i in used], str(dtype), counts, planned, kv,
-                        explanation=(f"bf16 split by layers over {n} GPUs: {_gb(bf16_weights)} of weights do not fit "
+            return Plan("split", [names[i] for i in used], str(dtype), counts, planned, kv,
+                        explanation=(f"{dtype} split by layers over {n} GPUs: {_gb(bf16_weights)} of weights do not fit "
                                      f"one GPU ({_gb(free_bytes[biggest])} free at most) but fit {n} together. {where}; "
                                      f"the embedding sits with the first layers and lm_head with the last. {need_line}. "
                                      "Each token's hidden state hops GPU to GPU, so the GPUs work one after another: "
-                                     "exact bf16 results, at about the speed of one GPU."),
+                                     f"exact {dtype} results, at about the speed of one GPU."),
                         rejected=rejected)
     if len(free_bytes) > 1:
-        rejected["bf16-split"] = f"{_gb(bf16_weights)} of weights do not fit even all {len(free_bytes)} GPUs together"
+        rejected["split"] = f"{_gb(bf16_weights)} of weights do not fit even all {len(free_bytes)} GPUs together"
     else:
-        rejected["bf16-split"] = "only one GPU"
+        rejected["split"] = "only one GPU"
 
     # 3. int8 weight-only on one GPU
     int8_bytes = int8_weights_bytes(cfg, dtype)
     need = int8_bytes + kv + reserve_bytes
     if allow_int8 and need <= free_bytes[biggest]:
-        return Plan("int8-single", [names[biggest]], "int8", [cfg.num_hidden_layers], [int(need)], kv,
-                    explanation=(f"int8 weight-only on one GPU: bf16 needs {_gb(bf16_weights)}, more than the "
+        return Plan("int8", [names[biggest]], "int8", [cfg.num_hidden_layers], [int(need)], kv,
+                    explanation=(f"int8 weight-only on one GPU: {dtype} needs {_gb(bf16_weights)}, more than the "
                                  f"{_gb(free_bytes[biggest])} free on {names[biggest]}. Storing the experts and attention as "
                                  f"int8 with one scale per output channel (embeddings, router, norms, lm_head stay bf16) "
                                  f"takes {_gb(int8_bytes)}; with the {need_line} that is {_gb(need)}. "
                                  "Each token reads half the bytes, so it is also faster; outputs differ slightly from bf16."),
                     rejected=rejected)
-    rejected["int8-single"] = ("not allowed" if not allow_int8 else
+    rejected["int8"] = ("not allowed" if not allow_int8 else
                                f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
 
     # 4. expert offloading: non-expert weights + KV on the GPU, experts cached LRU
@@ -200,7 +202,7 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
     if slots >= cfg.num_experts_per_tok:
         planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
         return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv, cache_slots=slots,
-                    explanation=(f"expert offloading: neither bf16 ({_gb(bf16_weights)}) nor int8 ({_gb(int8_bytes)}) fits "
+                    explanation=(f"expert offloading: neither {dtype} ({_gb(bf16_weights)}) nor int8 ({_gb(int8_bytes)}) fits "
                                  f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
                                  f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
                                  f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and an LRU cache on the GPU holds "
@@ -220,3 +222,37 @@ def free_gpu_bytes() -> list:
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+_TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32", "fp32": "float32",
+                 "float16": "float16", "fp16": "float16"}
+
+
+def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None):
+    """Load the checkpoint in folder `path` as `plan` says. Returns (model, expert cache or None).
+
+    "single" streams every tensor straight to its device. The other strategies stream the weights
+    into host memory in `dtype` first (93 GB for 8x7B in bf16, never float32), then: "split" moves
+    the layers to their devices, "int8" quantises layer by layer on the GPU (peak GPU memory: the
+    int8 model plus one bf16 layer), "offload" moves all but the experts to the GPU behind an LRU
+    cache of `plan.cache_slots` experts.
+    """
+    import torch
+
+    from .checkpoint import load_model
+
+    if dtype is None:
+        dtype = getattr(torch, _TORCH_DTYPES.get(plan.weight_dtype, "bfloat16"))
+    if plan.strategy == "single":
+        return load_model(path, device=plan.devices[0], dtype=dtype), None
+    model = load_model(path, device="cpu", dtype=dtype)
+    if plan.strategy == "split":
+        from .layer_split import split_by_layers
+        return split_by_layers(model, plan.devices, plan.layers_per_device), None
+    if plan.strategy == "int8":
+        from .quant import quantize_model
+        return quantize_model(model, device=plan.devices[0], progress=True), None
+    if plan.strategy == "offload":
+        from .offload import offload_experts
+        return model, offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)
+    raise ValueError(f"unknown plan strategy {plan.strategy!r}; expected one of {STRATEGIES}")

@@ -14,23 +14,23 @@ GB = 1e9
 
 def test_one_141gb_gpu_holds_bf16():
     plan = plan_placement(CFG, [141 * GB])
-    assert plan.strategy == "bf16-single"
+    assert plan.strategy == "single"
     assert plan.devices == ["cuda:0"] and plan.weight_dtype == "bf16"
     assert 93 * GB < plan.bytes_per_device[0] < 141 * GB
-    assert "bf16 on one GPU" in plan.explanation
+    assert "bf16 on one device" in plan.explanation
 
 
 def test_one_80gb_gpu_gets_int8():
     plan = plan_placement(CFG, [80 * GB])
-    assert plan.strategy == "int8-single" and plan.weight_dtype == "int8"
-    assert plan.rejected["bf16-single"].startswith("needs 96.1 GB")
+    assert plan.strategy == "int8" and plan.weight_dtype == "int8"
+    assert plan.rejected["single"].startswith("needs 96.1 GB")
     assert 46 * GB < plan.bytes_per_device[0] < 52 * GB
     assert "47.0 GB" in plan.explanation and "per output channel" in plan.explanation
 
 
 def test_two_80gb_gpus_split_bf16_by_layers():
     plan = plan_placement(CFG, [80 * GB, 80 * GB])
-    assert plan.strategy == "bf16-split"
+    assert plan.strategy == "split"
     assert plan.devices == ["cuda:0", "cuda:1"]
     assert plan.layers_per_device == [16, 16]
     assert all(b < 80 * GB for b in plan.bytes_per_device)
@@ -39,7 +39,7 @@ def test_two_80gb_gpus_split_bf16_by_layers():
 
 def test_uneven_gpus_split_in_proportion():
     plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"])
-    assert plan.strategy == "bf16-split"
+    assert plan.strategy == "split"
     assert plan.devices == ["cuda:1", "cuda:0"]          # the larger GPU first
     assert plan.layers_per_device[0] > plan.layers_per_device[1]
     assert sum(plan.layers_per_device) == 32
@@ -62,7 +62,7 @@ def test_long_context_changes_the_decision():
     # 141 GB holds bf16 at 4k tokens, but not with a 32k context at batch 16 (64 GB of KV cache)
     plan = plan_placement(CFG, [141 * GB], context_len=32768, batch_size=16)
     assert plan.kv_cache_bytes == 131072 * 32768 * 16
-    assert plan.strategy == "int8-single"
+    assert plan.strategy == "int8"
 
 
 def test_nothing_fits_raises_with_reasons():
@@ -78,3 +78,34 @@ def test_int8_and_bandwidth_arithmetic():
     # the issue's bounds: H200 bf16 ~188 tokens/s, H100 int8 ~260 tokens/s
     assert bandwidth_bound_tokens_per_s(CFG, 4.8e12) == pytest.approx(188.25, abs=0.01)
     assert bandwidth_bound_tokens_per_s(CFG, 3.35e12, quant="int8") == pytest.approx(260, abs=1)
+
+
+def test_load_placed_follows_the_plan(tmp_path):
+    """Each strategy on the CPU with a tiny checkpoint: the loaded model computes the same logits."""
+    import torch
+
+    from mixtral_edu.checkpoint import save_model
+    from mixtral_edu.model import Mixtral
+    from mixtral_edu.offload import OffloadedExperts
+    from mixtral_edu.placement import Plan, load_placed
+    from mixtral_edu.quant import is_quantized
+
+    cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ref = Mixtral(cfg).eval()
+    save_model(ref, tmp_path)
+    ids = torch.randint(0, 128, (1, 5))
+    expected = ref(ids)
+    cpu = ["cpu"]
+    for plan in (Plan("single", cpu, "float32", [2], [0], 0), Plan("split", cpu * 2, "float32", [1, 1], [0, 0], 0),
+                 Plan("offload", cpu, "float32", [2], [0], 0, cache_slots=3), Plan("int8", cpu, "int8", [2], [0], 0)):
+        model, cache = load_placed(tmp_path, plan, dtype=torch.float32, pin=False)
+        with torch.no_grad():
+            got = model(ids)
+        if plan.strategy == "int8":
+            assert is_quantized(model) and ((got - expected).norm() / expected.norm()) < 0.05
+        else:
+            assert torch.equal(got, expected), plan.strategy
+        assert (cache is not None) == (plan.strategy == "offload")
+        if cache is not None:
+            assert isinstance(model.layers[0].block_sparse_moe.experts, OffloadedExperts) and cache.stats.lookups > 0
