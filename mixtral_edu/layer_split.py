@@ -58,6 +58,9 @@ def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Opti
     model.lm_head.to(devices[-1])
     hooks.append(model.norm.register_forward_pre_hook(lambda mod, args, d=devices[-1]: tuple(_to(a, d) for a in args)))
     model._split_hooks = hooks
+    # generate() and friends ask the model for a cache: give them one split the same way
+    model.new_kv_cache = lambda batch_size, max_seq_len=None, device=None, dtype=None: new_split_kv_cache(
+        model, batch_size, model.config.max_position_embeddings if max_seq_len is None else max_seq_len)
     return model
 
 

@@ -98,7 +98,7 @@ class Plan:
 
 
 def _gb(n: float) -> str:
-    return f"{n / GB:.1f} GB"
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def _split_layers(num_layers: int, capacities: Sequence[float]) -> list:

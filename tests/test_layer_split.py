@@ -24,6 +24,10 @@ def test_split_model_equals_whole_model():
         step = ids[:, :1]
         assert torch.equal(model(step, cache=c1), split(step, cache=c2))
     assert c2.pos == 8 and len(c2.k) == 4
+    # generate() asks the model for its cache and gets a split one
+    from mixtral_edu.generate import generate
+    assert type(split.new_kv_cache(1, 16)).__name__ == "SplitKVCache"
+    assert generate(split, ids[0].tolist(), 5, eos_id=None) == generate(model, ids[0].tolist(), 5, eos_id=None)
 
 
 def test_split_moves_inputs_between_devices():
