@@ -152,6 +152,9 @@ def test_top_k_1_and_tiny_top_p_are_greedy(model):
 def test_next_token_probs_by_hand():
     logits = torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3]))
     assert torch.allclose(next_token_probs(logits), torch.tensor([0.1, 0.4, 0.2, 0.3]))
+    # only differences between logits matter
+    assert torch.allclose(next_token_probs(logits + 100.0, temperature=0.7, top_p=0.8),
+                          next_token_probs(logits, temperature=0.7, top_p=0.8))
     # temperature 0.5 squares the probabilities before renormalising
     sq = torch.tensor([0.01, 0.16, 0.04, 0.09])
     assert torch.allclose(next_token_probs(logits, temperature=0.5), sq / sq.sum())
