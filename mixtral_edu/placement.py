@@ -228,14 +228,14 @@ _TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32
                  "float16": "float16", "fp16": "float16"}
 
 
-def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None):
+def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progress: bool = True):
     """Load the checkpoint in folder `path` as `plan` says. Returns (model, expert cache or None).
 
     "single" streams every tensor straight to its device. The other strategies stream the weights
     into host memory in `dtype` first (93 GB for 8x7B in bf16, never float32), then: "split" moves
     the layers to their devices, "int8" quantises layer by layer on the GPU (peak GPU memory: the
     int8 model plus one bf16 layer), "offload" moves all but the experts to the GPU behind an LRU
-    cache of `plan.cache_slots` experts.
+    cache of `plan.cache_slots` experts. progress: tqdm bars while loading and quantising.
     """
     import torch
 
@@ -244,14 +244,14 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None):
     if dtype is None:
         dtype = getattr(torch, _TORCH_DTYPES.get(plan.weight_dtype, "bfloat16"))
     if plan.strategy == "single":
-        return load_model(path, device=plan.devices[0], dtype=dtype), None
-    model = load_model(path, device="cpu", dtype=dtype)
+        return load_model(path, device=plan.devices[0], dtype=dtype, progress=progress), None
+    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
     if plan.strategy == "split":
         from .layer_split import split_by_layers
         return split_by_layers(model, plan.devices, plan.layers_per_device), None
     if plan.strategy == "int8":
         from .quant import quantize_model
-        return quantize_model(model, device=plan.devices[0], progress=True), None
+        return quantize_model(model, device=plan.devices[0], progress=progress), None
     if plan.strategy == "offload":
         from .offload import offload_experts
         return model, offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)

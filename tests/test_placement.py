@@ -46,6 +46,12 @@ def test_uneven_gpus_split_in_proportion():
     assert all(b <= f for b, f in zip(plan.bytes_per_device, [80 * GB, 40 * GB]))
 
 
+def test_one_48gb_gpu_offloads_because_int8_plus_cache_and_reserve_is_49_7gb():
+    plan = plan_placement(CFG, [48 * GB])
+    assert plan.strategy == "offload" and plan.cache_slots == 119
+    assert plan.rejected["int8"] == "needs 49.7 GB but the largest GPU has 48.0 GB free"
+
+
 def test_one_24gb_gpu_offloads_experts():
     plan = plan_placement(CFG, [24 * GB])
     assert plan.strategy == "offload"
@@ -99,7 +105,7 @@ def test_load_placed_follows_the_plan(tmp_path):
     cpu = ["cpu"]
     for plan in (Plan("single", cpu, "float32", [2], [0], 0), Plan("split", cpu * 2, "float32", [1, 1], [0, 0], 0),
                  Plan("offload", cpu, "float32", [2], [0], 0, cache_slots=3), Plan("int8", cpu, "int8", [2], [0], 0)):
-        model, cache = load_placed(tmp_path, plan, dtype=torch.float32, pin=False)
+        model, cache = load_placed(tmp_path, plan, dtype=torch.float32, pin=False, progress=False)
         with torch.no_grad():
             got = model(ids)
         if plan.strategy == "int8":
