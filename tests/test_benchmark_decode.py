@@ -1,0 +1,33 @@
+"""Smoke test: benchmarks/decode.py runs end to end at tiny size on the CPU and reports sane numbers."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_tiny_cpu(tmp_path, capsys):
+    torch.set_num_threads(1)
+    bench = load_script()
+    out = tmp_path / "r.json"
+    assert bench.main(["--config", "tiny", "--device", "cpu", "--tokens", "6", "--prompt-len", "5",
+                       "--layers", "2", "--quant", "none,int8", "--modes", "eager,fast", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["quant"], r["mode"]) for r in result["runs"]] == [("none", "eager"), ("none", "fast"),
+                                                                  ("int8", "eager"), ("int8", "fast")]
+    for r in result["runs"]:
+        assert r["tokens_per_s"] > 0 and 0 < r["fraction_of_measured_bound"] < 1
+        if r["mode"] == "fast":                       # same tokens and logits as Mixtral.forward
+            assert r["agrees_with_eager_for"] == 6
+            assert r["teacher_forced"]["max_rel_error"] < 1e-4 and r["teacher_forced"]["argmax_agree"] == 5
+    assert "| float32 | eager |" in capsys.readouterr().out
