@@ -13,7 +13,7 @@ and the 2 chosen experts of each layer), so tokens/s can be no higher than
 The script measures the device's copy bandwidth itself (a large device-to-device copy, bytes read
 plus written) and reports the fraction of the bound against both that and the vendor's figure.
 Modes (--modes, comma-separated):
-    eager    Mixtral.forward one token at a time: readable, with host syncs (33 per token)
+    eager    Mixtral.forward one token at a time: readable, with host syncs (2 input checks + 1 per layer)
     graph    FastDecoder: the sync-free step (Triton expert kernel on a GPU) captured as a CUDA graph
     compile  the same step through torch.compile, then captured as a CUDA graph
     compile-gather  torch.compile without the Triton kernel: experts gathered with w[ids] (gpt-fast's way)

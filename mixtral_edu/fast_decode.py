@@ -4,7 +4,7 @@ At batch 1 a decode step does little arithmetic; its time is (a) reading the act
 which the GPU's memory bandwidth bounds, and (b) overhead: Python, ~1,500 kernel launches, and
 every point where the CPU waits for the GPU. `Mixtral.forward` is written to be read and checks
 its input (`int(input_ids.min())`), and its single-token expert dispatch asks the GPU which
-experts were chosen (`.tolist()`): each is a host sync, 33 per token. `decode_step` below is the
+experts were chosen (`.tolist()`): each is a host sync, 34 per token for 8x7B. `decode_step` below is the
 same computation rearranged so that nothing leaves the GPU:
 
 * the position is a tensor on the GPU: RoPE's cos/sin are picked with `index_select`, the new key
