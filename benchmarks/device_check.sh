@@ -14,6 +14,10 @@ mkdir -p "$OUT"
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  # 0. decisive correctness check (added after the H200 runs in README.md, not yet run there): two
+  #    full-width layers in float32, where the fast step's logits must match Mixtral.forward's to ~1e-6
+  timeout "${T0:-90}" python3 benchmarks/decode.py --config full --random-weights --layers 2 --dtype float32 \
+      --tokens 16 --quant none,int8 --modes graph --json "$OUT/decode_check.json" 2>&1 | grep --line-buffered -e "\[" -e FAILED
   timeout "${T1:-400}" python3 benchmarks/decode.py --config full --random-weights --tokens 128 \
       --quant "${QUANT:-none,int8}" --modes "${MODES:-graph,compile}" --kernel-bench --json "$OUT/decode.json" \
       2>&1 | grep --line-buffered -v -e "UserWarning" -e "Online softmax" -e "split the reduction" -e "important use case" -e "softmax.$" -e "warnings.warn" -e "^$"
