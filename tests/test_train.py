@@ -163,3 +163,17 @@ def test_command_line_refuses_bad_input(tmp_path, capsys, args, message):
     assert main(["--out", str(tmp_path / "x"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dense_config_trains_without_router_losses():
+    cfg = small_cfg(num_local_experts=1, num_experts_per_tok=1)
+    model, history = train(cfg, random_streams(), steps=2, seed=0, batch_size=3, seq_len=16, log_every=1)
+    assert history.aux_loss == [0.0, 0.0] and history.z_loss == [0.0, 0.0]
+    assert model.layers[0].block_sparse_moe.gate is None
+
+
+def test_config_json_with_overrides(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(small_cfg().to_hf_config()))
+    cfg = model_config_from_args(str(path), ["num_hidden_layers=5", "rope_theta=10000.0"])
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.rope_theta, cfg.vocab_size) == (16, 5, 10000.0, 300)
