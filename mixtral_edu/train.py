@@ -358,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokenizer = Tokenizer()
     train_streams = token_streams(tokenizer, load_split("train", args.corpus))
     heldout_streams = token_streams(tokenizer, load_split("heldout", args.corpus))
-    print(f"training tokens: " + ", ".join(f"{d} {s.numel():,}" for d, s in train_streams.items()))
+    print("training tokens: " + ", ".join(f"{d} {s.numel():,}" for d, s in train_streams.items()))
 
     def log(entry: dict) -> None:
         cv = " ".join(f"{v:.2f}" for v in load_cv(entry["load"]).tolist())
