@@ -105,3 +105,11 @@ def test_claim_4_syntax_gets_its_own_experts(setup):
     assert 0.4 <= digit_pairs / repeats <= 0.6                         # "about half"
     # ... and arithmetic repeats far more than the paper's DM Mathematics (14.1%) at layer 0
     assert domain_repetition_rates(traces)["arithmetic"][0, 0] > 0.25
+
+
+def test_training_tokens_and_window_length():
+    import json
+
+    config = json.loads((TINY_MODEL_DIR / "training_log.json").read_text())["train_config"]
+    assert config["steps"] * config["batch_size"] * config["seq_len"] < 2_000_000     # "under two million"
+    assert config["seq_len"] == WINDOW                                                 # windows = training length
