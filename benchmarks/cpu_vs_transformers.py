@@ -131,20 +131,24 @@ def timed(fn, *a):
 # ------------------------------------------------------------------ decode
 
 class Stamps:
-    """Records a timestamp per new token; works as our `stream` callback and as transformers' streamer."""
+    """Records wall-clock and main-thread CPU time per new token.
+
+    Works as our `stream` callback and as transformers' streamer (which first gets the prompt).
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.prompt_seen = False
 
     def __call__(self, token_id) -> None:          # ours: called with each new id
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.thread_time())
 
     def put(self, value) -> None:                  # transformers: first the prompt, then each new token
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
+        if self.prompt_seen:
+            self(value)
+        self.prompt_seen = True
 
     def end(self) -> None:
         pass
@@ -152,18 +156,22 @@ class Stamps:
     def tokens_per_s(self) -> float:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
+    def cpu_ms_per_token(self) -> float:
+        """Main-thread CPU time per decoding step: what the step costs when the machine is not shared."""
+        return (self.cpu_times[-1] - self.cpu_times[0]) / (len(self.cpu_times) - 1) * 1e3
 
-def decode_ours(model, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+
+def decode_ours(model, prompt: torch.Tensor, n: int) -> tuple[Stamps, list[int]]:
     stamps = Stamps()
     ids = generate(model, prompt, n, temperature=0.0, eos_id=None, stream=stamps)
-    return stamps.tokens_per_s(), ids
+    return stamps, ids
 
 
 @torch.inference_mode()
-def decode_hf(model, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+def decode_hf(model, prompt: torch.Tensor, n: int) -> tuple[Stamps, list[int]]:
     stamps = Stamps()
     out = model.generate(prompt, max_new_tokens=n, do_sample=False, streamer=stamps)
-    return stamps.tokens_per_s(), out[0, prompt.shape[1]:].tolist()
+    return stamps, out[0, prompt.shape[1]:].tolist()
 
 
 # ------------------------------------------------------------------ main
@@ -200,12 +208,16 @@ def main(argv=None) -> int:
 
     # Decode. A short warm-up each, then alternate.
     decode_ours(ours, prompt, 2), decode_hf(hf, prompt, 2)
-    tps_ours, tps_hf = [], []
+    stamps_ours, stamps_hf = [], []
     for _ in range(args.repeats):
-        tps, ids_ours = decode_ours(ours, prompt, args.new_tokens)
-        tps_ours.append(tps)
-        tps, ids_hf = decode_hf(hf, prompt, args.new_tokens)
-        tps_hf.append(tps)
+        stamps, ids_ours = decode_ours(ours, prompt, args.new_tokens)
+        stamps_ours.append(stamps)
+        stamps, ids_hf = decode_hf(hf, prompt, args.new_tokens)
+        stamps_hf.append(stamps)
+    tps_ours = [s.tokens_per_s() for s in stamps_ours]
+    tps_hf = [s.tokens_per_s() for s in stamps_hf]
+    cpu_ours = min(s.cpu_ms_per_token() for s in stamps_ours)
+    cpu_hf = min(s.cpu_ms_per_token() for s in stamps_hf)
 
     bandwidth = read_bandwidth(args.repeats)
     weight_bytes = active_bytes_per_token(cfg)
@@ -219,6 +231,8 @@ def main(argv=None) -> int:
     print(f"decode {args.new_tokens} greedy tokens after {args.prompt_len}: ours {best_ours:.1f} tok/s, "
           f"transformers (generate, DynamicCache) {best_hf:.1f} tok/s, ours/transformers {best_ours / best_hf:.2f}x "
           f"(medians {median(tps_ours):.1f} / {median(tps_hf):.1f} tok/s)")
+    print(f"decode main-thread CPU time per token: ours {cpu_ours:.2f} ms, transformers {cpu_hf:.2f} ms, "
+          f"transformers/ours {cpu_hf / cpu_ours:.2f}x (less sensitive to other processes on the machine)")
     print(f"bandwidth bound: {weight_bytes / 1e6:.1f} MB of active weights per token, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s -> at most {bound:.1f} tok/s; ours at {best_ours / bound:.0%} of it, "
           f"transformers at {best_hf / bound:.0%}")
