@@ -113,3 +113,17 @@ def test_training_tokens_and_window_length():
     config = json.loads((TINY_MODEL_DIR / "training_log.json").read_text())["train_config"]
     assert config["steps"] * config["batch_size"] * config["seq_len"] < 2_000_000     # "under two million"
     assert config["seq_len"] == WINDOW                                                 # windows = training length
+
+
+def test_setup_facts_the_discussion_states(setup):
+    model, tok, traces = setup
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok) == (4, 64, 8, 2)
+    assert default_layers(cfg.num_hidden_layers) == (0, 1, 3)                        # "middle" = layer 1
+    for domain, ts in traces.items():
+        assert len(ts) == N_WINDOWS and sum(t.num_tokens - 1 for t in ts) == 3048
+        assert sum(int(t.token_ids[0]) != tok.bos_id for t in ts) > N_WINDOWS / 2, domain   # most mid-document
+    # exercise 2's premise: random routing puts the next first choice among this token's k experts k/E of the time
+    gen = torch.Generator().manual_seed(0)
+    _, ids = route(torch.randn(100_000, 8, generator=gen), 2)
+    assert abs((ids[1:, :1] == ids[:-1]).any(-1).float().mean().item() - 2 / 8) < 0.01
