@@ -22,6 +22,11 @@ Statistics on a trace (or on plain tensors, so they can be checked by hand):
   1 - C(E-k, k) / C(E, k)  (E=8, k=2: 12.5% and 1 - (6/8)(5/7) = 46.4%).
 * load balance: the coefficient of variation std/mean of the usage (0 = perfectly even) and its
   normalised entropy H(p) / log E (1 = perfectly even, 0 = one expert takes everything).
+
+Several texts per domain: `trace_domains` traces each text on its own, and `domain_usage` /
+`domain_repetition_rates` pool tokens and pairs per domain (a pair never spans two texts);
+`evenly_spaced_windows` samples a long token stream. `PAPER_TABLE5` holds the paper's own numbers,
+for comparison only.
 """
 
 from __future__ import annotations
