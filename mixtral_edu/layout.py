@@ -14,10 +14,10 @@ deliberate choices make that streaming fast with plain PyTorch on a CPU:
    matrix-vector product runs on one). Measured on the 2-core test machine (float32, weights far
    larger than the caches, one thread):
 
-       matrix             F.linear, row-major   F.linear, column-major   matvec
-       [1024, 512] (w1)        15 GB/s                21 GB/s             29 GB/s
-       [512, 1024] (w2)        15 GB/s                20 GB/s             35 GB/s
-       [32000, 512] (lm_head)  16 GB/s                31 GB/s             48 GB/s
+       matrix                  F.linear, row-major   F.linear, column-major   matvec
+       [1024, 512] (w1, w3)         16 GB/s               21 GB/s            28 GB/s
+       [512, 1024] (w2)             20 GB/s               20 GB/s            35 GB/s
+       [32000, 512] (lm_head)       16 GB/s               31 GB/s            45 GB/s
 
 `to_column_major_(model)` applies both: it re-stores every nn.Linear weight and every `Experts`
 stack column-major and switches those modules to `ColumnMajorLinear` / `ColumnMajorExperts`,
