@@ -136,3 +136,12 @@ def test_int8_experts_are_left_alone():
     before = [t.clone() for t in experts.state_dict().values()]
     to_column_major_(model)
     assert all(torch.equal(a, b) for a, b in zip(before, experts.state_dict().values()))
+
+
+def test_quantising_a_column_major_model_gives_the_same_int8_model():
+    plain, ids = tiny(), torch.randint(0, 128, (1, 5))
+    laid_out = to_column_major_(tiny())
+    quantize_model(plain), quantize_model(laid_out)
+    assert isinstance(laid_out.layers[0].block_sparse_moe.experts, Int8Experts)
+    for n in (5, 1):                                                    # prefill and a single token
+        torch.testing.assert_close(laid_out(ids[:, :n]), plain(ids[:, :n]), rtol=1e-5, atol=1e-5)
