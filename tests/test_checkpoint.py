@@ -17,13 +17,7 @@ CFG = dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_laye
            max_position_embeddings=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to the spin-waits of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def reference(seed=0, **overrides):

@@ -16,13 +16,7 @@ CFG = MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=24, num_hid
                     num_experts_per_tok=2, max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to the spin-waits of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 @pytest.mark.parametrize("mistral, hf", [

@@ -24,13 +24,7 @@ ENTRY_POINT = Path(sys.executable).parent / "mixtral-edu"
 PROMPT = "def fibonacci(n):"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to the spin-waits of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from mixtral_edu.train import evaluate
 EVAL_SEQ_LEN, EVAL_WINDOWS = 128, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from mixtral_edu.train import (TrainConfig, balance_loss, evaluate, layer_load, 
                                main, model_config_from_args, train)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine a second thread mostly spins waiting for the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def small_cfg(**kw):
