@@ -105,6 +105,7 @@ def to_column_major_(model: nn.Module) -> nn.Module:
     Returns `model`.
     """
     for module in model.modules():
+        # Same module object (parameters, hooks, name), new class: it only adds the one-vector path.
         if type(module) in (nn.Linear, ColumnMajorLinear) and module.weight.dtype.is_floating_point:
             params, module.__class__ = [module.weight], ColumnMajorLinear
         elif type(module) in (Experts, ColumnMajorExperts) and module.w1.dtype.is_floating_point:
