@@ -57,10 +57,12 @@ def is_column_major(w: torch.Tensor) -> bool:
 def _bags_of_rows(n: int, num_bags: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices 0 .. n-1 `[n]` and where each of (at most) `num_bags` consecutive bags starts.
 
-    Cached, since every step asks for the same few sizes.
+    Cached, since every step asks for the same few sizes. Made outside inference mode: a cached
+    inference tensor could not be used later in a computation that autograd records.
     """
     per_bag = -(-n // num_bags)                                   # ceil(n / num_bags)
-    return torch.arange(n, device=device), torch.arange(0, n, per_bag, device=device)
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device), torch.arange(0, n, per_bag, device=device)
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
