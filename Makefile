@@ -1,4 +1,6 @@
 # Two commands for learners: `make lab` and `make test`. Both create .venv when it is missing.
+# Notebooks run with matplotlib's inline backend (a forced MPLBACKEND such as Agg would drop the figures
+# that nbval compares), hence `env -u MPLBACKEND`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -31,11 +33,11 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
 notebooks: $(STAMP)
-	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	env -u MPLBACKEND $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	env -u MPLBACKEND $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
 clean:
 	rm -rf $(VENV)
