@@ -34,7 +34,7 @@ import mmap
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -42,7 +42,7 @@ from .config import MixtralConfig
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict, mistral_to_hf_tensors
 from .hf_keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
 from .model import Mixtral
-from .params import memory_footprint
+from .params import count_parameters, memory_footprint
 from .rope import RotaryEmbedding
 
 PathLike = Union[str, os.PathLike]
@@ -335,17 +335,37 @@ def _checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dty
 
 
 # ============================================================================= load
-def _empty_model(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype) -> Mixtral:
-    """A Mixtral with uninitialised weights of `dtype` on `device`, never materialised anywhere else."""
+def _empty_model(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.dtype) -> Mixtral:
+    """A Mixtral with uninitialised weights of `dtype`, never materialised anywhere but their device.
+
+    devices: one device per decoder layer; the embeddings go with the first layer, the final norm
+    and lm_head with the last (as `layer_split.split_by_layers` places them).
+    """
     with torch.device("meta"):
-        model = Mixtral(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = Mixtral(cfg).to(dtype=dtype)
+    model.embed_tokens.to_empty(device=devices[0])
+    for layer, device in zip(model.layers, devices):
+        layer.to_empty(device=device)
+    model.norm.to_empty(device=devices[-1])
+    model.lm_head.to_empty(device=devices[-1])
     if cfg.tie_word_embeddings:      # to_empty made a new Parameter for each module, undoing the tie
         model.lm_head.weight = model.embed_tokens.weight
-    # to_empty left the cos/sin table uninitialised; recompute it (as Mixtral(cfg).to(device, dtype) has it).
+    # The cos/sin table is not in the checkpoint: compute it (as Mixtral(cfg).to(device, dtype) has it).
     model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(
-        device=device, dtype=dtype)
+        device=devices[0], dtype=dtype)
     return model
+
+
+def _bytes_per_device(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.dtype) -> dict[torch.device, int]:
+    """Bytes of weights that `_empty_model(cfg, devices, dtype)` puts on each device, from the config alone."""
+    counts = count_parameters(cfg)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = dict.fromkeys(devices, 0)
+    sizes[devices[0]] += counts["embeddings"]
+    for device in devices:
+        sizes[device] += counts["per_layer"]
+    sizes[devices[-1]] += counts["lm_head"] + cfg.hidden_size          # and the final norm
+    return {device: n * itemsize for device, n in sizes.items()}
 
 
 def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConfig):
@@ -356,11 +376,15 @@ def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConf
 
 
 @torch.no_grad()
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-               *, progress: bool = True, ignore_memory_check: bool = False) -> Mixtral:
+def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu", dtype: Optional[torch.dtype] = None,
+               *, progress: bool = True, ignore_memory_check: bool = False,
+               layers_per_device: Optional[Sequence[int]] = None) -> Mixtral:
     """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
 
     device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
+        A list of devices splits the model by layers (`layer_split.split_by_layers`): each layer's
+        tensors are copied straight to their own device, `layers_per_device[i]` consecutive layers
+        on `device[i]` (default: as even as possible), so no device ever holds the whole model.
     dtype: the weights' dtype; None keeps the checkpoint's (config.json's `dtype`, else the tensors').
     progress: a tqdm bar over the tensors (on stderr).
     ignore_memory_check: load even when `memory_plan` says the weights will not fit.
@@ -374,12 +398,23 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
     cfg = read_config(folder)
     files, tensors_of = _weight_files(folder, layout)
     dtype = dtype or _checkpoint_dtype(folder, layout, files)
-    device = torch.device(device)
-    plan = memory_plan(cfg, dtype, device)
-    if not plan["fits"] and not ignore_memory_check:
-        raise InsufficientMemoryError(_refusal(plan, dtype, device))
+    split = isinstance(device, (list, tuple))
+    if split:
+        from .layer_split import layer_devices
+        devices = layer_devices(cfg.num_hidden_layers, device, layers_per_device)
+    else:
+        devices = [torch.device(device)] * cfg.num_hidden_layers
+        plan = memory_plan(cfg, dtype, devices[0])
+        if not plan["fits"] and not ignore_memory_check:
+            raise InsufficientMemoryError(_refusal(plan, dtype, devices[0]))
+    if split and not ignore_memory_check:       # each device must hold its own share
+        for dev, needed in _bytes_per_device(cfg, devices, dtype).items():
+            available = available_memory(dev)
+            if available is not None and needed > available:
+                raise InsufficientMemoryError(_refusal(
+                    {"needed_bytes": needed, "available_bytes": available, "fits": False}, dtype, dev))
 
-    model = _empty_model(cfg, device, dtype)
+    model = _empty_model(cfg, devices, dtype)   # meta -> empty storage only: nothing is allocated twice
     params = dict(model.named_parameters())
     config_name = "config.json" if layout.startswith("hf") else "params.json"
     filled: dict[tuple[str, Optional[int]], str] = {}
@@ -431,6 +466,9 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: 
                 t.to(model.embed_tokens.weight), model.embed_tokens.weight):
             raise CheckpointError(f"{where}: {config_name} ties lm_head to the "
                                   "embeddings, but this tensor differs from them")
+    if split:
+        from .layer_split import split_by_layers
+        split_by_layers(model, device, layers_per_device)    # the hooks; every tensor is already in place
     return model.eval()
 
 

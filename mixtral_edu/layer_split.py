@@ -24,34 +24,39 @@ def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
-def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Optional[Sequence[int]] = None) -> nn.Module:
-    """Place `model` (a Mixtral) over `devices` in place and return it.
-
-    layers_per_device: how many consecutive decoder layers each device gets (e.g. `Plan.layers_per_device`);
-    default: as even as possible. Call with a `SplitKVCache` (`new_split_kv_cache`) when caching.
-    """
+def layer_devices(num_layers: int, devices: Sequence, layers_per_device: Optional[Sequence[int]] = None
+                  ) -> list[torch.device]:
+    """The device of each of `num_layers` decoder layers: consecutive runs, `layers_per_device[i]` on
+    `devices[i]` (default: as even as possible)."""
     devices = [torch.device(d) for d in devices]
-    num_layers = len(model.layers)
     if layers_per_device is None:
         base, extra = divmod(num_layers, len(devices))
         layers_per_device = [base + (i < extra) for i in range(len(devices))]
     if len(layers_per_device) != len(devices) or sum(layers_per_device) != num_layers or min(layers_per_device) < 1:
         raise ValueError(f"layers_per_device {list(layers_per_device)} must give each of the {len(devices)} devices "
                          f"at least one layer and sum to {num_layers}")
+    return [device for device, count in zip(devices, layers_per_device) for _ in range(count)]
+
+
+def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Optional[Sequence[int]] = None) -> nn.Module:
+    """Place `model` (a Mixtral) over `devices` in place and return it.
+
+    layers_per_device: how many consecutive decoder layers each device gets (e.g. `Plan.layers_per_device`);
+    default: as even as possible. Call with a `SplitKVCache` (`new_split_kv_cache`) when caching.
+    Layers already on their device are not copied (`checkpoint.load_model` with a list of devices
+    streams each tensor straight there and then calls this).
+    """
+    devices = [torch.device(d) for d in devices]
+    per_layer = layer_devices(len(model.layers), devices, layers_per_device)
     for handle in getattr(model, "_split_hooks", []):
         handle.remove()
     hooks = []
-    model.layer_devices = []
-    layer = 0
-    for device, count in zip(devices, layers_per_device):
-        for _ in range(count):
-            block = model.layers[layer]
-            block.to(device)
-            # inputs (hidden, cos, sin, cache) -> this layer's device; the cache is left alone
-            hooks.append(block.register_forward_pre_hook(
-                lambda mod, args, d=device: tuple(_to(a, d) for a in args)))
-            model.layer_devices.append(device)
-            layer += 1
+    model.layer_devices = per_layer
+    for block, device in zip(model.layers, per_layer):
+        block.to(device)
+        # inputs (hidden, cos, sin, cache) -> this layer's device; the cache is left alone
+        hooks.append(block.register_forward_pre_hook(
+            lambda mod, args, d=device: tuple(_to(a, d) for a in args)))
     model.embed_tokens.to(devices[0])
     model.rotary_emb.to(devices[0])
     model.norm.to(devices[-1])

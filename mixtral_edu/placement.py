@@ -231,11 +231,11 @@ _TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32
 def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progress: bool = True):
     """Load the checkpoint in folder `path` as `plan` says. Returns (model, expert cache or None).
 
-    "single" streams every tensor straight to its device. The other strategies stream the weights
-    into host memory in `dtype` first (93 GB for 8x7B in bf16, never float32), then: "split" moves
-    the layers to their devices, "int8" quantises layer by layer on the GPU (peak GPU memory: the
-    int8 model plus one bf16 layer), "offload" moves all but the experts to the GPU behind an LRU
-    cache of `plan.cache_slots` experts. progress: tqdm bars while loading and quantising.
+    "single" and "split" stream every tensor straight to its device (for "split", each layer's own
+    GPU). The other two stream the weights into host memory in `dtype` first (93 GB for 8x7B in bf16,
+    never float32), then: "int8" quantises layer by layer on the GPU (peak GPU memory: the int8
+    model plus one bf16 layer), "offload" moves all but the experts to the GPU behind an LRU cache
+    of `plan.cache_slots` experts. progress: tqdm bars while loading and quantising.
     """
     import torch
 
@@ -245,10 +245,10 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
         dtype = getattr(torch, _TORCH_DTYPES.get(plan.weight_dtype, "bfloat16"))
     if plan.strategy == "single":
         return load_model(path, device=plan.devices[0], dtype=dtype, progress=progress), None
-    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
     if plan.strategy == "split":
-        from .layer_split import split_by_layers
-        return split_by_layers(model, plan.devices, plan.layers_per_device), None
+        return load_model(path, device=list(plan.devices), dtype=dtype, progress=progress,
+                          layers_per_device=plan.layers_per_device), None
+    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
     if plan.strategy == "int8":
         from .quant import quantize_model
         return quantize_model(model, device=plan.devices[0], progress=progress), None

@@ -48,3 +48,41 @@ def test_bad_layer_counts_are_refused():
     cfg = MixtralConfig.tiny(vocab_size=64, num_hidden_layers=2, max_position_embeddings=32)
     with pytest.raises(ValueError, match="layers_per_device"):
         split_by_layers(Mixtral(cfg), ["cpu", "cpu"], [2, 1])
+
+
+def _saved_tiny(tmp_path):
+    from mixtral_edu.checkpoint import save_model
+    cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=4, max_position_embeddings=64)
+    torch.manual_seed(3)
+    model = Mixtral(cfg).eval()
+    save_model(model, tmp_path)
+    return model
+
+
+def test_load_model_streams_each_layer_to_its_own_device(tmp_path):
+    """A list of devices: every tensor goes straight to its layer's device, logits unchanged."""
+    from mixtral_edu.checkpoint import load_model
+    model = _saved_tiny(tmp_path)
+    split = load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[3, 1], progress=False)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), split(ids))
+    assert [str(d) for d in split.layer_devices] == ["cpu"] * 4
+    # "meta" stands in for a second GPU: layer 3, the final norm and lm_head are never materialised
+    # on the CPU, while the embeddings and layers 0-2 are filled from the file.
+    placed = load_model(tmp_path, device=["cpu", "meta"], layers_per_device=[3, 1], progress=False)
+    devices = {name: p.device.type for name, p in placed.named_parameters()}
+    assert {d for n, d in devices.items() if n.startswith("layers.3.") or n.startswith(("norm.", "lm_head."))} == {"meta"}
+    assert {d for n, d in devices.items() if n.startswith(("embed_tokens.", "layers.0.", "layers.2."))} == {"cpu"}
+    assert torch.equal(placed.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
+
+
+def test_split_load_refuses_a_device_too_small_for_its_share(tmp_path, monkeypatch):
+    from mixtral_edu import checkpoint
+    _saved_tiny(tmp_path)
+    sizes = {"cpu": 10**12, "meta": 1000}
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: sizes[torch.device(device).type])
+    with pytest.raises(checkpoint.InsufficientMemoryError, match="on meta"):
+        checkpoint.load_model(tmp_path, device=["cpu", "meta"], progress=False)
+    with pytest.raises(ValueError, match="layers_per_device"):
+        checkpoint.load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[4, 1], progress=False)
