@@ -1,0 +1,31 @@
+"""The package imports without Jupyter, transformers or mistral-common (they serve notebooks and tests)."""
+
+import subprocess
+import sys
+
+SCRIPT = r"""
+import importlib, pkgutil, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"transformers", "mistral_common", "IPython", "jupyter_core", "nbformat",
+                                  "ipykernel", "fastchat", "triton"}:
+            raise ImportError(f"blocked {name}")
+
+sys.meta_path.insert(0, Block())
+import mixtral_edu
+failed = []
+for module in pkgutil.iter_modules(mixtral_edu.__path__):
+    if module.name != "__main__":                      # importing it runs the command line
+        try:
+            importlib.import_module(f"mixtral_edu.{module.name}")
+        except ImportError as err:
+            failed.append(f"{module.name}: {err}")
+print("\n".join(failed) or "ok")
+"""
+
+
+def test_every_module_imports_without_notebook_or_reference_packages():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok", out.stdout
