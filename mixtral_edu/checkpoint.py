@@ -356,6 +356,11 @@ def _empty_model(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.d
     return model
 
 
+def _is_stacked_expert(name: str) -> bool:
+    """True for a layer's stacked expert weights (`layers.{i}.block_sparse_moe.experts.w1` ...)."""
+    return re.search(r"\.experts\.w[123]$", name) is not None
+
+
 def _bytes_per_device(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.dtype) -> dict[torch.device, int]:
     """Bytes of weights that `_empty_model(cfg, devices, dtype)` puts on each device, from the config alone."""
     counts = count_parameters(cfg)
@@ -378,7 +383,8 @@ def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConf
 @torch.no_grad()
 def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu", dtype: Optional[torch.dtype] = None,
                *, progress: bool = True, ignore_memory_check: bool = False,
-               layers_per_device: Optional[Sequence[int]] = None) -> Mixtral:
+               layers_per_device: Optional[Sequence[int]] = None,
+               on_layer_loaded: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Mixtral:
     """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
 
     device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
@@ -388,6 +394,10 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     dtype: the weights' dtype; None keeps the checkpoint's (config.json's `dtype`, else the tensors').
     progress: a tqdm bar over the tensors (on stderr).
     ignore_memory_check: load even when `memory_plan` says the weights will not fit.
+    on_layer_loaded: called as `on_layer_loaded(i, model.layers[i])` as soon as every tensor of
+        decoder layer i is in place (e.g. to quantise it and move it to a GPU); the loader then
+        holds no reference to that layer's old weights, so CPU pages it released are not needed
+        again: the host holds a few layers at a time, not the whole model.
     Raises CheckpointError (file and tensor named) for anything wrong with the files, and
     InsufficientMemoryError when the weights would not fit.
     """
@@ -416,6 +426,11 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
 
     model = _empty_model(cfg, devices, dtype)   # meta -> empty storage only: nothing is allocated twice
     params = dict(model.named_parameters())
+    # tensors still to come per decoder layer (a stacked expert parameter counts once per expert)
+    pending = [0] * cfg.num_hidden_layers
+    for name, param in params.items():
+        if name.startswith("layers."):
+            pending[int(name.split(".")[1])] += param.shape[0] if _is_stacked_expert(name) else 1
     config_name = "config.json" if layout.startswith("hf") else "params.json"
     filled: dict[tuple[str, Optional[int]], str] = {}
     tied_lm_head: Optional[tuple[str, torch.Tensor]] = None
@@ -436,11 +451,11 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     tied_lm_head = (where, t.clone())   # checked against embed_tokens once that is loaded
                     continue
+                if (name, expert) in filled:
+                    raise CheckpointError(f"{where}: {hf_key} was already loaded from {filled[(name, expert)]}")
                 param = params.get(name)
                 if param is None or (expert is not None and expert >= param.shape[0]):
                     raise CheckpointError(f"{where}: unexpected key, the model in {config_name} has no {hf_key}")
-                if (name, expert) in filled:
-                    raise CheckpointError(f"{where}: {hf_key} was already loaded from {filled[(name, expert)]}")
                 target = param if expert is None else param[expert]
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(f"{where}: shape {tuple(t.shape)}, but {config_name} implies "
@@ -450,12 +465,20 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
                 target.copy_(t)                           # converts dtype and moves to the device
                 filled[(name, expert)] = file.name
                 bar.update(t.numel())
+                if name.startswith("layers."):
+                    layer = int(name.split(".")[1])
+                    pending[layer] -= 1
+                    if pending[layer] == 0 and on_layer_loaded is not None:
+                        del target, param
+                        for done in [n for n in params if n.startswith(f"layers.{layer}.")]:
+                            del params[done]              # complete: let the callback free it
+                        on_layer_loaded(layer, model.layers[layer])
             del tensor, pairs, t
     bar.close()
 
     missing = []
     for name, param in params.items():
-        experts = range(param.shape[0]) if re.search(r"\.experts\.w[123]$", name) else [None]
+        experts = range(param.shape[0]) if _is_stacked_expert(name) else [None]
         missing += [ours_to_hf_key(name, j, dense=not cfg.is_moe) for j in experts if (name, j) not in filled]
     if missing:
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "

@@ -232,10 +232,12 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     """Load the checkpoint in folder `path` as `plan` says. Returns (model, expert cache or None).
 
     "single" and "split" stream every tensor straight to its device (for "split", each layer's own
-    GPU). The other two stream the weights into host memory in `dtype` first (93 GB for 8x7B in bf16,
-    never float32), then: "int8" quantises layer by layer on the GPU (peak GPU memory: the int8
-    model plus one bf16 layer), "offload" moves all but the experts to the GPU behind an LRU cache
-    of `plan.cache_slots` experts. progress: tqdm bars while loading and quantising.
+    GPU). "int8" streams into host memory in `dtype` and quantises each decoder layer onto the GPU
+    as soon as its last tensor has arrived, so the host holds a few layers at a time, never the
+    whole model (peak GPU memory: the int8 model plus one bf16 layer). "offload" streams the weights
+    into host memory in `dtype` (93 GB for 8x7B in bf16, never float32), where the experts stay,
+    pinned, and moves the rest to the GPU behind an LRU cache of `plan.cache_slots` experts.
+    progress: a tqdm bar while loading.
     """
     import torch
 
@@ -248,10 +250,14 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     if plan.strategy == "split":
         return load_model(path, device=list(plan.devices), dtype=dtype, progress=progress,
                           layers_per_device=plan.layers_per_device), None
-    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
     if plan.strategy == "int8":
-        from .quant import quantize_model
-        return quantize_model(model, device=plan.devices[0], progress=progress), None
+        from .quant import quantize_layer_
+        device = plan.devices[0]
+        # The host check is skipped on purpose: layers leave host memory as they complete.
+        model = load_model(path, device="cpu", dtype=dtype, progress=progress, ignore_memory_check=True,
+                           on_layer_loaded=lambda i, layer: quantize_layer_(layer, device))
+        return model.to(device), None                       # embeddings, final norm, lm_head
+    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
     if plan.strategy == "offload":
         from .offload import offload_experts
         return model, offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)
