@@ -63,6 +63,17 @@ _HF_LAYER_PAIRS = [
 _FUSED_ORIGINAL = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(w[123])$")
 
 
+def _map_layer_key(key: str, prefix: str, new_prefix: str, pairs) -> "str | None":
+    """`{prefix}{i}.{suffix}` -> `{new_prefix}{i}.{new suffix}` by the first matching (pattern, replacement)."""
+    m = re.match(re.escape(prefix) + r"(\d+)\.(.+)$", key)
+    if m:
+        layer, rest = m.groups()
+        for pattern, replacement in pairs:
+            if re.fullmatch(pattern, rest):
+                return f"{new_prefix}{layer}." + re.sub(pattern, replacement, rest)
+    return None
+
+
 def mistral_to_hf_key(key: str) -> str:
     """One Mistral key (either Mistral layout, except the fused experts) -> its Hugging Face key.
 
@@ -71,12 +82,9 @@ def mistral_to_hf_key(key: str) -> str:
     """
     if key in _TOP:
         return _TOP[key]
-    m = re.match(r"layers\.(\d+)\.(.+)$", key)
-    if m:
-        layer, rest = m.groups()
-        for pattern, replacement in _LAYER_PAIRS:
-            if re.fullmatch(pattern, rest):
-                return f"model.layers.{layer}." + re.sub(pattern, replacement, rest)
+    mapped = _map_layer_key(key, "layers.", "model.layers.", _LAYER_PAIRS)
+    if mapped is not None:
+        return mapped
     if _FUSED_ORIGINAL.match(key):
         raise KeyError(f"{key}: fused expert tensor of the original release; use mistral_to_hf_tensors()")
     raise KeyError(f"{key}: not a Mistral checkpoint key")
@@ -86,12 +94,9 @@ def hf_to_mistral_key(key: str) -> str:
     """Inverse of `mistral_to_hf_key` (consolidated.safetensors names). Raises KeyError when unknown."""
     if key in _TOP_BACK:
         return _TOP_BACK[key]
-    m = re.match(r"model\.layers\.(\d+)\.(.+)$", key)
-    if m:
-        layer, rest = m.groups()
-        for pattern, replacement in _HF_LAYER_PAIRS:
-            if re.fullmatch(pattern, rest):
-                return f"layers.{layer}." + re.sub(pattern, replacement, rest)
+    mapped = _map_layer_key(key, "model.layers.", "layers.", _HF_LAYER_PAIRS)
+    if mapped is not None:
+        return mapped
     raise KeyError(f"{key}: not a Hugging Face Mixtral checkpoint key")
 
 
