@@ -140,27 +140,154 @@ def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
 
 
 # ============================================================================= reading tensors
+# Every dtype name the official reader knows, with its size in bits; the torch dtype where torch has one.
+_ST_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+            "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+            "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+                     ("F8_E8M0", "float8_e8m0fnu"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+                     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F4", "float4_e2m1fn_x2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+_USIZE_MAX = 2 ** 64 - 1
+_MAX_HEADER = 100_000_000          # the official reader's limit
+_MAX_JSON_DEPTH = 127              # serde_json's recursion limit, as the official reader applies it
+_INFO_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+class _Obj(dict):
+    """A parsed JSON object that remembers which of its keys were repeated (json keeps the last one)."""
+    repeated: frozenset = frozenset()
+
+
+def _json_object(pairs):
+    obj = _Obj(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        obj.repeated = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_depth(value, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counting stops once `limit` is passed."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _is_usize(value) -> bool:
+    return type(value) is int and 0 <= value <= _USIZE_MAX
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict]:
+    """The JSON header's (tensors {key: (dtype, shape, (begin, end))}, metadata), checked as the official
+    reader checks it: UTF-8, JSON without NaN, integers that fit in 64 bits, strings without lone
+    surrogates, metadata of strings, no repeated field inside an entry, depth at most 127."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header ({why})")
+
+    try:
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_json_object, parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise bad(f"not UTF-8: {err.reason} at byte {err.start}") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    except ValueError as err:           # JSONDecodeError, NaN, or an integer too long to parse
+        raise bad(str(err)) from None
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    if _json_depth(header, _MAX_JSON_DEPTH) > _MAX_JSON_DEPTH:
+        raise bad("JSON nested too deeply")
+    try:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("a string holds an unpaired UTF-16 surrogate escape") from None
+    if "__metadata__" in header.repeated:
+        raise bad("__metadata__ appears twice")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map strings to strings")
+    tensors = {}
+    for key, info in header.items():
+        if isinstance(info, list) and len(info) == 3:       # serde also reads a struct from a 3-element array
+            info = dict(zip(_INFO_FIELDS, info))
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {info!r}")
+        twice = [f for f in _INFO_FIELDS if f in getattr(info, "repeated", ())]
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (twice or dtype not in _ST_BITS or not isinstance(shape, list) or not all(map(_is_usize, shape))
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
+            raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {dict(info)!r}"[:400])
+        tensors[key] = (dtype, shape, (offsets[0], offsets[1]))
+    return tensors, metadata
+
+
+def _check_layout(path: Path, tensors: dict, data_start: int, size: int) -> None:
+    """The tensors' bytes must tile the data exactly: sorted by offsets, each begins where the previous one
+    ended, holds exactly shape x dtype bytes, and the last one ends at the end of the file."""
+    end_of_previous = 0
+    for key, (dtype, shape, (begin, end)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
+        if begin != end_of_previous or end < begin:
+            raise CheckpointError(f"{path}: tensor {key}: data_offsets {[begin, end]} overlap another tensor or "
+                                  f"leave a gap (expected it to begin at byte {end_of_previous})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = numel * _ST_BITS[dtype]
+        if numel > _USIZE_MAX or bits > _USIZE_MAX:
+            raise CheckpointError(f"{path}: tensor {key}: shape {shape} is too large")
+        if bits % 8:
+            raise CheckpointError(f"{path}: tensor {key}: shape {shape} of {dtype} is not a whole number of bytes")
+        if end - begin != bits // 8:
+            raise CheckpointError(f"{path}: tensor {key}: data_offsets {[begin, end]} disagree with "
+                                  f"shape {shape} of {dtype}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {key} ends at byte {data_start + end}, "
+                                  f"the file has {size}")
+        end_of_previous = end
+    data_size = size - data_start
+    if end_of_previous != data_size:
+        raise CheckpointError(f"{path}: {data_size - end_of_previous} trailing byte(s) after the last tensor "
+                              "(the data must end where the last tensor ends)")
 
 
 class SafetensorsFile:
-    """A safetensors file, memory-mapped, its header checked against the file's size.
+    """A safetensors file, memory-mapped, accepted only if the official `safetensors` reader accepts it.
 
     The format: 8 bytes little-endian N, then N bytes of JSON `{key: {"dtype", "shape",
-    "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the tensors' bytes (offsets count
-    from the end of the header). `tensor(key)` is a zero-copy view of the mapped bytes; `release(key)`
-    tells the kernel those pages are no longer needed, so a load never keeps the file resident beside
-    the model it fills. Use as a context manager (or call close()).
+    "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then the tensors' bytes (offsets count
+    from the end of the header). Checked before anything is mapped: the header is strict JSON; shapes
+    and offsets are integers; the tensors' byte ranges tile the data exactly (no overlap, so two keys
+    never share bytes; no gap; no trailing bytes). `tensor(key)` is a zero-copy view of the mapped
+    bytes; `release(key)` tells the kernel those pages are no longer needed, so a load never keeps the
+    file resident beside the model it fills. Use as a context manager (or call close()).
     """
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
+        self._file = self._mm = None
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: file not found")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+            raise CheckpointError(f"{self.path}: file not found" if not self.path.exists()
+                                  else f"{self.path}: not a regular file")
+        f = open(self.path, "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: truncated or not safetensors ({size} bytes, no header)")
@@ -168,34 +295,20 @@ class SafetensorsFile:
             if 8 + n > size:
                 raise CheckpointError(f"{self.path}: truncated or not safetensors (header of {n} bytes "
                                       f"does not fit in a {size}-byte file)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.header: dict[str, dict] = header
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{self.path}: not safetensors (a header of {n} bytes; the format allows "
+                                      f"{_MAX_HEADER})")
+            tensors, self.metadata = _parse_header(self.path, f.read(n))
+            _check_layout(self.path, tensors, 8 + n, size)
+        except BaseException:
+            f.close()
+            raise
+        self.header: dict[str, dict] = {k: {"dtype": d, "shape": s, "data_offsets": list(o)}
+                                        for k, (d, s, o) in tensors.items()}
         self._data_start = 8 + n
-        for key, info in header.items():
-            try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {key}: corrupt header entry {info!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {key}: data_offsets {[begin, end]} disagree with "
-                                      f"shape {shape} of {info['dtype']}")
-            if self._data_start + end > size:
-                raise CheckpointError(f"{self.path}: truncated: tensor {key} ends at byte "
-                                      f"{self._data_start + end}, the file has {size}")
-        self._file = open(self.path, "rb")
+        self._file = f
         # ACCESS_COPY: writable (torch.frombuffer wants that) but private, so the file is never changed.
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -203,7 +316,14 @@ class SafetensorsFile:
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor `key`, a view of the mapped file (delete it before close())."""
         info = self.header[key]
-        dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key}: dtype {info['dtype']} has no torch equivalent here")
+        shape = info["shape"]
+        if info["dtype"] == "F4":       # torch packs two 4-bit values per element, along the last dimension
+            if not shape or shape[-1] % 2:
+                raise CheckpointError(f"{self.path}: tensor {key}: F4 shape {shape} does not pack into bytes")
+            shape = [*shape[:-1], shape[-1] // 2]
         begin, end = info["data_offsets"]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
@@ -221,6 +341,8 @@ class SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self) -> None:
+        if self._file is None:
+            return
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -228,6 +350,7 @@ class SafetensorsFile:
                 pass
             self._mm = None
         self._file.close()
+        self._file = None
 
     def __enter__(self) -> "SafetensorsFile":
         return self
