@@ -17,16 +17,17 @@ no network: style, script and data are inline. `explorer_html(...)` returns the 
 * with two traces, the second text beside the first (code vs prose is the classic case).
 
 The state is the URL fragment, `#layer=3&token=7&expert=5` (plus `&text=1` for a token of the second
-text), rendered on load, so a view can be linked. For tests and scripts every token element carries
-`data-index` and, for the shown layer, `data-top1`, `data-top2` (expert ids) and `data-w1`, `data-w2`
-(weights to 3 decimals); tokens an expert takes carry `data-hl="1"` and `data-share`.
+text), rendered on load and kept up to date as you click, so a view can be linked. For tests and
+scripts every token element carries `data-index` and, for the shown layer, `data-top1`, `data-top2`
+(expert ids) and `data-w1`, `data-w2` (weights to 3 decimals); tokens an expert takes carry
+`data-hl="1"` and `data-share`.
 
 Safety: token text and names are data, never markup. They travel as JSON inside a
 `<script type="application/json">` block with `<`, `>` and `&` written as `\\u003c` etc. (so `</script>`
 in a token cannot close the block), and the page puts them on screen with `textContent` only.
 
 Size: probabilities and weights are quantised to uint16 (steps of 1/65535, well below the 3 decimals
-shown), expert ids to uint8, all base64: (2E + 3k)·4/3 bytes per token per layer, about 2.4 MB for
+shown), expert ids to uint8, all base64: (2E + 3k)·4/3 bytes per token per layer, about 1.9 MB for
 2,000 tokens x 32 layers of Mixtral-8x7B.
 """
 
@@ -108,7 +109,8 @@ def _check(traces: Sequence[RoutingTrace], pieces: Sequence[Sequence[str]], laye
 
 def explorer_data(traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: Sequence,
                   names: Optional[Sequence[str]] = None, model_name: str = "model",
-                  layers: Optional[Sequence[int]] = None, title: Optional[str] = None) -> dict:
+                  layers: Optional[Sequence[int]] = None, title: Optional[str] = None,
+                  fragment: str = "") -> dict:
     """The page's data as a JSON-ready dict (what `explorer_html` embeds); arguments as there."""
     if isinstance(traces, RoutingTrace):
         traces, pieces = [traces], [pieces]
@@ -137,7 +139,8 @@ def explorer_data(traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: S
         })
     return {"title": str(title), "model": str(model_name), "layers": list(first.layers), "num_experts": E,
             "top_k": k, "scale": SCALE, "id_bytes": id_bytes, "colors": _colors(E),
-            "baselines": list(random_repetition_baselines(E, k)), "texts": texts}
+            "baselines": list(random_repetition_baselines(E, k)), "fragment": str(fragment).lstrip("#"),
+            "texts": texts}
 
 
 def _json_for_script(data: dict) -> str:
@@ -149,7 +152,8 @@ def _json_for_script(data: dict) -> str:
 
 def explorer_html(traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: Sequence,
                   names: Optional[Sequence[str]] = None, model_name: str = "model",
-                  layers: Optional[Sequence[int]] = None, title: Optional[str] = None) -> str:
+                  layers: Optional[Sequence[int]] = None, title: Optional[str] = None,
+                  fragment: str = "") -> str:
     """The explorer page as one self-contained HTML string.
 
     traces: one `RoutingTrace` (from `routing.trace_routing`) or a list of one or two; two are shown
@@ -159,20 +163,24 @@ def explorer_html(traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: S
     names: a short name per text (default: the start of the text); model_name: shown in the title.
     layers: model layer numbers to keep (default: every layer in the traces).
     title: the page title (default: "Routing explorer: “names” · model · layers ...").
+    fragment: the view to open when the URL has no fragment, e.g. "layer=3&expert=5" (an iframe's
+        srcdoc page has no URL of its own to carry one).
     """
-    data = explorer_data(traces, pieces, names=names, model_name=model_name, layers=layers, title=title)
+    data = explorer_data(traces, pieces, names=names, model_name=model_name, layers=layers, title=title,
+                         fragment=fragment)
     return (_PAGE.replace("__TITLE__", html.escape(data["title"], quote=True))
             .replace("__CSS__", _CSS).replace("__JS__", _JS).replace("__DATA__", _json_for_script(data)))
 
 
 def write_explorer(path: Union[str, Path], traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: Sequence,
                    names: Optional[Sequence[str]] = None, model_name: str = "model",
-                   layers: Optional[Sequence[int]] = None, title: Optional[str] = None) -> Path:
+                   layers: Optional[Sequence[int]] = None, title: Optional[str] = None,
+                   fragment: str = "") -> Path:
     """Write `explorer_html(...)` to `path` (parent folders created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(explorer_html(traces, pieces, names=names, model_name=model_name, layers=layers, title=title),
-                    encoding="utf-8")
+    path.write_text(explorer_html(traces, pieces, names=names, model_name=model_name, layers=layers, title=title,
+                                  fragment=fragment), encoding="utf-8")
     return path
 
 
@@ -293,7 +301,7 @@ _JS = r"""
   var preview = null;              // {text, token} while the pointer is over a token
   function parseHash() {
     var s = { layer: LAYERS[0], text: 0, token: null, expert: null };
-    location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
+    (location.hash.replace(/^#/, "") || D.fragment || "").split("&").forEach(function (kv) {
       var p = kv.split("="), v = parseInt(p[1], 10);
       if (p.length !== 2 || !/^-?\d+$/.test(p[1])) return;
       if (p[0] === "layer" && LAYERS.indexOf(v) >= 0) s.layer = v;
@@ -304,14 +312,19 @@ _JS = r"""
     if (s.token !== null && !(s.token >= 0 && s.token < texts[s.text].T)) s.token = null;
     return s;
   }
-  function setState(patch) {
-    for (var key in patch) state[key] = patch[key];
+  function fragment() {
     var parts = ["layer=" + state.layer];
     if (state.token !== null) parts.push("token=" + state.token);
     if (state.expert !== null) parts.push("expert=" + state.expert);
     if (state.text) parts.push("text=" + state.text);
-    var h = "#" + parts.join("&");
-    if (location.hash !== h) location.hash = h; else render();   // hashchange renders
+    return "#" + parts.join("&");
+  }
+  function setState(patch) {
+    for (var key in patch) state[key] = patch[key];
+    // The URL follows the view so it can be copied as a link; replaceState fires no hashchange and
+    // keeps the back button for real navigation. An iframe's srcdoc page may refuse: the view still updates.
+    try { if (location.hash !== fragment()) history.replaceState(null, "", fragment()); } catch (err) { }
+    render();
   }
 
   // ------------------------------------------------------------------ build the page once

@@ -149,6 +149,41 @@ def test_rendered_routing_equals_the_trace(page, fragment, layer, text, token, e
     assert len(detail.find_all("div", class_="mini")) == trace.num_layers
 
 
+def highlighted_tokens(soup, p):
+    panel = soup.find("div", attrs={"class": "panel", "data-text": str(p)})
+    return {int(s["data-index"]) for s in panel.find_all("span", attrs={"data-hl": "1"})}
+
+
+def routed_to(trace, layer, expert):
+    return set((trace.expert_ids[trace.row(layer)] == expert).any(-1).nonzero()[:, 0].tolist())
+
+
+def test_clicks_update_the_view_and_the_url(page, tmp_path):
+    # Real click events, dispatched by a script appended after the page's own: pin token 3 of the
+    # second text, pick expert 4, step to the next layer; the page records its URL fragment afterwards.
+    clicks = ("<script>document.querySelector('.panel[data-text=\"1\"] .tok[data-index=\"3\"]').click();"
+              "document.querySelector('.chip[data-expert=\"4\"]').click();"
+              "document.querySelectorAll('.controls button')[1].click();"
+              "document.body.setAttribute('data-hash', location.hash);</script></body>")
+    path = tmp_path / "clicked.html"
+    path.write_text(page["path"].read_text(encoding="utf-8").replace("</body>", clicks), encoding="utf-8")
+    soup = dump_dom(path, "#layer=1")
+    assert soup.body["data-hash"] == "#layer=2&token=3&expert=4&text=1"
+    assert soup.body["data-layer"] == "2"
+    for p, trace in enumerate(page["traces"]):
+        assert highlighted_tokens(soup, p) == routed_to(trace, 2, 4)
+    assert soup.find(id="detail")["data-token"] == "3"
+
+
+def test_default_view_without_a_fragment(page, tmp_path):
+    # An iframe's srcdoc page has no URL to carry a fragment; `fragment=` gives the opening view.
+    trace, pieces = page["traces"][1], page["pieces"][1]
+    path = write_explorer(tmp_path / "opening.html", trace, pieces, fragment="layer=3&expert=6")
+    soup = dump_dom(path)
+    assert soup.body["data-layer"] == "3"
+    assert highlighted_tokens(soup, 0) == routed_to(trace, 3, 6)
+
+
 def test_repetition_table_is_the_papers_statistic(page):
     soup = dump_dom(page["path"], "#layer=2")
     table = soup.find(id="repetition")
