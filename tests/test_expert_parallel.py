@@ -1,0 +1,100 @@
+"""Expert parallelism over gloo processes equals the one-process model, uneven splits included."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixtral_edu import expert_parallel as ep
+from mixtral_edu.assets import TINY_MODEL_DIR
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.moe import SparseMoeBlock
+
+
+def test_expert_ranges_cover_every_expert_once():
+    assert ep.expert_ranges(8, 2) == [(0, 4), (4, 8)]
+    assert ep.expert_ranges(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert ep.expert_ranges(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert ep.expert_owner(8, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="1 to 8 ranks"):
+        ep.expert_ranges(8, 9)
+
+
+@pytest.fixture(scope="module")
+def report2():
+    return ep.check(TINY_MODEL_DIR, nproc=2, max_new_tokens=3)
+
+
+def test_two_gloo_processes_equal_one_process(report2):
+    assert report2.nproc == 2 and len(report2.results) == 2
+    assert report2.max_logit_diff <= ep.LOGIT_TOLERANCE
+    assert report2.tokens_agree and report2.passed
+    assert [len(r["new_tokens"]) for r in report2.results] == [3, 3]
+    # the prompts differ in length, so the ranks hold different numbers of tokens
+    lengths = [len(r["prompt"]) for r in report2.results]
+    assert lengths[0] != lengths[1]
+    k = 2
+    for layer in range(4):
+        records = [r["prefill"][layer][0] for r in report2.results]
+        assert [rec.tokens for rec in records] == lengths
+        # every (token, slot) row is processed by exactly one rank's experts
+        assert sum(rec.expert_rows for rec in records) == k * sum(lengths)
+        # what rank 0 sent to rank 1 is what rank 1 received from rank 0, and the other way
+        assert records[0].send_rows[1] == records[1].recv_rows[0]
+        assert records[1].send_rows[0] == records[0].recv_rows[1]
+    # activations did cross between the processes
+    assert sum(rec.remote_send_rows for r in report2.results for layer in r["prefill"] for rec in layer) > 0
+    # one decode step per new token but the last, plus the prefill, each a single MoE call per layer
+    assert all(len(layer) == 3 for r in report2.results for layer in r["decode"])
+
+
+def test_the_comparison_catches_a_wrong_result(report2):
+    job = ep.RunJob(str(TINY_MODEL_DIR), [r["prompt"] for r in report2.results], 3)
+    results = copy.deepcopy(report2.results)
+    results[1]["logits"][0, 5] += 1e-2
+    bad = ep.compare_with_single_process(job, results)
+    assert not bad.passed and bad.max_logit_diff > ep.LOGIT_TOLERANCE and bad.tokens_agree
+    results = copy.deepcopy(report2.results)
+    results[0]["new_tokens"][-1] += 1
+    assert not ep.compare_with_single_process(job, results).tokens_agree
+
+
+def test_uneven_split_a_rank_with_no_tokens_and_experts_that_get_none():
+    """3 ranks hold experts 0-2, 3-5, 6-7; rank 1 has no tokens, and no token picks expert 6 or 7."""
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                        vocab_size=32)
+    block = SparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        block.gate.weight.abs_()
+        block.gate.weight[6:] *= -1                  # positive inputs: experts 6, 7 get negative logits
+    inputs = [torch.rand(7, 16), torch.rand(0, 16), torch.rand(3, 16)]
+    results = ep.spawn(3, ep.moe_layer_worker, block, inputs)
+    for x, result in zip(inputs, results):
+        with torch.no_grad():
+            expected, _ = block(x) if len(x) else (x, None)
+        assert result["out"].shape == x.shape
+        torch.testing.assert_close(result["out"], expected, rtol=0, atol=1e-6)
+    records = [r["record"] for r in results]
+    assert [rec.tokens for rec in records] == [7, 0, 3]
+    assert records[1].send_rows == [0, 0, 0]
+    assert records[2].recv_rows == [0, 0, 0] and records[2].expert_rows == 0
+    assert records[2].send_rows[2] == 0
+    assert sum(rec.expert_rows for rec in records[:2]) == 2 * 10
+    for src in range(3):
+        for dst in range(3):
+            assert records[src].send_rows[dst] == records[dst].recv_rows[src]
+
+
+def test_command_line_errors_are_one_line_and_nonzero(tmp_path, capsys):
+    assert ep.main(["--check", "--nproc", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "1 to 8 ranks" in err and len(err.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "-m", "mixtral_edu.expert_parallel", "--check",
+                          "--weights", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and "not found" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
