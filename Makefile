@@ -16,18 +16,29 @@ $(PY):
 
 # The lock is complete (every transitive package pinned), so install it with --no-deps:
 # nothing unpinned sneaks in, and fschat's serving stack is not needed to import its templates.
-$(STAMP): $(PY) requirements.lock pyproject.toml
+# JupyterLab's settings for this project (one kernel, no news pop-up) are copied into the venv: see jupyter/README.md.
+$(STAMP): $(PY) requirements.lock pyproject.toml jupyter/jupyter_server_config.json jupyter/overrides.json
+	@echo "[1/4] pip"
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	@echo "[2/4] the pinned packages of requirements.lock (about 1.6 GB in .venv, mostly PyTorch's CPU build)"
+	$(PY) -m pip install --no-deps --progress-bar on -r requirements.lock
+	@echo "[3/4] the mixtral_edu package itself, editable (changes to mixtral_edu/ apply without reinstalling)"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@echo "[4/4] the Jupyter kernel \"Python (mixtral-edu)\" and JupyterLab's settings"
 	$(PY) -m ipykernel install --sys-prefix --name mixtral-edu --display-name "Python (mixtral-edu)" >/dev/null
+	mkdir -p $(VENV)/etc/jupyter $(VENV)/share/jupyter/lab/settings
+	cp jupyter/jupyter_server_config.json $(VENV)/etc/jupyter/
+	cp jupyter/overrides.json $(VENV)/share/jupyter/lab/settings/
 	touch $(STAMP)
+	@echo "Installed. make lab starts JupyterLab; make test runs every test and notebook."
 
 install: $(STAMP)
 
+# Rooted at the repository (so the package's source, data/ and the README are one click away), notebook 00 open.
 lab: $(STAMP)
-	@echo "Starting JupyterLab on notebooks/ (the URL with its token is printed below)."
-	$(VENV)/bin/jupyter lab --no-browser --port=$(PORT) --notebook-dir=notebooks $(ROOT_FLAG)
+	@echo "Starting JupyterLab on port $(PORT) with notebooks/00_overview.ipynb open: open the URL with its token printed below."
+	@echo "Stop it with Ctrl-C (twice, or once and answer y). Another port: make lab PORT=8890."
+	$(VENV)/bin/jupyter lab --no-browser --port=$(PORT) --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_overview.ipynb $(ROOT_FLAG)
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

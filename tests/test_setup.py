@@ -1,5 +1,6 @@
 """The set-up promises: the lock pins the whole set, conda's file agrees, and `make lab` serves."""
 
+import json
 import os
 import re
 import signal
@@ -76,8 +77,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _get(url):
+    for _ in range(20):  # the URL is printed as the server starts listening; allow a moment
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                assert response.status == 200
+                return response.read().decode("utf-8", "replace")
+        except urllib.error.URLError:
+            time.sleep(0.5)
+    return None
+
+
 def test_make_lab_serves_jupyterlab(tmp_path):
-    """`make lab` prints a URL and JupyterLab answers on it (then we stop it)."""
+    """`make lab` prints the URL of notebook 00 and JupyterLab answers on it, rooted at the repository,
+    with one kernel and no news pop-up (then we stop it)."""
     port = _free_port()
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"))
     proc = subprocess.Popen(
@@ -93,19 +106,20 @@ def test_make_lab_serves_jupyterlab(tmp_path):
                 break
             seen.append(line)
             # "localhost" may resolve to ::1 first, where the server may not listen; use the IPv4 line.
-            found = re.search(rf"(http://127\.0\.0\.1:{port}/lab\?token=\w+)", line)
-            url = found.group(1) if found else None
-        assert url, "make lab printed no URL:\n" + "".join(seen[-30:])
-        body = None
-        for _ in range(20):  # the URL is printed as the server starts listening; allow a moment
-            try:
-                with urllib.request.urlopen(url, timeout=30) as response:
-                    assert response.status == 200
-                    body = response.read().decode("utf-8", "replace")
-                    break
-            except urllib.error.URLError:
-                time.sleep(0.5)
+            found = re.search(rf"(http://127\.0\.0\.1:{port})(/lab/tree/notebooks/00_overview\.ipynb)\?(token=\w+)", line)
+            url = found.group(0) if found else None
+        assert url, "make lab printed no URL of notebook 00:\n" + "".join(seen[-30:])
+        base, token = found.group(1), found.group(3)
+        body = _get(url)
         assert body is not None and "JupyterLab" in body, f"no answer from {url}"
+        # rooted at the repository: the package, the data and the README are in the file browser
+        names = {item["name"] for item in json.loads(_get(f"{base}/api/contents?{token}"))["content"]}
+        assert {"README.md", "mixtral_edu", "data", "notebooks"} <= names, names
+        kernels = json.loads(_get(f"{base}/api/kernelspecs?{token}"))
+        assert kernels["default"] == "mixtral-edu" and list(kernels["kernelspecs"]) == ["mixtral-edu"]
+        notification = json.loads(_get(f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification?{token}"))
+        defaults = {k: v.get("default") for k, v in notification["schema"]["properties"].items()}
+        assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False
     finally:
         proc.stdout.close()
         os.killpg(proc.pid, signal.SIGTERM)
