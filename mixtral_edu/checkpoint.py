@@ -30,15 +30,17 @@ writes Mistral's two layouts (used by the tests and the notebook).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .config import MixtralConfig
+from .config import MixtralConfig, read_json_file
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict, mistral_to_hf_tensors
 from .hf_keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
 from .model import Mixtral
@@ -50,6 +52,7 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 MISTRAL_SAFETENSORS = "consolidated.safetensors"
 _PT_FILE = re.compile(r"consolidated\.(\d+)\.pth?$")
+_MAX_INDEX_BYTES = 64 << 20        # the index of a 100 GB checkpoint is about 100 KB
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -74,6 +77,9 @@ def detect_layout(path: PathLike) -> str:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     names = {p.name for p in folder.iterdir()}
+    if HF_INDEX in names and HF_SINGLE in names:
+        raise CheckpointError(f"{folder}: holds both {HF_SINGLE} and {HF_INDEX} (two different checkpoints?); "
+                              "remove the one that is not wanted")
     if HF_INDEX in names:
         layout, config = "hf-sharded", "config.json"
     elif HF_SINGLE in names:
@@ -88,6 +94,13 @@ def detect_layout(path: PathLike) -> str:
             f"consolidated.00.pt ...); the folder holds {sorted(names) or 'nothing'}")
     if config not in names:
         raise CheckpointError(f"{folder}: the {layout} layout needs {config}, which is missing")
+    others = [f for f in (MISTRAL_SAFETENSORS, "consolidated.00.pt", "consolidated.00.pth")
+              if f in names and not layout.startswith("mistral")]
+    if layout == "mistral" and any(_PT_FILE.match(n) for n in names):
+        others = ["consolidated.00.pt ..."]
+    if others:   # published downloads ship both; the choice must not be silent
+        warnings.warn(f"{folder}: holds weights in more than one layout; loading the {layout} layout, "
+                      f"ignoring {', '.join(others)}", stacklevel=3)
     return layout
 
 
@@ -119,20 +132,26 @@ def available_memory(device: Union[str, torch.device]) -> Optional[int]:
 def memory_plan(cfg: MixtralConfig, dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> dict:
     """What loading needs against what `device` has: {"needed_bytes", "available_bytes", "fits"}.
 
-    needed_bytes is the weights in `dtype` (params.memory_footprint with no KV cache); the file is
+    needed_bytes is the weights in `dtype` (params.memory_footprint with no KV cache) plus the RoPE cos/sin
+    tables `[max_position_embeddings, head_dim]` the model builds (`rope_table_bytes`); the file is
     memory-mapped and streamed, so nothing else of the model's size is held. available_bytes is
     None (and fits True) for devices that cannot be asked (e.g. "meta").
     """
-    needed = memory_footprint(cfg, dtype, context_len=0)["weights_bytes"]
+    needed = memory_footprint(cfg, dtype, context_len=0)["weights_bytes"] + rope_table_bytes(cfg, dtype)
     available = available_memory(device)
     return {"needed_bytes": needed, "available_bytes": available,
             "fits": available is None or needed <= available}
 
 
+def rope_table_bytes(cfg: MixtralConfig, dtype: torch.dtype) -> int:
+    """Bytes of the cos and sin tables, each `[max_position_embeddings, head_dim]` in `dtype`."""
+    return 2 * cfg.max_position_embeddings * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
     gib = 2 ** 30
     return (
-        f"loading needs {plan['needed_bytes'] / gib:.2f} GiB of weights in {dtype} on {device}, but only "
+        f"loading needs {plan['needed_bytes'] / gib:.2f} GiB of weights (and RoPE tables) in {dtype} on {device}, but only "
         f"{plan['available_bytes'] / gib:.2f} GiB is free. Ways out: load in int8 (about half of bf16), "
         "offload experts to CPU/disk and bring them in on demand, spread the layers over more GPUs, "
         "or use a smaller dtype (bf16 instead of float32). Pass ignore_memory_check=True to try anyway."
@@ -374,12 +393,17 @@ def _pt_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     The file's mapping lives until its last tensor is used: peak memory is the model plus one file.
     """
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not a regular file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise CheckpointError(f"{file}: not a readable weights-only torch file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    if not all(isinstance(k, str) for k in state):
+        bad = next(k for k in state if not isinstance(k, str))
+        raise CheckpointError(f"{file}: key {bad!r} is a {type(bad).__name__}, not a tensor name")
     for key in sorted(state):
         value = state.pop(key)
         if not isinstance(value, torch.Tensor):
@@ -391,14 +415,22 @@ def _hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:
     """(shard file, keys the index assigns to it) for a sharded HF folder, all shards checked to exist."""
     index_file = folder / HF_INDEX
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index_file}: not a valid index ({type(err).__name__}: {err})") from None
+        index = read_json_file(index_file, _MAX_INDEX_BYTES)
+    except (ValueError, FileNotFoundError) as err:
+        raise CheckpointError(f"not a valid index: {err}") from None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file}: not a valid index (weight_map must be an object of "
+                              f"tensor name -> shard file name)")
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_file}: tensor {key}: the shard must be a file name, got {shard!r}")
+        # A shard is a file of this folder: no directories, no "..", no absolute paths.
+        if (not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard
+                or os.path.isabs(shard) or Path(shard).name != shard):
+            raise CheckpointError(f"{index_file}: tensor {key}: shard {shard!r} is not a file name inside "
+                                  "the checkpoint folder")
         by_shard.setdefault(shard, []).append(key)
     missing = [s for s in by_shard if not (folder / s).is_file()]
     if missing:
@@ -440,9 +472,9 @@ def _weight_files(folder: Path, layout: str) -> tuple[list[Path], Callable[[Path
 def _checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dtype:
     """The dtype the checkpoint stores its float weights in (config.json's dtype, else the first float tensor's)."""
     if layout.startswith("hf"):
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        data = read_json_file(folder / "config.json")
         name = data.get("dtype") or data.get("torch_dtype")
-        if name in _DTYPES:
+        if isinstance(name, str) and name in _DTYPES:
             return _DTYPES[name]
     if layout == "mistral-pt":
         for file in files:
@@ -479,6 +511,18 @@ def _empty_model(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.d
     return model
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in float tensor `t`. Two reductions, no temporary of t's size (which would
+    add to the load's peak memory): min and max are NaN when any value is, infinite when any is."""
+    if t.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(t)
+    except RuntimeError:            # dtypes without aminmax (float8): the plain way
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _is_stacked_expert(name: str) -> bool:
     """True for a layer's stacked expert weights (`layers.{i}.block_sparse_moe.experts.w1` ...)."""
     return re.search(r"\.experts\.w[123]$", name) is not None
@@ -493,7 +537,9 @@ def _bytes_per_device(cfg: MixtralConfig, devices: list[torch.device], dtype: to
     for device in devices:
         sizes[device] += counts["per_layer"]
     sizes[devices[-1]] += counts["lm_head"] + cfg.hidden_size          # and the final norm
-    return {device: n * itemsize for device, n in sizes.items()}
+    sizes = {device: n * itemsize for device, n in sizes.items()}
+    sizes[devices[0]] += rope_table_bytes(cfg, dtype)
+    return sizes
 
 
 def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConfig):
@@ -507,7 +553,8 @@ def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConf
 def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu", dtype: Optional[torch.dtype] = None,
                *, progress: bool = True, ignore_memory_check: bool = False,
                layers_per_device: Optional[Sequence[int]] = None,
-               on_layer_loaded: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Mixtral:
+               on_layer_loaded: Optional[Callable[[int, torch.nn.Module], None]] = None,
+               allow_non_finite: bool = False) -> Mixtral:
     """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
 
     device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
@@ -521,6 +568,8 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
         decoder layer i is in place (e.g. to quantise it and move it to a GPU); the loader then
         holds no reference to that layer's old weights, so CPU pages it released are not needed
         again: the host holds a few layers at a time, not the whole model.
+    allow_non_finite: load weights holding NaN or infinity (after conversion to `dtype`); by default
+        such a tensor is refused by name, since a model with them only ever predicts NaN.
     Raises CheckpointError (file and tensor named) for anything wrong with the files, and
     InsufficientMemoryError when the weights would not fit.
     """
@@ -530,6 +579,8 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     layout = detect_layout(folder)
     cfg = read_config(folder)
     files, tensors_of = _weight_files(folder, layout)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     dtype = dtype or _checkpoint_dtype(folder, layout, files)
     split = isinstance(device, (list, tuple))
     if split:
@@ -586,6 +637,10 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
                 if not t.is_floating_point():
                     raise CheckpointError(f"{where}: dtype {t.dtype} is not a float weight")
                 target.copy_(t)                           # converts dtype and moves to the device
+                if not allow_non_finite and target.device.type != "meta" and not _all_finite(target):
+                    bad = int(target.numel() - torch.isfinite(target).sum())
+                    raise CheckpointError(f"{where}: {bad} of {target.numel()} values of {hf_key} are NaN or "
+                                          f"infinite in {target.dtype}; pass allow_non_finite=True to load anyway")
                 filled[(name, expert)] = file.name
                 bar.update(t.numel())
                 if name.startswith("layers."):
@@ -619,24 +674,150 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
 
 
 # ============================================================================= save
+_OWNER_KEY = "written_by"
+_OWNER = "mixtral-edu"
+_NUMBERED_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
 def _parse_size(size: Union[int, str]) -> int:
     """'5GB' -> 5e9 bytes; KB/MB/GB are powers of 10, KiB/MiB/GiB of 2 (as in Hugging Face)."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be at least 1 byte, got {size}")
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not isinstance(size, str):
+        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
     if not m:
         raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
-    return int(float(m.group(1)) * scale[unit])
+    value = int(float(m.group(1)) * scale[unit])
+    if value < 1:
+        raise ValueError(f"max_shard_size {size!r} is less than one byte")
+    return value
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write `data` to a NEW file `path` (never through an existing file or link), flushed to disk."""
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _ours(file: Path) -> bool:
+    """True when `file` is a safetensors shard or index that an earlier save_model wrote (it says so inside)."""
+    try:
+        if file.is_symlink() or not file.is_file():
+            return False
+        if file.name.endswith(".json"):
+            data = read_json_file(file, _MAX_INDEX_BYTES)
+            return isinstance(data, dict) and isinstance(data.get("metadata"), dict) and \
+                data["metadata"].get(_OWNER_KEY) == _OWNER
+        with SafetensorsFile(file) as st:
+            return st.metadata.get(_OWNER_KEY) == _OWNER
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def _index_shards(folder: Path) -> set[str]:
+    """Numbered shard names that the folder's current index lists (the checkpoint a save replaces)."""
+    try:
+        weight_map = read_json_file(folder / HF_INDEX, _MAX_INDEX_BYTES).get("weight_map", {})
+        return {s for s in weight_map.values() if isinstance(s, str) and _NUMBERED_SHARD.fullmatch(s)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> list[Path]:
+    """Files of the checkpoint being replaced that the new one does not overwrite by name.
+
+    `layout_names` (config.json, model.safetensors, the index) define the layout, so a save of that
+    layout owns them. A numbered shard `model-000NN-of-000MM.safetensors` goes only if an earlier save of
+    ours wrote it or the index being replaced lists it; anything else (a user's own
+    `model-final-of-run3.safetensors`, tokenizer files, notes) stays.
+    """
+    listed = _index_shards(folder)
+    stale = []
+    for entry in folder.iterdir():
+        if entry.name in keep or not (entry.is_file() or entry.is_symlink()):
+            continue
+        if entry.name in layout_names or (_NUMBERED_SHARD.fullmatch(entry.name)
+                                          and (entry.name in listed or _ours(entry))):
+            stale.append(entry)
+    return stale
+
+
+def _commit(folder: Path, staging: Path, names: list[str], stale: list[Path]) -> None:
+    """Move the finished files in `staging` into `folder`, replacing the old checkpoint's files.
+
+    Every new file is complete and on disk before this starts. The old files are first moved aside
+    (renames, no copying), then the new ones moved in; if anything fails, the old ones are put back.
+    A rename replaces a symlink itself, never the file it points to. Should the process die in the
+    middle, both checkpoints are still complete on disk (the new one in `staging`, the old one in
+    the `.mixtral-edu-old-*` folder beside it).
+    """
+    import tempfile
+
+    backup = Path(tempfile.mkdtemp(prefix=".mixtral-edu-old-", dir=folder))
+    moved_aside: list[tuple[Path, Path]] = []
+    moved_in: list[Path] = []
+    try:
+        for old in [*(folder / n for n in names if (folder / n).is_file() or (folder / n).is_symlink()), *stale]:
+            aside = backup / old.name
+            os.replace(old, aside)
+            moved_aside.append((old, aside))
+        for name in names:
+            os.replace(staging / name, folder / name)
+            moved_in.append(folder / name)
+        _fsync(folder)
+    except BaseException:
+        for new in moved_in:
+            os.replace(new, staging / new.name)
+        for old, aside in reversed(moved_aside):
+            os.replace(aside, old)
+        os.rmdir(backup)
+        raise
+    import shutil
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names: Sequence[str]) -> list[str]:
+    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `_commit`.
+
+    A failure while writing (a full disk, an interrupt) removes the staging folder and leaves the old
+    checkpoint exactly as it was.
+    """
+    import shutil
+    import tempfile
+
+    if folder.is_symlink() and not folder.exists():
+        raise CheckpointError(f"{folder}: a symlink to a folder that does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mixtral-edu-save-", dir=folder))
+    try:
+        names = write(staging)
+        for name in names:
+            _fsync(staging / name)
+        _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
 
 
 @torch.no_grad()
@@ -648,13 +829,17 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
     shard of `max_shard_size` bytes (int, or '500MB', '5GB', '2GiB'), else
     model-000NN-of-000MM.safetensors shards plus model.safetensors.index.json. Keys are per expert
     (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
-    Returns the names of the files written.
+
+    Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then moved
+    into place by renames (see `_commit`), so a full disk or a crash mid-save leaves the old checkpoint
+    loadable. Of the files already there it replaces only config.json, model.safetensors, the index
+    and numbered shards an earlier save of ours (or the replaced index) accounts for; symlinks are
+    replaced, never written through. Returns the names of the files written.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
     state = to_hf_state_dict(model)                           # views into the model, no copy
     shards: list[list[str]] = [[]]
@@ -666,25 +851,27 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
             size = 0
         shards[-1].append(key)
         size += nbytes
-
     dtype = model.embed_tokens.weight.dtype
     config = model.config.to_hf_config()
     config["dtype"] = _dtype_name(dtype)
-    _write_json(folder / "config.json", config)
-    for stale in [folder / HF_SINGLE, folder / HF_INDEX, *folder.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)                         # a previous save must not leave extra shards
-
     n = len(shards)
     names = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
-    for name, keys in tqdm(list(zip(names, shards)), desc="saving shards", disable=not progress):
-        # safetensors refuses tensors that share memory (w1[0], w1[1] are views of one parameter): copy this shard only.
-        save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in keys}, str(folder / name),
-                  metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        _write_json(folder / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+    def write(staging: Path) -> list[str]:
+        weight_map = {}
+        for name, keys in tqdm(list(zip(names, shards)), desc="saving shards", disable=not progress):
+            # safetensors refuses tensors that share memory (w1[0], w1[1] are views of one parameter): copy this shard only.
+            save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in keys}, str(staging / name),
+                      metadata={"format": "pt", _OWNER_KEY: _OWNER})
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            _write_json(staging / HF_INDEX, {"metadata": {"total_size": total, _OWNER_KEY: _OWNER},
+                                             "weight_map": weight_map})
+        _write_json(staging / "config.json", config)
+        return [*names, *([HF_INDEX] if n > 1 else []), "config.json"]
+
+    _staged_save(folder, write, ("config.json", HF_SINGLE, HF_INDEX))
     return ["config.json", *names] + ([HF_INDEX] if n > 1 else [])
 
 
@@ -701,31 +888,34 @@ def save_mistral(model: Mixtral, path: PathLike, layout: str = "mistral", num_fi
 
     cfg = model.config
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if layout not in ("mistral", "mistral-pt"):
+        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r}")
     params = cfg.to_params_json()
     if cfg.max_position_embeddings != 32768:          # from_params_json's default, Mixtral's context
         params["max_seq_len"] = cfg.max_position_embeddings
-    _write_json(folder / "params.json", params)
     hf_state = to_hf_state_dict(model)
     if cfg.tie_word_embeddings:                       # params.json cannot say "tied": store output explicitly
         hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
-    if layout == "mistral":
-        state = {k: v.to("cpu").contiguous().clone() for k, v in hf_to_mistral_state_dict(hf_state, cfg).items()}
-        save_file(state, str(folder / MISTRAL_SAFETENSORS))
-        return ["params.json", MISTRAL_SAFETENSORS]
-    if layout != "mistral-pt":
-        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r}")
-    state = hf_to_original_state_dict(hf_state, cfg)
-    files: list[dict[str, torch.Tensor]] = [{} for _ in range(num_files)]
-    for key, tensor in state.items():
-        m = re.match(r"layers\.(\d+)\.", key)
-        if m:
-            index = int(m.group(1)) * num_files // cfg.num_hidden_layers
-        else:
-            index = 0 if key == "tok_embeddings.weight" else num_files - 1
-        files[index][key] = tensor.to("cpu").contiguous().clone()
-    names = []
-    for i, part in enumerate(files):
-        names.append(f"consolidated.{i:02d}.pt")
-        torch.save(part, folder / names[-1])
-    return ["params.json", *names]
+
+    def write(staging: Path) -> list[str]:
+        _write_json(staging / "params.json", params)
+        if layout == "mistral":
+            state = {k: v.to("cpu").contiguous().clone() for k, v in hf_to_mistral_state_dict(hf_state, cfg).items()}
+            save_file(state, str(staging / MISTRAL_SAFETENSORS), metadata={_OWNER_KEY: _OWNER})
+            return ["params.json", MISTRAL_SAFETENSORS]
+        state = hf_to_original_state_dict(hf_state, cfg)
+        files: list[dict[str, torch.Tensor]] = [{} for _ in range(num_files)]
+        for key, tensor in state.items():
+            m = re.match(r"layers\.(\d+)\.", key)
+            if m:
+                index = int(m.group(1)) * num_files // cfg.num_hidden_layers
+            else:
+                index = 0 if key == "tok_embeddings.weight" else num_files - 1
+            files[index][key] = tensor.to("cpu").contiguous().clone()
+        names = []
+        for i, part in enumerate(files):
+            names.append(f"consolidated.{i:02d}.pt")
+            torch.save(part, staging / names[-1])
+        return ["params.json", *names]
+
+    return _staged_save(folder, write, ("params.json", MISTRAL_SAFETENSORS))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -23,6 +25,20 @@ _HF_IGNORED_KEYS = {
     "tokenizer_class", "layer_types", "attention_bias", "mlp_bias", "pretraining_tp",
     "_attn_implementation", "_attn_implementation_autoset", "name_or_path",
 }
+
+
+# Upper bounds on the integer fields: generous (several times every published Mixtral/Mistral config)
+# but finite, so that a config file cannot make us allocate or loop without limit.
+LIMITS = {
+    "vocab_size": 1 << 20, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024, "num_local_experts": 1024,
+    "num_experts_per_tok": 1024, "max_position_embeddings": 1 << 24,
+}
+MAX_CONFIG_BYTES = 1 << 20     # config.json / params.json of real models are a few KB
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,7 +69,8 @@ class MixtralConfig:
     router_aux_loss_coef: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.head_dim is None and self.num_attention_heads > 0:
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0 \
+                and isinstance(self.hidden_size, int):
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
@@ -98,16 +115,17 @@ class MixtralConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ValueError naming the field when the architecture is impossible."""
-        positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-            "num_experts_per_tok", "max_position_embeddings",
-        ]
-        for name in positive:
+        """Raise ValueError naming the field when the architecture is impossible or absurdly large.
+
+        Every field is type-checked (integers are ints, never bools or floats; tie_word_embeddings is a
+        bool) and bounded by `LIMITS`, which admit every published Mixtral and Mistral config (the
+        largest: Mistral-Large-2's 88 layers, Mistral-Nemo's 131072 vocabulary and 1024000 positions),
+        so a config can neither allocate nor loop without bound before anything is loaded.
+        """
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MixtralConfig.{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"MixtralConfig.{name} must be an integer in [1, {limit}], got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"MixtralConfig.num_attention_heads ({self.num_attention_heads}) must be divisible "
@@ -120,16 +138,29 @@ class MixtralConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"MixtralConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"MixtralConfig.rope_theta must be positive, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"MixtralConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        for name, low, high in (("rope_theta", 0, math.inf), ("rms_norm_eps", 0, 1)):
+            value = getattr(self, name)
+            if not _is_real(value) or not (low < value < high and math.isfinite(value)):
+                raise ValueError(f"MixtralConfig.{name} must be a finite number in ({low}, {high}), got {value!r}")
+        if not _is_real(self.router_aux_loss_coef) or not (
+                math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            raise ValueError(f"MixtralConfig.router_aux_loss_coef must be a finite number >= 0, "
+                             f"got {self.router_aux_loss_coef!r}")
         if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+            or not 0 < self.sliding_window <= LIMITS["max_position_embeddings"]
         ):
             raise ValueError(
                 f"MixtralConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}"
             )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"MixtralConfig.tie_word_embeddings must be true or false (a JSON boolean), "
+                             f"got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"MixtralConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), "
+                                 f"got {value!r}")
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
@@ -159,13 +190,26 @@ class MixtralConfig:
         rope_scaling = data.pop("rope_scaling", None)
         rope_parameters = data.pop("rope_parameters", None)
         if rope_parameters is not None:
+            if not isinstance(rope_parameters, dict):
+                raise fail(f"rope_parameters must be an object, got {rope_parameters!r}")
             rope_type = rope_parameters.get("rope_type", "default")
             if rope_type != "default":
                 raise fail(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
             if "rope_theta" in rope_parameters:
-                data.setdefault("rope_theta", rope_parameters["rope_theta"])
+                theta = rope_parameters["rope_theta"]
+                if "rope_theta" in data and not _same_number(data["rope_theta"], theta):
+                    # transformers 5 reads one, transformers 4 the other: refuse rather than pick
+                    raise fail(f"rope_parameters.rope_theta={theta!r} disagrees with rope_theta="
+                               f"{data['rope_theta']!r}; keep one, or make them equal")
+                data["rope_theta"] = theta
         if rope_scaling:
             raise fail(f"rope_scaling={rope_scaling!r} is not supported")
+        dtypes = {k: data[k] for k in ("dtype", "torch_dtype") if data.get(k) is not None}
+        for key, value in dtypes.items():
+            if not isinstance(value, str):
+                raise fail(f"{key} must be a string such as 'bfloat16', got {value!r}")
+        if len(set(dtypes.values())) > 1:
+            raise fail(f"dtype={dtypes['dtype']!r} disagrees with torch_dtype={dtypes['torch_dtype']!r}")
         # transformers names the dense sibling's intermediate size the same way; nothing to map.
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -214,6 +258,8 @@ class MixtralConfig:
         if missing:
             raise ValueError(f"{path}: params.json is missing fields {missing}")
         moe = data.get("moe") or {"num_experts": 1, "num_experts_per_tok": 1}
+        if not isinstance(moe, dict):
+            raise ValueError(f"{path}: params.json field moe must be an object, got {moe!r}")
         for key in ("num_experts", "num_experts_per_tok"):
             if key not in moe:
                 raise ValueError(f"{path}: params.json field moe.{key} is missing")
@@ -252,14 +298,64 @@ class MixtralConfig:
         return data
 
 
-def _read_json(path: str) -> dict:
+def _same_number(a, b) -> bool:
+    return _is_real(a) and _is_real(b) and float(a) == float(b)
+
+
+class _Pairs(dict):
+    """A parsed JSON object; json.loads keeps the last of repeated keys, so we note conflicting repeats."""
+
+
+def _object_without_conflicts(pairs):
+    obj = _Pairs()
+    for key, value in pairs:
+        if key in obj and obj[key] != value:
+            raise ValueError(f"field {key!r} appears twice with different values ({obj[key]!r} and {value!r})")
+        obj[key] = value
+    return obj
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json_file(path: "str | os.PathLike", max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from a small regular file: FileNotFoundError when absent, else ValueError naming the file.
+
+    Refuses what is not a regular file (a FIFO or /dev/zero would hang or fill memory), files over
+    `max_bytes`, invalid UTF-8, NaN/Infinity, nesting deep enough to exhaust the stack, and a key
+    repeated with two different values.
+    """
+    path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        info = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as err:
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a config file may have")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: more than the {max_bytes} bytes a config file may have")
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_conflicts,
+                          parse_constant=_refuse_constant)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data
+    return dict(data)
+
+
+_read_json = read_json_file

@@ -238,23 +238,24 @@ def test_memory_refusal_names_the_ways_out(saved, monkeypatch):
     message = str(info.value)
     for way_out in ("int8", "offload experts", "more GPUs", "ignore_memory_check=True"):
         assert way_out in message
-    assert "GiB of weights in torch.float32 on cpu" in message
+    assert "GiB of weights (and RoPE tables) in torch.float32 on cpu" in message
     load_model(saved / "hf", progress=False, ignore_memory_check=True)     # the override
 
 
 def test_memory_plan_uses_params_memory_footprint():
     from mixtral_edu.params import count_parameters
     plan = memory_plan(MixtralConfig.mixtral_8x7b(), torch.bfloat16, "meta")
-    assert plan == {"needed_bytes": 2 * count_parameters(MixtralConfig.mixtral_8x7b())["total"],
+    rope = 2 * 32768 * 128 * 2                       # cos and sin [positions, head_dim] in bf16
+    assert plan == {"needed_bytes": 2 * count_parameters(MixtralConfig.mixtral_8x7b())["total"] + rope,
                     "available_bytes": None, "fits": True}
-    assert plan["needed_bytes"] == 93_405_585_408
+    assert plan["needed_bytes"] == 93_405_585_408 + 16_777_216
     cpu = memory_plan(CFG, torch.float32, "cpu")
     assert 0 < cpu["available_bytes"] and cpu["fits"]
 
 
 def test_safetensors_reader_views_and_release(saved):
     with SafetensorsFile(saved / "hf" / "model.safetensors") as st:
-        assert st.metadata == {"format": "pt"}
+        assert st.metadata == {"format": "pt", "written_by": "mixtral-edu"}
         t = st.tensor("model.norm.weight")
         assert t.shape == (32,) and t.dtype == torch.float32
         copy = t.clone()

@@ -141,3 +141,86 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         MixtralConfig.from_hf_config(tmp_path)
+
+
+# ----------------------------------------------------------------------------- issue 15: validated before use
+PUBLISHED = {  # the architecture fields of published Mistral AI config.json files
+    "Mixtral-8x22B-v0.1": dict(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                               num_attention_heads=48, num_key_value_heads=8, max_position_embeddings=65536,
+                               num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6),
+    "Mistral-7B-v0.1": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                            sliding_window=4096, rope_theta=10000.0, num_local_experts=1, num_experts_per_tok=1),
+    "Mistral-Nemo-Base-2407": dict(vocab_size=131072, hidden_size=5120, intermediate_size=14336, head_dim=128,
+                                   num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=1024000, rope_theta=1e6, num_local_experts=1,
+                                   num_experts_per_tok=1),
+    "Mistral-Large-Instruct-2407": dict(vocab_size=32768, hidden_size=12288, intermediate_size=28672,
+                                        num_hidden_layers=88, num_attention_heads=96, num_key_value_heads=8,
+                                        max_position_embeddings=131072, rope_theta=1e6, num_local_experts=1,
+                                        num_experts_per_tok=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_bounds_admit_every_published_config(name):
+    cfg = MixtralConfig.from_hf_config(dict(MIXTRAL_8X7B_HF, **PUBLISHED[name]))
+    assert cfg.num_hidden_layers == PUBLISHED[name]["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"max_position_embeddings": 10 ** 8}, r"max_position_embeddings must be an integer in \[1, 16777216\]"),
+    ({"num_hidden_layers": 30000}, "num_hidden_layers must be an integer"),
+    ({"hidden_size": 4096.0}, "hidden_size must be an integer"),
+    ({"num_local_experts": "8"}, "num_local_experts must be an integer"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
+    ({"rope_theta": "abc"}, "rope_theta must be a finite number"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+    ({"router_aux_loss_coef": -1}, "router_aux_loss_coef"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false"),
+    ({"eos_token_id": [2, 3]}, "eos_token_id must be a token id"),
+    ({"bos_token_id": 40000}, "bos_token_id must be a token id"),
+    ({"rope_parameters": 5}, "rope_parameters must be an object"),
+    ({"dtype": ["bfloat16"]}, "dtype must be a string"),
+    ({"dtype": "float16"}, "dtype='float16' disagrees with torch_dtype='bfloat16'"),
+])
+def test_types_and_bounds_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MixtralConfig.from_hf_config(dict(MIXTRAL_8X7B_HF, **overrides))
+
+
+def test_disagreeing_rope_theta_fields_are_refused_naming_both():
+    d = dict(MIXTRAL_8X7B_HF, rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    with pytest.raises(ValueError, match=r"rope_parameters\.rope_theta=1000000\.0 disagrees with rope_theta=10000\.0"):
+        MixtralConfig.from_hf_config(d)
+    same = dict(d, rope_theta=1000000)                      # the same number written twice is fine
+    assert MixtralConfig.from_hf_config(same).rope_theta == 1e6
+
+
+def test_a_key_repeated_with_two_values_is_refused(tmp_path):
+    text = json.dumps(MIXTRAL_8X7B_HF)[:-1] + ', "rope_theta": 10000.0}'
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"'rope_theta' appears twice with different values \(1000000\.0 and 10000\.0\)"):
+        MixtralConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("moe, match", [(5, "moe must be an object"), ({"num_experts": 8, "num_experts_per_tok": "2"},
+                                                                         "num_experts_per_tok must be an integer")])
+def test_params_json_types(tmp_path, moe, match):
+    (tmp_path / "params.json").write_text(json.dumps(dict(MIXTRAL_8X7B_PARAMS, moe=moe)))
+    with pytest.raises(ValueError, match=match):
+        MixtralConfig.from_params_json(tmp_path)
+
+
+def test_config_files_must_be_small_regular_files(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="not a regular file"):          # would block forever if opened
+        MixtralConfig.from_hf_config(tmp_path)
+    with pytest.raises(ValueError, match="not a regular file"):
+        MixtralConfig.from_hf_config("/dev/zero")
+    (tmp_path / "params.json").write_bytes(b'{"dim": 4096, "x": "\xff"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        MixtralConfig.from_params_json(tmp_path)
