@@ -451,7 +451,8 @@ _JS = r"""
     ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
     for (var r = 0; r < L; r++) {
       ctx.fillStyle = "#333"; ctx.textAlign = "right";
-      if (g.rh >= 9 && (L <= 16 || r % 2 === 0 || r === r0)) ctx.fillText("layer " + LAYERS[r], g.left - 4, g.top + (r + 0.5) * g.rh);
+      // Rows under 12 px: every other label, the shown layer's always, never one touching it.
+      if (L <= 16 || r === r0 || (r % 2 === 0 && Math.abs(r - r0) > 1)) ctx.fillText("layer " + LAYERS[r], g.left - 4, g.top + (r + 0.5) * g.rh);
       for (var t = 0; t < x.T; t++) {
         ctx.globalAlpha = (state.expert !== null && slotOf(x, r, t, state.expert) < 0) ? 0.15 : 1;
         ctx.fillStyle = C[ID(x, r, t, 0)];
