@@ -334,7 +334,8 @@ _JS = r"""
   var totalTokens = texts.map(function (x) { return x.T + " tokens"; }).join(" and ");
   app.appendChild(el("p", "sub", D.model + " · " + E + " experts, top-" + K + " routing · " + L +
     " traced layer" + (L > 1 ? "s" : "") + " · " + totalTokens +
-    ". Hover a token for its router distribution in every layer, click to pin it; click an expert to highlight its tokens."));
+    ". Hover a token for its router distribution in every layer, click to pin it; click an expert to highlight its tokens. " +
+    "Keys: \u2191/\u2193 layer, \u2190/\u2192 token, Esc clear."));
 
   var controls = el("div", "controls");
   controls.appendChild(el("label", null, "Shown layer: "));
@@ -558,6 +559,18 @@ _JS = r"""
     document.body.setAttribute("data-rendered", "1");
   }
 
+  // Keys: up/down step through the layers, left/right through the tokens of the pinned text, Esc clears.
+  document.addEventListener("keydown", function (ev) {
+    if (ev.target && ev.target.tagName === "SELECT") return;       // the selector handles its own arrows
+    var t = state.token, T = texts[state.text].T;
+    if (ev.key === "ArrowUp") step(-1);
+    else if (ev.key === "ArrowDown") step(1);
+    else if (ev.key === "ArrowLeft") setState({ token: t === null ? 0 : Math.max(0, t - 1) });
+    else if (ev.key === "ArrowRight") setState({ token: t === null ? 0 : Math.min(T - 1, t + 1) });
+    else if (ev.key === "Escape") setState({ expert: null, token: null });
+    else return;
+    ev.preventDefault();
+  });
   window.addEventListener("hashchange", function () { state = parseHash(); render(); });
   state = parseHash();
   render();

@@ -160,19 +160,21 @@ def routed_to(trace, layer, expert):
 
 def test_clicks_update_the_view_and_the_url(page, tmp_path):
     # Real click events, dispatched by a script appended after the page's own: pin token 3 of the
-    # second text, pick expert 4, step to the next layer; the page records its URL fragment afterwards.
+    # second text, pick expert 4, step to the next layer, then the right arrow key moves to token 4;
+    # the page records its URL fragment afterwards.
     clicks = ("<script>document.querySelector('.panel[data-text=\"1\"] .tok[data-index=\"3\"]').click();"
               "document.querySelector('.chip[data-expert=\"4\"]').click();"
               "document.querySelectorAll('.controls button')[1].click();"
+              "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowRight'}));"
               "document.body.setAttribute('data-hash', location.hash);</script></body>")
     path = tmp_path / "clicked.html"
     path.write_text(page["path"].read_text(encoding="utf-8").replace("</body>", clicks), encoding="utf-8")
     soup = dump_dom(path, "#layer=1")
-    assert soup.body["data-hash"] == "#layer=2&token=3&expert=4&text=1"
+    assert soup.body["data-hash"] == "#layer=2&token=4&expert=4&text=1"
     assert soup.body["data-layer"] == "2"
     for p, trace in enumerate(page["traces"]):
         assert highlighted_tokens(soup, p) == routed_to(trace, 2, 4)
-    assert soup.find(id="detail")["data-token"] == "3"
+    assert soup.find(id="detail")["data-token"] == "4"
 
 
 def test_default_view_without_a_fragment(page, tmp_path):
