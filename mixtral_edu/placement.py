@@ -1,16 +1,25 @@
 """Where do the weights go? A planner from sizes alone (no weights, no GPU needed).
 
 Mixtral-8x7B holds 46.7B parameters: 93.4 GB in bf16. `plan_placement` looks at the config, the
-weight dtype, the context length and how much memory each GPU has free, and picks the first of
-these that fits, from fastest to slowest:
+weight dtype, the context length, how much memory each GPU has free and (optionally) how much host
+memory there is, and picks the first of these that fits:
 
 1. "single":   every weight in bf16 on one GPU (an H200's 141 GB holds it).
-2. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
-               `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
-3. "int8":     experts and attention stored as int8 with one scale per output channel, the
+2. "int8":     experts and attention stored as int8 with one scale per output channel, the
                rest bf16, about 47 GB on one GPU (see quant.py).
+3. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
+               `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
 4. "offload":  every weight but the experts on the GPU; the experts wait in pinned CPU memory
                and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
+
+One GPU comes before several (`prefer_one_gpu=True`, the default): int8 on one GPU reads half the
+bytes per token and keeps the sync-free decoder (fast_decode.py), while a split runs at about one
+GPU's speed. `prefer_one_gpu=False` puts the exact bf16 split before int8. To choose which GPUs
+are seen at all, start Python with `CUDA_VISIBLE_DEVICES=0` (or `=2,3`).
+
+Host memory counts too: offloading stages the whole model in host memory before the experts are
+pinned there, so a 24 GB GPU on a 64 GB desktop cannot offload 8x7B; `host_bytes_needed` says how
+much each strategy needs, and `plan_placement(..., host_free_bytes=...)` refuses what does not fit.
 
 `load_placed(path, plan)` then loads a checkpoint the way a plan says.
 
@@ -80,6 +89,7 @@ class Plan:
     layers_per_device: decoder layers on each device, in order (split plans; otherwise all on one).
     bytes_per_device: planned GPU bytes (weights + KV cache + reserve) on each device.
     cache_slots: experts the GPU holds at once (offload plans only).
+    host_bytes: host memory the load needs at its peak (see host_bytes_needed).
     explanation: the reasoning in plain words.
     """
 
@@ -92,6 +102,7 @@ class Plan:
     cache_slots: Optional[int] = None
     explanation: str = ""
     rejected: dict = field(default_factory=dict)   # strategy -> why it did not fit
+    host_bytes: int = 0                            # peak host memory while loading (host_bytes_needed)
 
     def __str__(self) -> str:
         return self.explanation
@@ -112,14 +123,55 @@ def _split_layers(num_layers: int, capacities: Sequence[float]) -> list:
     return counts
 
 
+def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
+    """Peak host (CPU) memory that `load_placed` needs for `strategy`, from sizes alone.
+
+    single, split: tensors stream from the files straight to their GPU; the host holds about one
+    tensor at a time (the largest is the embedding or lm_head). int8: the host holds the decoder
+    layers that are not complete yet, about two at a time, each quantised onto the GPU as it
+    completes. offload: the whole model is staged in host memory in `dtype`, and each layer's
+    experts are copied into pinned memory before the unpinned copy is freed (one layer extra).
+    """
+    p = count_parameters(cfg)
+    b = dtype_bytes(dtype)
+    largest_tensor = max(p["embeddings"], p["lm_head"]) * b
+    if strategy in ("single", "split"):
+        return int(largest_tensor)
+    if strategy == "int8":
+        return int(2 * p["per_layer"] * b + largest_tensor)
+    if strategy == "offload":
+        return int(p["total"] * b + p["experts"] * b / cfg.num_hidden_layers)
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def host_free_bytes() -> Optional[int]:
+    """Host memory available now (Linux: MemAvailable of /proc/meminfo; elsewhere the physical
+    memory from sysconf), or None when neither can be read. Not pure: asks the OS."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16", context_len: int = 4096,
                    batch_size: int = 1, reserve_bytes: float = DEFAULT_RESERVE_BYTES,
-                   allow_int8: bool = True, device_names: Optional[Sequence[str]] = None) -> Plan:
+                   allow_int8: bool = True, device_names: Optional[Sequence[str]] = None,
+                   host_free_bytes: Optional[float] = None, prefer_one_gpu: bool = True) -> Plan:
     """Choose how to place `cfg`'s weights on GPUs with `free_bytes[i]` free bytes each.
 
     dtype: the unquantised weight dtype (bf16). context_len × batch_size tokens of KV cache are
     budgeted on the GPUs. reserve_bytes stay free on every GPU for activations and workspaces.
-    Returns a Plan; raises ValueError when not even offloading fits.
+    host_free_bytes: host memory available (None: not checked); a strategy whose load needs more
+    (host_bytes_needed) is refused. prefer_one_gpu: try int8 on one GPU before a bf16 split.
+    Returns a Plan; raises ValueError when nothing fits.
     """
     if not free_bytes:
         raise ValueError("free_bytes is empty: the planner needs at least one GPU")
@@ -138,80 +190,94 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
     rejected = {}
     need_line = f"KV cache for {context_len} tokens × batch {batch_size} = {_gb(kv)}, reserve {_gb(reserve_bytes)} per GPU"
 
-    # 1. everything on one GPU
-    need = bf16_weights + kv + reserve_bytes
-    if need <= free_bytes[biggest]:
-        return Plan("single", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [int(need)], kv,
-                    explanation=(f"{dtype} on one device: the {_gb(bf16_weights)} of {dtype} weights plus "
-                                 f"{need_line} need {_gb(need)}, and {names[biggest]} has {_gb(free_bytes[biggest])} free. "
-                                 "Nothing is quantised or moved, so this is exact and the fastest option."),
-                    rejected=rejected)
-    rejected["single"] = (f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
+    # Each candidate returns a Plan or records in `rejected` why it does not fit.
+    def single():
+        need = bf16_weights + kv + reserve_bytes
+        if need <= free_bytes[biggest]:
+            return Plan("single", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [int(need)], kv,
+                        explanation=(f"{dtype} on one device: the {_gb(bf16_weights)} of {dtype} weights plus "
+                                     f"{need_line} need {_gb(need)}, and {names[biggest]} has {_gb(free_bytes[biggest])} free. "
+                                     "Nothing is quantised or moved, so this is exact and the fastest option."))
+        rejected["single"] = f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free"
 
-    # 2. layers split over the fewest GPUs that hold them (largest first)
-    per_layer = p["per_layer"] * b + kv / cfg.num_hidden_layers
-    first_extra = p["embeddings"] * b                      # embed_tokens on the first GPU
-    last_extra = (p["lm_head"] + cfg.hidden_size) * b      # final norm and lm_head on the last
-    for n in range(2, len(free_bytes) + 1):
-        used = order[:n]
-        room = [free_bytes[i] - reserve_bytes for i in used]
-        room[0] -= first_extra
-        room[-1] -= last_extra
-        if min(room) <= 0:
+    def split():
+        # layers split over the fewest GPUs that hold them (largest first)
+        per_layer = p["per_layer"] * b + kv / cfg.num_hidden_layers
+        first_extra = p["embeddings"] * b                      # embed_tokens on the first GPU
+        last_extra = (p["lm_head"] + cfg.hidden_size) * b      # final norm and lm_head on the last
+        for n in range(2, len(free_bytes) + 1):
+            used = order[:n]
+            room = [free_bytes[i] - reserve_bytes for i in used]
+            room[0] -= first_extra
+            room[-1] -= last_extra
+            if min(room) <= 0:
+                continue
+            counts = _split_layers(cfg.num_hidden_layers, room)
+            if all(c * per_layer <= r for c, r in zip(counts, room)) and min(counts) > 0:
+                planned = [int(c * per_layer + reserve_bytes) for c in counts]
+                planned[0] += int(first_extra)
+                planned[-1] += int(last_extra)
+                where = ", ".join(f"layers {sum(counts[:j])}-{sum(counts[:j + 1]) - 1} on {names[i]}"
+                                  for j, i in enumerate(used))
+                return Plan("split", [names[i] for i in used], str(dtype), counts, planned, kv,
+                            explanation=(f"{dtype} split by layers over {n} GPUs: {_gb(bf16_weights)} of weights do not fit "
+                                         f"one GPU ({_gb(free_bytes[biggest])} free at most) but fit {n} together. {where}; "
+                                         f"the embedding sits with the first layers and lm_head with the last. {need_line}. "
+                                         "Each token's hidden state hops GPU to GPU, so the GPUs work one after another: "
+                                         f"exact {dtype} results, at about the speed of one GPU."))
+        rejected["split"] = ("only one GPU" if len(free_bytes) == 1 else
+                             f"{_gb(bf16_weights)} of weights do not fit even all {len(free_bytes)} GPUs together")
+
+    def int8():
+        int8_bytes = int8_weights_bytes(cfg, dtype)
+        need = int8_bytes + kv + reserve_bytes
+        if allow_int8 and need <= free_bytes[biggest]:
+            return Plan("int8", [names[biggest]], "int8", [cfg.num_hidden_layers], [int(need)], kv,
+                        explanation=(f"int8 weight-only on one GPU: {dtype} needs {_gb(bf16_weights)}, more than the "
+                                     f"{_gb(free_bytes[biggest])} free on {names[biggest]}. Storing the experts and attention as "
+                                     f"int8 with one scale per output channel (embeddings, router, norms, lm_head stay bf16) "
+                                     f"takes {_gb(int8_bytes)}; with the {need_line} that is {_gb(need)}. "
+                                     "Each token reads half the bytes, so it is also faster; outputs differ slightly from bf16."))
+        rejected["int8"] = ("not allowed" if not allow_int8 else
+                            f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
+
+    def offload():
+        # non-expert weights + KV on the GPU, experts cached LRU
+        expert_bytes = p["one_expert"] * b
+        resident = int((p["total"] - p["experts"]) * b)
+        room = free_bytes[biggest] - reserve_bytes - resident - kv
+        total_experts = cfg.num_hidden_layers * cfg.num_local_experts
+        slots = min(int(room // expert_bytes) if room > 0 else 0, total_experts)
+        if slots >= cfg.num_experts_per_tok:
+            planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
+            return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv,
+                        cache_slots=slots,
+                        explanation=(f"expert offloading: neither {dtype} ({_gb(bf16_weights)}) nor int8 "
+                                     f"({_gb(int8_weights_bytes(cfg, dtype))}) fits "
+                                     f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
+                                     f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
+                                     f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and an LRU cache on the GPU holds "
+                                     f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%). "
+                                     "Results are exact; speed depends on the cache hit rate, because a miss copies "
+                                     f"{expert_bytes / GB:.2f} GB over PCIe."))
+        rejected["offload"] = (f"after {_gb(resident)} of non-expert weights and the KV cache, room for {slots} experts; "
+                               f"at least {cfg.num_experts_per_tok} are needed")
+
+    candidates = [single, int8, split, offload] if prefer_one_gpu else [single, split, int8, offload]
+    for candidate in candidates:
+        plan = candidate()
+        if plan is None:
             continue
-        counts = _split_layers(cfg.num_hidden_layers, room)
-        if all(c * per_layer <= r for c, r in zip(counts, room)) and min(counts) > 0:
-            planned = [int(c * per_layer + reserve_bytes) for c in counts]
-            planned[0] += int(first_extra)
-            planned[-1] += int(last_extra)
-            where = ", ".join(f"layers {sum(counts[:j])}-{sum(counts[:j + 1]) - 1} on {names[i]}"
-                              for j, i in enumerate(used))
-            return Plan("split", [names[i] for i in used], str(dtype), counts, planned, kv,
-                        explanation=(f"{dtype} split by layers over {n} GPUs: {_gb(bf16_weights)} of weights do not fit "
-                                     f"one GPU ({_gb(free_bytes[biggest])} free at most) but fit {n} together. {where}; "
-                                     f"the embedding sits with the first layers and lm_head with the last. {need_line}. "
-                                     "Each token's hidden state hops GPU to GPU, so the GPUs work one after another: "
-                                     f"exact {dtype} results, at about the speed of one GPU."),
-                        rejected=rejected)
-    if len(free_bytes) > 1:
-        rejected["split"] = f"{_gb(bf16_weights)} of weights do not fit even all {len(free_bytes)} GPUs together"
-    else:
-        rejected["split"] = "only one GPU"
-
-    # 3. int8 weight-only on one GPU
-    int8_bytes = int8_weights_bytes(cfg, dtype)
-    need = int8_bytes + kv + reserve_bytes
-    if allow_int8 and need <= free_bytes[biggest]:
-        return Plan("int8", [names[biggest]], "int8", [cfg.num_hidden_layers], [int(need)], kv,
-                    explanation=(f"int8 weight-only on one GPU: {dtype} needs {_gb(bf16_weights)}, more than the "
-                                 f"{_gb(free_bytes[biggest])} free on {names[biggest]}. Storing the experts and attention as "
-                                 f"int8 with one scale per output channel (embeddings, router, norms, lm_head stay bf16) "
-                                 f"takes {_gb(int8_bytes)}; with the {need_line} that is {_gb(need)}. "
-                                 "Each token reads half the bytes, so it is also faster; outputs differ slightly from bf16."),
-                    rejected=rejected)
-    rejected["int8"] = ("not allowed" if not allow_int8 else
-                               f"needs {_gb(need)} but the largest GPU has {_gb(free_bytes[biggest])} free")
-
-    # 4. expert offloading: non-expert weights + KV on the GPU, experts cached LRU
-    expert_bytes = p["one_expert"] * b
-    resident = int((p["total"] - p["experts"]) * b)
-    room = free_bytes[biggest] - reserve_bytes - resident - kv
-    slots = int(room // expert_bytes) if room > 0 else 0
-    total_experts = cfg.num_hidden_layers * cfg.num_local_experts
-    slots = min(slots, total_experts)
-    if slots >= cfg.num_experts_per_tok:
-        planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
-        return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv, cache_slots=slots,
-                    explanation=(f"expert offloading: neither {dtype} ({_gb(bf16_weights)}) nor int8 ({_gb(int8_bytes)}) fits "
-                                 f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
-                                 f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
-                                 f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and an LRU cache on the GPU holds "
-                                 f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%). "
-                                 "Results are exact; speed depends on the cache hit rate, because a miss copies "
-                                 f"{expert_bytes / GB:.2f} GB over PCIe."),
-                    rejected=rejected)
-    rejected["offload"] = (f"after {_gb(resident)} of non-expert weights and the KV cache, room for {slots} experts; "
-                           f"at least {cfg.num_experts_per_tok} are needed")
+        plan.host_bytes = host_bytes_needed(cfg, plan.strategy, dtype)
+        if host_free_bytes is not None and plan.host_bytes > host_free_bytes:
+            rejected[plan.strategy] = (f"fits the GPU, but loading it needs about {_gb(plan.host_bytes)} of host "
+                                       f"memory and {_gb(host_free_bytes)} is available")
+            continue
+        plan.rejected = rejected
+        if host_free_bytes is not None:
+            plan.explanation += (f" Loading needs about {_gb(plan.host_bytes)} of host memory; "
+                                 f"{_gb(host_free_bytes)} is available.")
+        return plan
     raise ValueError("no placement fits: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
 
 

@@ -28,8 +28,15 @@ def test_one_80gb_gpu_gets_int8():
     assert "47.0 GB" in plan.explanation and "per output channel" in plan.explanation
 
 
-def test_two_80gb_gpus_split_bf16_by_layers():
-    plan = plan_placement(CFG, [80 * GB, 80 * GB])
+def test_several_80gb_gpus_use_one_with_int8_by_default():
+    # an 8xH100 node: int8 on one GPU (half the bytes per token, the sync-free decoder), not a split
+    plan = plan_placement(CFG, [80 * GB] * 8)
+    assert plan.strategy == "int8" and plan.devices == ["cuda:0"]
+    assert plan.rejected["single"].startswith("needs 96.1 GB") and "split" not in plan.rejected
+
+
+def test_two_80gb_gpus_split_bf16_by_layers_when_asked():
+    plan = plan_placement(CFG, [80 * GB, 80 * GB], prefer_one_gpu=False)
     assert plan.strategy == "split"
     assert plan.devices == ["cuda:0", "cuda:1"]
     assert plan.layers_per_device == [16, 16]
@@ -38,7 +45,7 @@ def test_two_80gb_gpus_split_bf16_by_layers():
 
 
 def test_uneven_gpus_split_in_proportion():
-    plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"])
+    plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"], prefer_one_gpu=False)
     assert plan.strategy == "split"
     assert plan.devices == ["cuda:1", "cuda:0"]          # the larger GPU first
     assert plan.layers_per_device[0] > plan.layers_per_device[1]
@@ -62,6 +69,23 @@ def test_one_24gb_gpu_offloads_experts():
     assert plan.cache_slots == int(left // one_expert) == 51
     assert plan.bytes_per_device[0] <= 24 * GB
     assert "LRU cache" in plan.explanation and "pinned CPU memory" in plan.explanation
+
+
+def test_host_memory_is_part_of_the_plan():
+    from mixtral_edu.placement import host_bytes_needed
+
+    total_bf16 = count_parameters(CFG)["total"] * 2
+    # offloading stages the whole model on the host, then pins the experts layer by layer
+    assert total_bf16 < host_bytes_needed(CFG, "offload") < total_bf16 + 3 * GB
+    assert host_bytes_needed(CFG, "single") < 1 * GB and host_bytes_needed(CFG, "int8") < 7 * GB
+    # a 24 GB GPU on a 64 GB desktop is refused before anything is loaded, with the reason
+    with pytest.raises(ValueError, match="offload: fits the GPU, but loading it needs about 96.*64.0 GB is available"):
+        plan_placement(CFG, [24 * GB], host_free_bytes=64 * GB)
+    plan = plan_placement(CFG, [24 * GB], host_free_bytes=128 * GB)
+    assert plan.strategy == "offload" and plan.host_bytes == host_bytes_needed(CFG, "offload")
+    assert "host memory" in plan.explanation
+    # an 80 GB GPU with 64 GB of host memory: int8 streams layer by layer, so it still fits
+    assert plan_placement(CFG, [80 * GB], host_free_bytes=64 * GB).strategy == "int8"
 
 
 def test_long_context_changes_the_decision():
