@@ -8,8 +8,8 @@
 
 Every command that runs the model takes `--weights DIR` (default: $MIXTRAL_EDU_WEIGHTS, else the
 embedded tiny model in data/tiny-mixtral) and `--device` (cpu, cuda, cuda:1, mps, ...).
-Mistakes in the input are reported on stderr in one line, with exit status 1 (2 for a command
-line argparse cannot read); no traceback.
+Every failure is reported on stderr in one line, with exit status 1 (2 for a command line argparse
+cannot read, 130 for Ctrl-C); never a traceback, unless `--debug` (anywhere on the line) asks for it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PROG = "mixtral-edu"
+MIN_SAMPLING = 1e-6   # below this a temperature or top-p only ever keeps the argmax (and float32 underflows)
 CONFIGS = {"8x7b": "mixtral_8x7b", "tiny": "tiny", "7b": "mistral_7b"}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,13 +38,15 @@ def check_device(name: str):
 
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):
         raise CLIError(f"--device {name!r} is not a device name torch knows (try cpu, cuda, cuda:0 or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CLIError(f"--device {name}: CUDA is not available here (this torch is {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "meta":
+        raise CLIError(f"--device {name}: the meta device holds shapes, not numbers; it cannot run the model")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise CLIError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -58,9 +61,11 @@ def weights_folder(args) -> Path:
     """The folder named by --weights, else the default one; CLIError when it is not a folder."""
     from .assets import default_weights_dir
 
-    folder = Path(args.weights) if args.weights else default_weights_dir()
+    if args.weights is not None and not args.weights.strip():
+        raise CLIError("--weights is empty; give a checkpoint folder, or leave --weights out for the default model")
+    folder = Path(args.weights) if args.weights is not None else default_weights_dir()
     if not folder.is_dir():
-        hint = "" if args.weights else " (the default model; pass --weights DIR or set MIXTRAL_EDU_WEIGHTS)"
+        hint = "" if args.weights is not None else " (the default model; pass --weights DIR or set MIXTRAL_EDU_WEIGHTS)"
         raise CLIError(f"weights folder {folder} not found{hint}")
     return folder
 
@@ -84,25 +89,72 @@ def load(args):
     return model, tokenizer
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` unchanged if it is valid UTF-8; else CLIError. Python hands undecodable bytes of argv over as
+    lone surrogates (U+DC80..U+DCFF), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise CLIError(f"the {what} is not valid UTF-8 text{byte} at character {err.start}") from None
+    return text
+
+
+def stdin_bytes():
+    """sys.stdin's binary stream, or CLIError when stdin is closed."""
+    if sys.stdin is None or getattr(sys.stdin, "closed", False):
+        raise CLIError("stdin is closed")
+    return getattr(sys.stdin, "buffer", None)
+
+
+def read_stdin(what: str) -> str:
+    """All of stdin as text, strictly UTF-8."""
+    raw = stdin_bytes()
+    data = raw.read() if raw is not None else sys.stdin.read()
+    if isinstance(data, bytes):
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CLIError(f"the {what} on stdin is not valid UTF-8 (byte 0x{data[err.start]:02x} at "
+                           f"offset {err.start})") from None
+    return utf8_text(data, what)
+
+
 def text_argument(text: str, what: str) -> str:
-    """A TEXT argument; "-" reads it from stdin. Empty (or only spaces) is a CLIError."""
-    if text == "-":
-        text = sys.stdin.read()
+    """A TEXT argument; "-" reads it from stdin. Empty (or only spaces) or not UTF-8 is a CLIError."""
+    text = read_stdin(what) if text == "-" else utf8_text(text, what)
     if not text.strip():
         raise CLIError(f"the {what} is empty")
     return text
 
 
 def sampling_kwargs(args) -> dict:
+    import math
+
     from .generate import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if not math.isfinite(args.temperature):
+        raise CLIError(f"--temperature must be a finite number, got {args.temperature}")
+    if 0 < args.temperature < MIN_SAMPLING:
+        raise CLIError(f"--temperature {args.temperature:g} is too small to sample with (below {MIN_SAMPLING:g} "
+                       "every draw is the likeliest token); use --temperature 0 for greedy decoding")
+    if args.top_p < MIN_SAMPLING:
+        raise CLIError(f"--top-p {args.top_p:g} is too small (below {MIN_SAMPLING:g} only the likeliest token "
+                       "is ever kept); use --top-k 1 or --temperature 0 for that")
+    if args.top_k is not None and args.top_k > 2 ** 31 - 1:
+        raise CLIError(f"--top-k {args.top_k} is larger than any vocabulary")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def write(text: str) -> None:
+    if sys.stdout is None:
+        raise CLIError("stdout is closed; there is nowhere to print")
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -159,21 +211,31 @@ def cmd_chat(args) -> int:
     sampling = sampling_kwargs(args)
     model, tokenizer = load(args)
     context = model.config.max_position_embeddings
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": utf8_text(args.system, "system prompt")}] if args.system else []
     history = list(system)
+    raw = stdin_bytes()
     interactive = sys.stdin.isatty()
+    refused = 0
     if interactive:
         print("Chat with the model (instruct template). /reset forgets the conversation, /exit or Ctrl-D ends.",
               file=sys.stderr)
     while True:
         if interactive:
             write("you> ")
-        line = sys.stdin.readline()
-        if line == "":  # end of input
+        line = raw.readline() if raw is not None else sys.stdin.readline()
+        if not line:  # end of input
             if interactive:
                 write("\n")
-            return 0
-        line = line.rstrip("\n")
+            return 1 if refused else 0
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                print(f"{PROG}: error: this line is not valid UTF-8 (byte 0x{line[err.start]:02x}); "
+                      "it was not sent", file=sys.stderr)
+                refused += 1
+                continue
+        line = line.rstrip("\n").rstrip("\r")
         command = line.strip()
         if command == "/exit":
             return 0
@@ -212,6 +274,8 @@ def parse_chat(text: str) -> list:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise CLIError(f"--chat: the input looks like JSON but is malformed: {err}") from None
+    except RecursionError:
+        raise CLIError("--chat: the JSON is nested too deeply to be a list of messages") from None
     if isinstance(data, dict):
         data = [data]
     return data
@@ -327,9 +391,26 @@ def cmd_params(args) -> int:
 
 
 # ================================================================================ parser
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with where to find help), exit status 2."""
+
+    def error(self, message: str):
+        say(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
+def say(line: str) -> None:
+    """One line on stderr, if there is a stderr to write to."""
+    if sys.stderr is not None:
+        try:
+            print(line.replace("\n", " ").rstrip(), file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
 def sampling_options(max_new_tokens: int) -> argparse.ArgumentParser:
     """The generation options, as a parent parser (one per command: argparse shares parents' actions)."""
-    sampling = argparse.ArgumentParser(add_help=False)
+    sampling = Parser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                           help="stop after N new tokens (default %(default)s)")
     sampling.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -342,14 +423,14 @@ def sampling_options(max_new_tokens: int) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    model_opts = argparse.ArgumentParser(add_help=False)
+    model_opts = Parser(add_help=False)
     model_opts.add_argument("--weights", metavar="DIR",
                             help="checkpoint folder (Hugging Face or Mistral layout); default: $MIXTRAL_EDU_WEIGHTS, "
                                  "else the embedded tiny model data/tiny-mixtral")
     model_opts.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, mps, ...")
     model_opts.add_argument("--dtype", choices=DTYPES, help="weights dtype; default: the checkpoint's")
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Run and inspect a Mixtral model: generation, chat, tokens, routing, sizes.",
         epilog="Each command has its own help: mixtral-edu COMMAND --help")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -402,24 +483,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 bad usage, 130 interrupted).
+
+    Whatever goes wrong ends as one line on stderr; `--debug` anywhere on the line shows the traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        say(f"{PROG}: interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `mixtral-edu tokens ... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 0
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    except (CLIError, ValueError, FileNotFoundError, MemoryError, OSError) as err:
+        # User errors: our modules raise ValueError/CheckpointError/... with messages that name the problem.
+        if debug:
+            import traceback
+            traceback.print_exc()
+        say(f"{PROG}: error: {err or type(err).__name__}")
+        return 1
+    except Exception as err:   # a bug, or a library's failure we did not foresee: still one line
+        if debug:
+            import traceback
+            traceback.print_exc()
+        say(f"{PROG}: error: {type(err).__name__}: {err} (unexpected; rerun with --debug for the traceback)")
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _run(argv: list) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or argparse's own usage error (already printed)
-        return int(exit_.code or 0)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `mixtral-edu tokens ... | head`
-        sys.stderr.close()
-        return 0
-    except (CLIError, ValueError, FileNotFoundError, MemoryError, OSError) as err:
-        # User errors: our modules raise ValueError/CheckpointError/... with messages that name the problem.
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    except SystemExit as exit_:  # --help, or a usage error (already printed)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    return args.func(args)
 
 
 if __name__ == "__main__":
