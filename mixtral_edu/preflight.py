@@ -8,9 +8,13 @@ says up front what it found and what it expects, instead of going quiet:
 * `host_free_bytes()` (from placement.py): the host memory available;
 * `measure_read_speed(folder)`: bytes per second read from the checkpoint's own files (a sample of
   each shard, so the figure is the disk's, not a cache's, on a first read);
-* `estimate_load_seconds(folder)`: the folder's weight bytes over that speed.
+* `estimate_load_seconds(folder)`: the folder's weight bytes over that speed;
+* `check_checkpoint(folder)`: the download is complete and is the model its config describes —
+  from the safetensors headers alone, in seconds for 93 GB: the layout, every expected tensor
+  present with its shape and one float dtype, no unexpected tensor, every shard the index names
+  present and exactly as long as its header says, the index's total size equal to the tensors'.
 
-Nothing here needs a GPU or reads a whole file.
+Nothing here needs a GPU or reads the weights themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import CheckpointError, SafetensorsFile, _hf_shards, detect_layout, read_config
+from .config import MixtralConfig, read_json_file
+from .convert import hf_to_mistral_key
+from .hf_keys import to_hf_state_dict
 from .placement import host_free_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -115,3 +123,98 @@ def report(folder) -> str:
         lines.append(f"weights: {_size(total)} in {n} file{'s' if n != 1 else ''}, read at "
                      f"{speed / 1e9:.2f} GB/s here -> about {total / speed:.0f} s to read them once")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checking a download
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_ST_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+@dataclass
+class CheckResult:
+    """What `check_checkpoint` found: a folder that will load as `config`."""
+
+    folder: Path
+    layout: str
+    config: MixtralConfig
+    tensors: int
+    dtype: str            # "bfloat16", "float16" or "float32"
+    weight_bytes: int     # bytes of tensor data in the files
+    files: list
+
+    def __str__(self) -> str:
+        c = self.config
+        return (f"{self.folder}: {self.layout} layout, {len(self.files)} weight file"
+                f"{'s' if len(self.files) != 1 else ''}, {self.tensors} tensors in {self.dtype}, "
+                f"{_size(self.weight_bytes)}; {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                f"{c.num_local_experts} experts (top-{c.num_experts_per_tok}), vocabulary {c.vocab_size}")
+
+
+def expected_tensors(cfg: MixtralConfig, layout: str) -> dict:
+    """{checkpoint key: shape} that a `layout` checkpoint of `cfg` holds (built on the meta device: no memory)."""
+    import torch
+
+    from .model import Mixtral
+
+    with torch.device("meta"):
+        model = Mixtral(cfg)
+    hf = {key: tuple(t.shape) for key, t in to_hf_state_dict(model).items()}
+    if layout == "mistral":
+        return {hf_to_mistral_key(key): shape for key, shape in hf.items()}
+    return hf
+
+
+def _list(keys, limit: int = 3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_checkpoint(folder) -> CheckResult:
+    """Verify a checkpoint folder without reading its weights; raise CheckpointError naming the first problem.
+
+    Reads config.json/params.json, the index and each file's header: that is the whole cost, however
+    large the weights. The Mistral `.pt` release cannot be checked this way (reading a pickle means
+    loading it), so it is refused with that reason; `load_model` checks it while loading.
+    """
+    folder = Path(folder)
+    layout = detect_layout(folder)
+    cfg = read_config(folder)
+    if layout == "mistral-pt":
+        raise CheckpointError(f"{folder}: the consolidated.NN.pt layout can only be checked by loading it "
+                              "(load_model does); check reads safetensors headers")
+    if layout == "hf-sharded":
+        files = [path for path, _ in _hf_shards(folder)]       # index, shard names and headers agree
+    else:
+        files = [folder / ("model.safetensors" if layout == "hf" else "consolidated.safetensors")]
+    found, where, data_bytes = {}, {}, 0
+    for path in files:
+        with SafetensorsFile(path) as st:                  # header valid, offsets tile the file exactly
+            for key, info in st.header.items():
+                if key in found:
+                    raise CheckpointError(f"{path}: tensor {key} is also in {where[key].name}")
+                found[key], where[key] = info, path
+                begin, end = info["data_offsets"]
+                data_bytes += end - begin
+    expected = expected_tensors(cfg, layout)
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) the config needs are missing: {_list(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{folder}: {len(unexpected)} tensor(s) the config has no place for: "
+                              f"{_list(unexpected)} (in {where[sorted(unexpected)[0]].name})")
+    for key, shape in expected.items():
+        if tuple(found[key]["shape"]) != shape:
+            raise CheckpointError(f"{where[key]}: tensor {key} has shape {list(found[key]['shape'])}, "
+                                  f"the config needs {list(shape)}")
+    dtypes = {info["dtype"] for info in found.values()}
+    if len(dtypes) != 1 or not dtypes <= set(_ST_DTYPES):
+        by = {d: next(k for k, i in found.items() if i["dtype"] == d) for d in sorted(dtypes)}
+        raise CheckpointError(f"{folder}: expected one float dtype (BF16, F16 or F32) for all tensors, found "
+                              + ", ".join(f"{d} (e.g. {k})" for d, k in by.items()))
+    if layout == "hf-sharded":
+        total = read_json_file(folder / "model.safetensors.index.json", 64 << 20).get("metadata", {}).get("total_size")
+        if total is not None and total != data_bytes:
+            raise CheckpointError(f"{folder / 'model.safetensors.index.json'}: metadata.total_size is {total} "
+                                  f"but the shards hold {data_bytes} bytes of tensors")
+    return CheckResult(folder, layout, cfg, len(found), _ST_DTYPES[dtypes.pop()], data_bytes, files)
