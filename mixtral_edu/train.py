@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -59,14 +60,30 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
         for name in ("steps", "batch_size", "seq_len", "log_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**63), got {self.seed}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "z_loss_coef",
+                     "aux_loss_coef"):
+            value = getattr(self, name)
+            if value is None and name == "aux_loss_coef":
+                continue
+            # inf or NaN here trains to a checkpoint full of NaN: refuse before the first step
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"TrainConfig.beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= 1e6:       # above that AdamW's own arithmetic overflows
+            raise ValueError(f"TrainConfig.lr must be in (0, 1e6], got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("z_loss_coef", "weight_decay", "grad_clip"):
@@ -74,6 +91,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.aux_loss_coef is not None and self.aux_loss_coef < 0:
             raise ValueError(f"TrainConfig.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+
+
+class NonFiniteLossError(ValueError):
+    """Training met a NaN or infinite loss (or weights); the run stops there."""
 
 
 @dataclass
@@ -209,6 +230,10 @@ def train(cfg: MixtralConfig, streams: dict[str, torch.Tensor], steps: int = 100
         else:
             aux = z = torch.zeros(())
             load = torch.zeros(cfg.num_hidden_layers, 1)
+        if not math.isfinite(loss.item()):     # one NaN step poisons every weight through AdamW: stop here
+            raise NonFiniteLossError(
+                f"step {step + 1}: the loss is {loss.item()} (cross-entropy {ce.item()}, load balancing "
+                f"{aux.item()}, z {z.item()}); training stopped. Try a smaller --lr or loss coefficients")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -232,13 +257,35 @@ def train(cfg: MixtralConfig, streams: dict[str, torch.Tensor], steps: int = 100
             if log_fn is not None:
                 log_fn({"step": step + 1, "lr": lr, "loss": history.loss[-1], "aux_loss": history.aux_loss[-1],
                         "z_loss": history.z_loss[-1], "load": history.load[-1]})
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(f"after {tc.steps} steps the weights {bad[:3]} hold NaN or infinity; "
+                                 "training stopped. Try a smaller --lr")
     model.eval()
     return model, history
 
 
 # ----------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message: str):
+        _say(f"{self.prog}: error: {message} (see --help)")
+        raise SystemExit(2)
+
+
+def _say(line: str) -> None:
+    if sys.stderr is not None:
+        try:
+            print(line.replace("\n", " "), file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
+class UsageError(ValueError):
+    """A bad argument, corpus or output folder, found before training starts (exit status 2)."""
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m mixtral_edu.train",
         description="Train a Mixtral from scratch on the shipped corpus (python, prose, arithmetic) and save it "
                     "in the Hugging Face layout, with a copy of the tokenizer and a model card.",
@@ -267,6 +314,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--corpus", default=None, help="corpus folder (default: data/corpus)")
     p.add_argument("--max-shard-size", default="50MB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it already exists (its whole contents); without it an existing, "
+                        "non-empty folder is refused")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -288,11 +339,15 @@ def model_config_from_args(config_path: Optional[str], overrides: Sequence[str])
         if not sep or key not in fields:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         values[key] = _parse_value(raw)
-    if config_path:
-        base = dataclasses.asdict(MixtralConfig.from_hf_config(config_path))
-        base.update(values)
-        return MixtralConfig(**base)
-    return MixtralConfig.tiny(**values)
+    try:
+        if config_path:
+            base = dataclasses.asdict(MixtralConfig.from_hf_config(config_path))
+            base.update(values)
+            return MixtralConfig(**base)
+        return MixtralConfig.tiny(**values)
+    except ValueError as err:
+        given = ", ".join(f"--set {k}={v!r}" for k, v in values.items())
+        raise ValueError(f"{err}{f' (with {given})' if given else ''}") from None
 
 
 def _model_card(args_line: str, cfg: MixtralConfig, tc: dict, heldout: dict, seconds: float,
@@ -330,34 +385,117 @@ mistral-common); training text: PSF licence (Python code), public domain (KJV), 
 """
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that training could not (or should not) write, before any step is taken."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} already exists and is not empty (a checkpoint?); pass --overwrite to "
+                         "replace it, or choose another folder")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is not a folder")
+    try:                                  # the real test of writability (os.access is wrong for root, ACLs, ...)
+        probe = tempfile.mkdtemp(prefix=".mixtral-edu-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {parent} ({err.strerror})") from None
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Put the finished folder `staging` at `out` by renames; an old `out` is removed only once the new one is there."""
+    import tempfile
+
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(aside)
+        os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The training command line: 0 when the checkpoint is saved, 2 for bad input found before training,
+    1 for a failure during it (e.g. a non-finite loss), 130 for Ctrl-C. Every error is one line on
+    stderr (`--debug` adds the traceback), and nothing is left at --out unless the run completed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return _main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except KeyboardInterrupt:
+        _say("interrupted; nothing was saved")
+        return 130
+    except Exception as err:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        known = isinstance(err, (ValueError, OSError, MemoryError))
+        message = str(err) or type(err).__name__
+        _say(f"error: {message}" if known else f"error: {type(err).__name__}: {message} (unexpected; rerun "
+             "with --debug for the traceback)")
+        return 2 if isinstance(err, UsageError) else 1
+
+
+def _main(argv: list) -> int:
+    import tempfile
+
     args = _parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from .checkpoint import save_model
-    from .corpus import load_split, token_streams
+    from .checkpoint import _parse_size, save_model
+    from .corpus import heldout_windows, load_split, token_streams
     from .tokenizer import Tokenizer
 
+    # ---- everything is checked before the first step, so no run is lost to a typo
+    if not 1 <= args.threads <= 4096:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.eval_windows < 1:
+        raise UsageError(f"--eval-windows must be at least 1, got {args.eval_windows}")
     try:
         cfg = model_config_from_args(args.config, args.set)
+        _parse_size(args.max_shard_size)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     if cfg.vocab_size < 32000:
-        print(f"error: vocab_size {cfg.vocab_size} is smaller than the tokenizer's 32000 pieces", file=sys.stderr)
-        return 2
+        raise UsageError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's 32000 pieces")
     aux = 0.0 if args.no_balance else args.aux_loss_coef
     settings = dict(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
                     min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, aux_loss_coef=aux,
                     z_loss_coef=args.z_loss_coef, log_every=args.log_every)
     try:
-        TrainConfig(steps=args.steps, seed=args.seed, **settings)
+        tc = TrainConfig(steps=args.steps, seed=args.seed, **settings)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    torch.set_num_threads(args.threads)
 
     tokenizer = Tokenizer()
-    train_streams = token_streams(tokenizer, load_split("train", args.corpus))
-    heldout_streams = token_streams(tokenizer, load_split("heldout", args.corpus))
+    try:
+        train_streams = token_streams(tokenizer, load_split("train", args.corpus))
+        heldout_streams = token_streams(tokenizer, load_split("heldout", args.corpus))
+        for domain, stream in train_streams.items():
+            if stream.numel() < tc.seq_len + 2:
+                raise ValueError(f"the {domain} training text has {stream.numel()} tokens, too few for "
+                                 f"--seq-len {tc.seq_len}")
+        for domain, stream in heldout_streams.items():
+            heldout_windows(stream, tc.seq_len, args.eval_windows)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise UsageError(f"corpus: {err}") from None
     print("training tokens: " + ", ".join(f"{d} {s.numel():,}" for d, s in train_streams.items()))
 
     def log(entry: dict) -> None:
@@ -366,24 +504,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"aux {entry['aux_loss']:.4f} | z {entry['z_loss']:.2f} | load cv per layer {cv}", flush=True)
 
     start = time.time()
-    model, history = train(cfg, train_streams, steps=args.steps, seed=args.seed, progress=not args.no_progress,
-                           log_fn=log, **settings)
+    try:
+        model, history = train(cfg, train_streams, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+                               log_fn=log, **settings)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; nothing was saved") from None
     seconds = time.time() - start
     heldout = evaluate(model, heldout_streams, args.seq_len, args.eval_windows)
     print("held-out loss: " + ", ".join(f"{d} {v:.4f}" for d, v in heldout.items()))
     print(f"training time: {seconds:.0f} s")
 
-    out = Path(args.out)
-    save_model(model, out, max_shard_size=args.max_shard_size)
-    shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-    tc = dataclasses.asdict(TrainConfig(steps=args.steps, seed=args.seed, **settings))
-    args_line = "python -m mixtral_edu.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    num_params = sum(p.numel() for p in model.parameters())
-    (out / "README.md").write_text(_model_card(args_line, cfg, tc, heldout, seconds, num_params), encoding="utf-8")
-    with open(out / "training_log.json", "w", encoding="utf-8") as f:
-        json.dump({"command": args_line, "train_config": tc, "seconds": round(seconds, 1),
-                   "heldout_loss": heldout, "history": history.to_dict()}, f)
-        f.write("\n")
+    # ---- written beside --out, then renamed into place: a failure leaves no partial checkpoint
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    try:
+        save_model(model, staging, max_shard_size=args.max_shard_size)
+        shutil.copyfile(tokenizer.path, staging / "tokenizer.model")
+        tc_dict = dataclasses.asdict(tc)
+        args_line = "python -m mixtral_edu.train " + " ".join(argv)
+        num_params = sum(p.numel() for p in model.parameters())
+        (staging / "README.md").write_text(_model_card(args_line, cfg, tc_dict, heldout, seconds, num_params),
+                                           encoding="utf-8")
+        with open(staging / "training_log.json", "w", encoding="utf-8") as f:
+            json.dump({"command": args_line, "train_config": tc_dict, "seconds": round(seconds, 1),
+                       "heldout_loss": heldout, "history": history.to_dict()}, f)
+            f.write("\n")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"saved to {out}")
     return 0
 
