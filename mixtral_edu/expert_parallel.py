@@ -337,21 +337,27 @@ def init_from_torchrun() -> tuple[str, torch.device]:
 # ===================================================================== workers (run on every rank)
 @dataclass
 class RunJob:
-    """What every rank runs: rank r takes prompts[r] (token ids), prefills it, decodes greedily."""
+    """What every rank runs: rank r takes prompts[r] (token ids), prefills it, decodes greedily.
+
+    model: a loaded one-process Mixtral to shard instead of loading `weights` in every rank (spawn
+    shares its tensors with the processes, each keeps its own experts); quicker for a notebook.
+    """
 
     weights: str
     prompts: list[list[int]]
     max_new_tokens: int = 8
     dtype: Optional[torch.dtype] = None
     device: Optional[str] = None           # None: the default device of the group's backend
+    model: Optional[nn.Module] = field(default=None, repr=False)
 
 
 def run_worker(job: RunJob) -> dict:
     """On each rank: the expert-parallel model on this rank's prompt.
 
     Returns {"rank", "prompt" [T] ids, "logits" [T, vocab] float32 CPU, "new_tokens" list of ids,
-    "prefill" and "decode": per layer, the list of CommRecords of those calls}. Decoding never
-    stops at EOS, so every rank makes the same number of MoE calls.
+    "prefill" and "decode": per layer, the list of CommRecords of those calls (decode: the
+    max_new_tokens - 1 one-token steps)}. Decoding never stops at EOS, so every rank makes the same
+    number of MoE calls.
     """
     from .generate import generate
 
@@ -359,7 +365,10 @@ def run_worker(job: RunJob) -> dict:
     device = job.device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    model = load_expert_parallel(job.weights, device=device, dtype=job.dtype)
+    if job.model is not None:
+        model = shard_experts(job.model).to(device)     # this process's own copy of the module
+    else:
+        model = load_expert_parallel(job.weights, device=device, dtype=job.dtype)
     prompt = job.prompts[rank]
     set_recording(model)
     with torch.no_grad():
@@ -367,7 +376,7 @@ def run_worker(job: RunJob) -> dict:
     prefill = [block.comm_log for block in moe_layers(model)]
     set_recording(model)
     new_tokens = generate(model, prompt, job.max_new_tokens, eos_id=None)
-    decode = [block.comm_log for block in moe_layers(model)]
+    decode = [block.comm_log[1:] for block in moe_layers(model)]   # generate's own prefill comes first
     set_recording(model, False)
     return {"rank": rank, "prompt": list(prompt), "logits": logits.float().cpu(), "new_tokens": new_tokens,
             "prefill": prefill, "decode": decode}
@@ -436,14 +445,19 @@ def compare_with_single_process(job: RunJob, results: list[dict], model: Optiona
 
 
 def check(weights, nproc: int = 2, prompts: Optional[Sequence[str]] = None, max_new_tokens: int = 8,
-          model: Optional[nn.Module] = None) -> CheckReport:
+          model: Optional[nn.Module] = None, share_model: bool = False) -> CheckReport:
     """Spawn `nproc` gloo processes, run one prompt per rank expert-parallel, compare with one process.
 
     prompts: texts, rank r takes prompts[r % len] (default: DEFAULT_PROMPTS); model: the one-process
-    reference if already loaded.
+    reference if already loaded; share_model: hand that model to the ranks to shard (see RunJob)
+    instead of loading the checkpoint in each of them.
     """
     job = RunJob(str(weights), default_prompts(weights, nproc, prompts), max_new_tokens)
     _check_job(job)
+    if share_model:
+        if model is None:
+            raise ValueError("share_model=True needs the loaded model")
+        job.model = model
     return compare_with_single_process(job, spawn(nproc, run_worker, job), model)
 
 

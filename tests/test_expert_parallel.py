@@ -46,8 +46,9 @@ def test_two_gloo_processes_equal_one_process(report2):
         assert records[1].send_rows[0] == records[0].recv_rows[1]
     # activations did cross between the processes
     assert sum(rec.remote_send_rows for r in report2.results for layer in r["prefill"] for rec in layer) > 0
-    # one decode step per new token but the last, plus the prefill, each a single MoE call per layer
-    assert all(len(layer) == 3 for r in report2.results for layer in r["decode"])
+    # one single-token decode step per new token but the last (the last is returned, not fed back)
+    assert all(len(layer) == 2 and all(rec.tokens == 1 for rec in layer)
+               for r in report2.results for layer in r["decode"])
 
 
 def test_the_comparison_catches_a_wrong_result(report2):
