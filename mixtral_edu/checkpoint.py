@@ -250,7 +250,7 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {info!r}")
         twice = [f for f in _INFO_FIELDS if f in getattr(info, "repeated", ())]
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (twice or dtype not in _ST_BITS or not isinstance(shape, list) or not all(map(_is_usize, shape))
+        if (twice or not isinstance(dtype, str) or dtype not in _ST_BITS or not isinstance(shape, list) or not all(map(_is_usize, shape))
                 or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
             raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {dict(info)!r}"[:400])
         tensors[key] = (dtype, shape, (offsets[0], offsets[1]))

@@ -70,7 +70,7 @@ def _damage(rng, entries, metadata, data):
     elif kind == 3:                                             # trailing or missing data bytes
         data = data + bytes(rng.randint(1, 9)) if rng.random() < 0.6 else data[:-rng.randint(1, 5)]
     elif kind == 4 and infos:                                   # a dtype the reader may not know
-        rng.choice(infos)["dtype"] = rng.choice(ODD_DTYPES + sorted(DTYPES))
+        rng.choice(infos)["dtype"] = rng.choice(ODD_DTYPES + sorted(DTYPES) + [["F32"], 5, None, {"F32": 1}])
     elif kind == 5 and infos:                                   # shapes: floats, negatives, strings, huge
         info = rng.choice(infos)
         info["shape"] = rng.choice([[2.0], [-1], ["2"], [2 ** 64], [2 ** 64 - 1], [2 ** 32, 2 ** 32], None, 3,
