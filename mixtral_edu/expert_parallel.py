@@ -20,7 +20,9 @@ as much comes back: with balanced routing over N ranks, a fraction (N - 1) / N o
 
 The arithmetic is the one-process model's (same router, same expert modules, same grouped
 dispatch, same order of the final k-way sum), so the logits agree to float32 rounding. Uneven
-loads just mean uneven split sizes; a rank can send, or receive, no rows at all.
+loads just mean uneven split sizes; a rank can send, or receive, no rows at all. This is for
+inference: `dist.all_to_all_single` has no backward, so training through it would need the
+differentiable collectives of `torch.distributed.nn`.
 
 The same code runs on gloo (CPU processes) and NCCL (one GPU per rank):
 
