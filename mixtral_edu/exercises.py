@@ -3,10 +3,12 @@
 Each course notebook leaves its answer cells blank (`...` or `None`) and calls one checker per
 exercise. A checker
 
-* prints "not attempted yet" and returns False when the answer is still blank (a function whose
-  body is only `...` counts as blank: it returns None);
+* returns a false `Checked` saying "not attempted yet" when the answer is still blank (a function
+  whose body is only `...` counts as blank: it returns None);
 * raises `WrongAnswer` (an AssertionError) with a hint when the answer is wrong;
-* prints what was checked and returns True when it is right.
+* returns a true `Checked` saying what was checked when it is right.
+
+A `Checked` shows its message as a cell's result, so a checking cell is just the call.
 
 The expected values are computed here from the package (or, for notebook 01, from mistral-common,
 imported lazily), never stored. Worked solutions are in `notebooks/solutions/`, and
@@ -29,13 +31,32 @@ class WrongAnswer(AssertionError):
     """The answer was checked and is not right; the message says where it goes wrong."""
 
 
+class Checked:
+    """What a checker returns: true when the answer is right. Its repr is the checker's report, so a
+    notebook cell that ends with the call shows it."""
+
+    def __init__(self, ok: bool, message: str) -> None:
+        self.ok, self.message = ok, message
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return self.message
+
+    __str__ = __repr__
+
+
+def _correct(message: str) -> Checked:
+    return Checked(True, message)
+
+
 def _blank(answer: Any) -> bool:
     return answer is None or answer is Ellipsis
 
 
-def _not_attempted(label: str, what: str) -> bool:
-    print(f"{label}: not attempted yet — replace the `...` in {what} and run this cell again")
-    return False
+def _not_attempted(label: str, what: str) -> Checked:
+    return Checked(False, f"{label}: not attempted yet — replace the `...` in {what} and run this cell again")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -66,7 +87,7 @@ MIXTRAL_8X22B_FIELDS = dict(
 )
 
 
-def check_00_mixtral_8x22b(cfg) -> bool:
+def check_00_mixtral_8x22b(cfg) -> Checked:
     """Notebook 00: `cfg` is a MixtralConfig with Mixtral-8x22B's fields; its count is 141B / 39B."""
     label = "exercise"
     if _blank(cfg):
@@ -81,9 +102,8 @@ def check_00_mixtral_8x22b(cfg) -> bool:
     total, active = counts["total"] / 1e9, counts["active"] / 1e9
     _require(round(total) == 141 and round(active) == 39,
              f"the count is {total:.1f}B / {active:.1f}B, not the published 141B / 39B")
-    print(f"{label}: correct — {counts['total']:,} parameters (~{total:.1f}B), "
+    return _correct(f"{label}: correct — {counts['total']:,} parameters (~{total:.1f}B), "
           f"{counts['active']:,} active (~{active:.1f}B): the published 141B and 39B")
-    return True
 
 
 # ------------------------------------------------------------------ 01 tokenizer and template
@@ -124,7 +144,7 @@ def _reference_ids(messages) -> list[int]:
     return reference_encode_chat(messages)
 
 
-def check_01_training_ids(ids) -> bool:
+def check_01_training_ids(ids) -> Checked:
     """Notebook 01, exercise 1: the ids of EXERCISE_01_CHAT, as mistral-common builds them."""
     label = "exercise 1"
     if _blank(ids):
@@ -141,8 +161,7 @@ def check_01_training_ids(ids) -> bool:
             "(BOS once at the start; EOS after every answer; each user turn encoded as '[INST] … [/INST]')"
         )
     eos = [p for p, i in enumerate(ids) if i == 2]
-    print(f"{label}: correct — {len(ids)} ids, the same as mistral-common; EOS at {eos}")
-    return True
+    return _correct(f"{label}: correct — {len(ids)} ids, the same as mistral-common; EOS at {eos}")
 
 
 def _count_run(ids: list[int], run: list[int]) -> int:
@@ -165,7 +184,7 @@ def marker_counts(tokenizer, ids: list[int]) -> dict[str, int]:
     }
 
 
-def check_01_neutralise(neutralise, tokenizer=None) -> bool:
+def check_01_neutralise(neutralise, tokenizer=None) -> Checked:
     """Notebook 01, exercise 2: after `neutralise`, the chat's ids hold the markers only where
     `encode_chat` put them (once each per user turn), in every spelling; ordinary text is unchanged."""
     label = "exercise 2"
@@ -192,14 +211,13 @@ def check_01_neutralise(neutralise, tokenizer=None) -> bool:
             _require(not wrong, f"{attack!r} -> {cleaned!r}: in a chat with {users} user turn(s) the markers "
                                 f"appear {wrong} times (a marker without a space before it, after '</s>' or "
                                 "'!', is still a marker)")
-    print(f"{label}: correct — {len(INJECTIONS_01)} injections neutralised in every spelling, "
+    return _correct(f"{label}: correct — {len(INJECTIONS_01)} injections neutralised in every spelling, "
           f"{len(ORDINARY_01)} ordinary texts unchanged")
-    return True
 
 
 # ----------------------------------------------------------------------------- 02 RMSNorm, RoPE
 
-def check_02_layer_norm_via_rms(layer_norm_via_rms) -> bool:
+def check_02_layer_norm_via_rms(layer_norm_via_rms) -> Checked:
     """Notebook 02, exercise 1: LayerNorm (gain 1, no bias) built from `rms_norm`, without calling
     PyTorch's layer norm (it is switched off while the check runs)."""
     label = "exercise 1"
@@ -225,11 +243,10 @@ def check_02_layer_norm_via_rms(layer_norm_via_rms) -> bool:
                                  f"{x.mean().item():.1f}: did you centre x first?")
     finally:
         torch.nn.functional.layer_norm, torch.layer_norm = originals
-    print(f"{label}: correct — equals LayerNorm on {len(cases)} inputs, without calling it")
-    return True
+    return _correct(f"{label}: correct — equals LayerNorm on {len(cases)} inputs, without calling it")
 
 
-def check_02_slow_pairs(answer) -> bool:
+def check_02_slow_pairs(answer) -> Checked:
     """Notebook 02, exercise 2: how many of Mistral-7B-v0.1's 64 channel pairs (rope_theta 1e4) turn
     less than once over its 4096-token window."""
     label = "exercise 2"
@@ -242,13 +259,12 @@ def check_02_slow_pairs(answer) -> bool:
     expected = int((periods > 4096).sum())
     _require(value != 64 - expected, f"{int(value)} is the number of pairs that turn *at least* once")
     _require(value == expected, f"{value:g} is not it: compare each pair's period 2π/θᵢ with 4096")
-    print(f"{label}: correct — {expected} of 64 pairs have a period longer than 4096 positions")
-    return True
+    return _correct(f"{label}: correct — {expected} of 64 pairs have a period longer than 4096 positions")
 
 
 # ------------------------------------------------------------------------- 03 attention, cache
 
-def check_03_rolling_cache_bytes(answer) -> bool:
+def check_03_rolling_cache_bytes(answer) -> Checked:
     """Notebook 03, exercise 1: bytes of Mistral-7B-v0.1's bf16 KV cache for one 32768-token
     sequence with its rolling buffer of sliding_window slots."""
     label = "exercise 1"
@@ -264,9 +280,8 @@ def check_03_rolling_cache_bytes(answer) -> bool:
     _require(value != 32768 * per_token, "that is the cache of all 32768 tokens: the buffer holds only the window")
     _require(value != cfg.sliding_window * per_token // 2, "count both K and V")
     _require(value == expected, f"{value:,.0f} bytes is not it: slots × layers × (K and V) × KV heads × head_dim × 2 bytes")
-    print(f"{label}: correct — {expected:,} bytes ({expected / 2**20:.0f} MiB) instead of "
+    return _correct(f"{label}: correct — {expected:,} bytes ({expected / 2**20:.0f} MiB) instead of "
           f"{32768 * per_token / 2**30:.0f} GiB for the whole sequence")
-    return True
 
 
 def changed_positions(seq_len: int, changed: int, sliding_window: Optional[int]) -> list[int]:
@@ -291,7 +306,7 @@ def changed_positions(seq_len: int, changed: int, sliding_window: Optional[int])
 CASES_03 = [(12, 4, None), (12, 0, None), (20, 5, 6), (20, 17, 6), (9, 2, 1), (16, 3, 16)]
 
 
-def check_03_changed_positions(predict) -> bool:
+def check_03_changed_positions(predict) -> Checked:
     """Notebook 03, exercise 2: `predict(T, p, W)` lists the output positions that change when the
     input token at position p changes (causal mask; sliding window W or None). Checked by changing
     the input of a real attention layer."""
@@ -304,13 +319,12 @@ def check_03_changed_positions(predict) -> bool:
         measured = changed_positions(T, p, W)
         _require(sorted(got) == measured,
                  f"T={T}, changed position {p}, window {W}: you predicted {sorted(got)}, the layer changed {measured}")
-    print(f"{label}: correct — your predictions match the measured attention layer on {len(CASES_03)} cases")
-    return True
+    return _correct(f"{label}: correct — your predictions match the measured attention layer on {len(CASES_03)} cases")
 
 
 # ----------------------------------------------------------------------------------- 04 experts
 
-def check_04_ffn_share(answer) -> bool:
+def check_04_ffn_share(answer) -> Checked:
     """Notebook 04, exercise 1: the feed-forward share of Mistral-7B's parameters."""
     label = "exercise 1"
     if _blank(answer):
@@ -326,12 +340,11 @@ def check_04_ffn_share(answer) -> bool:
     _require(abs(value - mixtral["experts"] / mixtral["total"]) > 5e-4, "that is Mixtral's share, with 8 experts")
     _require(abs(value - expected) < 1e-9,
              f"{100 * value:.2f}% is not it: count attention, the one SwiGLU block, embeddings, head and norms")
-    print(f"{label}: correct — {100 * expected:.1f}% of Mistral-7B is feed-forward "
+    return _correct(f"{label}: correct — {100 * expected:.1f}% of Mistral-7B is feed-forward "
           f"(Mixtral: {100 * mixtral['experts'] / mixtral['total']:.1f}%)")
-    return True
 
 
-def check_04_equal_inner_size(answer) -> bool:
+def check_04_equal_inner_size(answer) -> Checked:
     """Notebook 04, exercise 2: the SwiGLU inner size with the weights of a 4H two-matrix MLP, H = 4096."""
     label = "exercise 2"
     if _blank(answer):
@@ -340,8 +353,7 @@ def check_04_equal_inner_size(answer) -> bool:
     H = 4096
     _require(value != 4 * H, "4H is the classic MLP's inner size; SwiGLU has three matrices, not two")
     _require(abs(3 * H * value - 8 * H * H) < 1e-3 * H, f"3·H·{value:g} weights is not 8H² = {8 * H * H:,}")
-    print(f"{label}: correct — I = {value:.2f} = 8H/3 (Mixtral uses 14336 = 3.5H)")
-    return True
+    return _correct(f"{label}: correct — I = {value:.2f} = 8H/3 (Mixtral uses 14336 = 3.5H)")
 
 
 # ------------------------------------------------------------------------------ 05 router, MoE
@@ -349,7 +361,7 @@ def check_04_equal_inner_size(answer) -> bool:
 LOGITS_05 = [1.2, -0.3, 2.0, 0.1, -1.0, 0.7, 1.9, -0.5]
 
 
-def check_05_top3(weights) -> bool:
+def check_05_top3(weights) -> Checked:
     """Notebook 05, exercise 1: the top-3 combine weights of LOGITS_05, largest first."""
     label = "exercise 1"
     if _blank(weights):
@@ -364,11 +376,10 @@ def check_05_top3(weights) -> bool:
              "these are the full softmax's three largest: the router renormalises over the chosen three")
     _require(torch.allclose(got, expected[0], atol=1e-4),
              f"{[round(v, 4) for v in got.tolist()]} is not it: which three logits are largest, and what sums to 1?")
-    print(f"{label}: correct — {[round(v, 4) for v in got.tolist()]}")
-    return True
+    return _correct(f"{label}: correct — {[round(v, 4) for v in got.tolist()]}")
 
 
-def check_05_collapsed_loss(loss_fn) -> bool:
+def check_05_collapsed_loss(loss_fn) -> Checked:
     """Notebook 05, exercise 2: the HF-convention load-balancing loss of a router that always
     picks the same k of E experts, as a function of E and k."""
     label = "exercise 2"
@@ -382,13 +393,12 @@ def check_05_collapsed_loss(loss_fn) -> bool:
         want = load_balancing_loss(logits, k).item()
         got = _number(_call(loss_fn, E, k), label)
         _require(abs(got - want) < 1e-3, f"E={E}, k={k}: you give {got:g}, the loss is {want:.3f}")
-    print(f"{label}: correct — collapse costs E, whatever k is (a balanced router costs 1)")
-    return True
+    return _correct(f"{label}: correct — collapse costs E, whatever k is (a balanced router costs 1)")
 
 
 # -------------------------------------------------------------------------------- 06 full model
 
-def check_06_active(answer, model, cfg) -> bool:
+def check_06_active(answer, model, cfg) -> Checked:
     """Notebook 06, exercise 1: active parameters per token, computed from `model`'s tensors
     (`model` built from `cfg`)."""
     label = "exercise 1"
@@ -403,11 +413,10 @@ def check_06_active(answer, model, cfg) -> bool:
     _require(value != total, "that is every parameter: a token uses only k of the E experts")
     _require(value == counts["active"], f"{value:,.0f} is not it ({counts['active'] - value:+,.0f} off): "
                                         "everything except the experts, plus k/E of the expert weights")
-    print(f"{label}: correct — {counts['active']:,} of {total:,} parameters are used per token")
-    return True
+    return _correct(f"{label}: correct — {counts['active']:,} of {total:,} parameters are used per token")
 
 
-def check_06_top1(set_top_k, model, reference, input_ids) -> bool:
+def check_06_top1(set_top_k, model, reference, input_ids) -> Checked:
     """Notebook 06, exercise 2: `set_top_k(k)` switches both models to top-k routing; top-1 must
     agree between them, differ from top-2, and `set_top_k(2)` must restore the original logits."""
     label = "exercise 2"
@@ -439,13 +448,12 @@ def check_06_top1(set_top_k, model, reference, input_ids) -> bool:
     gap = (ours - ref).abs().max().item()
     _require(gap < 1e-4, f"the two models disagree by {gap:.3g}")
     _require(restored, "set_top_k(2) must switch both models back to top-2")
-    print(f"{label}: correct — top-1 routing agrees with transformers (within 1e-4) and differs from top-2")
-    return True
+    return _correct(f"{label}: correct — top-1 routing agrees with transformers (within 1e-4) and differs from top-2")
 
 
 # --------------------------------------------------------------------------------- 07 checkpoints
 
-def check_07_fused_w1_bytes(answer) -> bool:
+def check_07_fused_w1_bytes(answer) -> Checked:
     """Notebook 07, exercise 1: bytes of one fused `layers.{i}.block_sparse_moe.w1` of the original
     Mixtral-8x7B release, in bf16."""
     label = "exercise 1"
@@ -459,11 +467,10 @@ def check_07_fused_w1_bytes(answer) -> bool:
     _require(value != one, "that is one expert's w1: the fused tensor holds all of them")
     _require(value != 2 * one * cfg.num_local_experts, "bf16 is 2 bytes per weight, not 4")
     _require(value == one * cfg.num_local_experts, f"{value:,.0f} bytes is not it")
-    print(f"{label}: correct — {value:,.0f} bytes ({value / 2**20:.0f} MiB) per fused tensor")
-    return True
+    return _correct(f"{label}: correct — {value:,.0f} bytes ({value / 2**20:.0f} MiB) per fused tensor")
 
 
-def check_07_permute(my_permute) -> bool:
+def check_07_permute(my_permute) -> Checked:
     """Notebook 07, exercise 2: the interleaved -> rotate-half row permutation, written with loops,
     equals `permute_qk_for_rotate_half` for several head counts and sizes."""
     label = "exercise 2"
@@ -479,13 +486,12 @@ def check_07_permute(my_permute) -> bool:
         _require(isinstance(got, torch.Tensor) and got.shape == w.shape, f"expected a tensor of shape {tuple(w.shape)}")
         _require(torch.equal(got, want), f"{n_heads} heads of size {head_dim}: rows in the wrong order "
                                          "(row j < d/2 of a head comes from row 2j, row d/2 + j from 2j + 1)")
-    print(f"{label}: correct — the same rows as permute_qk_for_rotate_half for 4 shapes")
-    return True
+    return _correct(f"{label}: correct — the same rows as permute_qk_for_rotate_half for 4 shapes")
 
 
 # --------------------------------------------------------------------------------- 08 generation
 
-def check_08_top_k(my_top_k) -> bool:
+def check_08_top_k(my_top_k) -> Checked:
     """Notebook 08, exercise 1: top-k filtering of a probability vector, renormalised."""
     label = "exercise 1"
     gen = torch.Generator().manual_seed(8)
@@ -501,11 +507,10 @@ def check_08_top_k(my_top_k) -> bool:
         _require(abs(got.sum().item() - 1) < 1e-5, f"k={k}: the kept probabilities sum to {got.sum().item():.4f}, not 1")
         _require(int((got > 0).sum()) == k, f"k={k}: {int((got > 0).sum())} tokens kept")
         _require(torch.allclose(got, want, atol=1e-6), f"k={k}: not the k most likely tokens, renormalised")
-    print(f"{label}: correct — equals next_token_probs(top_k=k) for k in 1, 3, 5, 50")
-    return True
+    return _correct(f"{label}: correct — equals next_token_probs(top_k=k) for k in 1, 3, 5, 50")
 
 
-def check_08_positions(without_cache, with_cache, n: int = 100, prompt_len: int = 12) -> bool:
+def check_08_positions(without_cache, with_cache, n: int = 100, prompt_len: int = 12) -> Checked:
     """Notebook 08, exercise 2: token positions processed to generate n tokens after a prompt of
     prompt_len, without and with the KV cache (the last new token is not fed back)."""
     label = "exercise 2"
@@ -517,13 +522,12 @@ def check_08_positions(without_cache, with_cache, n: int = 100, prompt_len: int 
     a, b = _number(without_cache, label), _number(with_cache, label)
     _require(b == expected_with, f"with the cache: {b:g} is not it (the prompt once, then one position per step)")
     _require(a == expected_without, f"without the cache: {a:g} is not it (every step re-reads everything so far)")
-    print(f"{label}: correct — {expected_without:,} positions without the cache, {expected_with} with it")
-    return True
+    return _correct(f"{label}: correct — {expected_without:,} positions without the cache, {expected_with} with it")
 
 
 # --------------------------------------------------------------------------------- 09 training
 
-def check_09_collapsed_cv(answer) -> bool:
+def check_09_collapsed_cv(answer) -> Checked:
     """Notebook 09, exercise 1: the load CV when every token of a layer picks experts 3 and 5."""
     label = "exercise 1"
     if _blank(answer):
@@ -536,14 +540,13 @@ def check_09_collapsed_cv(answer) -> bool:
     std = load.std(correction=0).item()
     _require(abs(value - std) > 1e-6, "that is the standard deviation: divide it by the mean")
     _require(abs(value - expected) < 1e-6, f"{value:.4f} is not it: CV = std / mean of the load")
-    print(f"{label}: correct — CV = {expected:.4f} = √3")
-    return True
+    return _correct(f"{label}: correct — CV = {expected:.4f} = √3")
 
 
 LOGITS_09 = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
-def check_09_balancing_term(answer) -> bool:
+def check_09_balancing_term(answer) -> Checked:
     """Notebook 09, exercise 2: E·Σ f_e P_e for LOGITS_09 (3 experts, top-1)."""
     label = "exercise 2"
     if _blank(answer):
@@ -555,8 +558,7 @@ def check_09_balancing_term(answer) -> bool:
     value = _number(answer, label)
     _require(abs(value - expected) < 1e-5,
              f"{value:.4f} is not it: f_e counts top-1 picks, P_e averages the softmax, then E·Σ f_e P_e")
-    print(f"{label}: correct — {expected:.4f}")
-    return True
+    return _correct(f"{label}: correct — {expected:.4f}")
 
 
 __all__ += [name for name in dict(globals()) if name.startswith("check_")]
