@@ -363,7 +363,7 @@ def run_worker(job: RunJob) -> dict:
     """
     from .generate import generate
 
-    rank, world = current_rank_and_size()
+    rank, _ = current_rank_and_size()
     device = job.device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
@@ -524,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     if under_torchrun:
-        _, device = init_from_torchrun()
+        init_from_torchrun()
         try:
             result = run_worker(job)
             gathered = [None] * nproc if dist.get_rank() == 0 else None
