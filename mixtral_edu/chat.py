@@ -1,6 +1,11 @@
 """Mixtral-Instruct's prompt format, built from ids rather than from one string.
 
-The format (Mixtral-8x7B-Instruct-v0.1 model card):
+The format, as the Mixtral-8x7B-Instruct-v0.1 model card (Hugging Face, "Instruction format") writes it:
+
+    <s> [INST] Instruction [/INST] Model answer</s> [INST] Follow-up instruction [/INST]
+
+and as Mistral AI's documentation ("Open-weight models", section "Chat template") writes it, without
+the spaces after <s> and </s>:
 
     <s>[INST] Instruction [/INST] Model answer</s>[INST] Follow-up instruction [/INST]
 
@@ -12,7 +17,8 @@ ordinary text (three pieces each). So the ids are put together piece by piece,
 with `tok` = `Tokenizer.encode`, which adds the dummy-prefix space and can never produce BOS or EOS.
 This is exactly what mistral-common's v1 reference does (`MistralTokenizer.v1()`), including:
   - a chat ending with the user's turn is a prompt for the model (serving);
-  - a chat ending with an assistant answer gets EOS after it (finetuning data);
+  - every assistant answer is followed by EOS, the last one too (finetuning data); in mistral-common
+    `encode_assistant_message` appends it whatever the validation mode;
   - a system message goes in front of the *first* user message, joined by a blank line:
     `[INST] {system}\n\n{user 1} [/INST]`.
 The model card writes the user turn as tok("[INST]") + tok(user) + tok("[/INST]"); that gives the
@@ -138,8 +144,9 @@ def _mistral_v1(finetuning: bool):
 def reference_encode_chat(messages) -> list[int]:
     """mistral-common's v1 ids for the same messages (needs mistral-common; imported lazily).
 
-    A chat ending with an assistant answer is encoded in finetuning mode (the only mode that
-    accepts it, and the one that appends EOS); any other chat in v1's default mode.
+    A chat ending with an assistant answer is encoded in finetuning mode, because v1's default mode
+    refuses it (`ValidationMode.agnostic` would accept it too); any other chat in v1's default mode.
+    The EOS after each answer comes from `encode_assistant_message`, in every mode.
     """
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -193,8 +200,9 @@ MIXTRAL_HF_TEMPLATE_2024 = """{%- if messages[0]['role'] == 'system' %}
 def fastchat_prompt(messages) -> str:
     """The prompt string FastChat (fschat 0.2.36) renders with its "mistral" conversation template.
 
-    vLLM's first OpenAI-compatible server built chat prompts this way and then tokenized the one
-    string with the model's Hugging Face tokenizer. Needs fschat; imported here.
+    vLLM's OpenAI-compatible server built chat prompts this way, then tokenized the one string with
+    the model's Hugging Face tokenizer, until it switched to Hugging Face chat templates in late 2023
+    (vLLM pull request #1493). Needs fschat; imported here.
     """
     from fastchat.conversation import get_conv_template
 
