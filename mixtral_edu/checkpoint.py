@@ -615,7 +615,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
             where = f"{file}: tensor {key}"
             try:
                 pairs = _to_hf_tensors(layout, key, tensor, cfg)
-            except (KeyError, ValueError) as err:
+            except (KeyError, ValueError, RuntimeError) as err:   # RuntimeError: torch refused a reshape
                 raise CheckpointError(f"{where}: {err.args[0] if err.args else err}") from None
             for hf_key, t in pairs:
                 try:
