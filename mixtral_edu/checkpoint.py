@@ -19,12 +19,20 @@ model plus one tensor (plus one .pt file for the original release, 1/8 of the mo
 
 Everything is checked: each key must be known and fill a parameter exactly once, with the shape the
 config implies; every parameter must be filled; an index must name shards that exist and hold
-exactly the tensors it promises; headers must fit the file. Problems raise CheckpointError naming
-the file and the tensor. Before loading, `memory_plan` compares the weights' size with the free
-memory of the device and refuses (InsufficientMemoryError) unless told to go ahead.
+exactly the tensors it promises, each a plain file name inside the folder; a safetensors file is
+accepted only if the official `safetensors` reader would accept it (tests/test_fuzz_safetensors.py
+checks that on generated damaged files); weights holding NaN or infinity are refused by name unless
+`allow_non_finite=True`. Config and index files are read only if they are small regular files.
+Problems raise CheckpointError naming the file and the tensor. Before loading, `memory_plan` compares
+the weights' size (plus the RoPE tables) with the free memory of the device and refuses
+(InsufficientMemoryError) unless told to go ahead.
 
 `save_model` writes the Hugging Face layout that transformers' from_pretrained reads; `save_mistral`
-writes Mistral's two layouts (used by the tests and the notebook).
+writes Mistral's two layouts (used by the tests and the notebook). Both are atomic: the files are
+written into a hidden folder inside the target and flushed, then renamed into place, so a failure
+at any point leaves the old checkpoint loadable (this needs room for both on the disk). Of the files
+already there, a save replaces only those of its own layout (see `_stale_files`), and it replaces a
+symlink rather than writing through it.
 """
 
 from __future__ import annotations

@@ -521,7 +521,8 @@ def _main(argv: list) -> int:
         save_model(model, staging, max_shard_size=args.max_shard_size)
         shutil.copyfile(tokenizer.path, staging / "tokenizer.model")
         tc_dict = dataclasses.asdict(tc)
-        args_line = "python -m mixtral_edu.train " + " ".join(argv)
+        # --overwrite and --debug change nothing about the weights: the card records the training command
+        args_line = "python -m mixtral_edu.train " + " ".join(a for a in argv if a not in ("--overwrite", "--debug"))
         num_params = sum(p.numel() for p in model.parameters())
         (staging / "README.md").write_text(_model_card(args_line, cfg, tc_dict, heldout, seconds, num_params),
                                            encoding="utf-8")
