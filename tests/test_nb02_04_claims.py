@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_edu.attention import Attention, attention_mask
+from mixtral_edu.attention import Attention, KVCache, attention_mask
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.experts import Experts, swiglu_expert
 from mixtral_edu.model import Mixtral
@@ -239,6 +239,54 @@ def test_nb03_incremental_decoding_equals_the_full_forward_pass():
     assert (cached - full_logits).abs().max() < 1e-5
     assert torch.equal(cached.argmax(-1), full_logits.argmax(-1))
 
+
+
+def test_nb03_one_attention_layer_with_a_cache_equals_the_full_pass():
+    """Notebook 03 section 5: the cache check on the attention module alone (the model's is in 06)."""
+    torch.manual_seed(2)
+    one = MixtralConfig.tiny()
+    layer_attn = Attention(one).eval()
+    for lin in (layer_attn.q_proj, layer_attn.k_proj, layer_attn.v_proj, layer_attn.o_proj):
+        torch.nn.init.normal_(lin.weight, std=0.2)
+    x = torch.randn(2, 40, one.hidden_size)
+    cos, sin = rope_cos_sin(one.head_dim, 64, one.rope_theta)
+    with torch.no_grad():
+        full = layer_attn(x, cos[:40], sin[:40])
+        cache = KVCache(1, 2, one.num_key_value_heads, 64, one.head_dim)
+        steps = [layer_attn(x[:, :8], cos[:8], sin[:8], cache=cache)]
+        cache.advance(8)
+        for t in range(8, 40):
+            steps.append(layer_attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache))
+            cache.advance(1)
+        forgetful = layer_attn(x[:, 39:40], cos[39:40], sin[39:40])    # the last token without its cache
+    cached = torch.cat(steps, dim=1)
+    assert cache.pos == 40
+    assert (cached - full).abs().max() < 1e-5 and full.std() > 0.1
+    assert (forgetful - full[:, 39:40]).abs().max() > 1e-3            # the cache is what makes them equal
+
+
+def test_nb03_trained_first_layer_attention_map():
+    """Notebook 03 section 3: the shipped model's layer-0 attention equals the naive loop; rows sum to 1,
+    nothing above the diagonal."""
+    from mixtral_edu.assets import default_weights_dir
+    from mixtral_edu.checkpoint import load_model
+    from mixtral_edu.tokenizer import Tokenizer
+
+    trained = load_model(default_weights_dir(), progress=False)
+    tok = Tokenizer()
+    ids = torch.tensor([[tok.bos_id] + tok.encode("def add(a, b):\n    return a + b")])
+    T = ids.shape[1]
+    attn = trained.layers[0].self_attn
+    with torch.no_grad():
+        h = trained.layers[0].input_layernorm(trained.embed_tokens(ids))
+        c, s = trained.rotary_emb(0, T)
+        q = apply_rope(attn.q_proj(h).view(1, T, 4, -1).transpose(1, 2), c, s)
+        k = apply_rope(attn.k_proj(h).view(1, T, 2, -1).transpose(1, 2), c, s).repeat_interleave(2, dim=1)
+        logits = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
+        probs = torch.softmax(logits.masked_fill(~attention_mask(T, 0, T), float("-inf")), dim=-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 4, T))
+    assert probs[0].triu(1).abs().max() == 0
+    assert probs[0].tril(-1).max() > 0.1                               # a trained layer does not spread evenly
 
 # ============================================================================ 04 · SwiGLU experts
 def test_nb04_silu_is_z_sigmoid_z_with_its_minimum_near_minus_0_278():
