@@ -202,6 +202,11 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
+def _json_int(literal: str):
+    """serde_json (the official reader's parser) reads `-0` as the float -0.0, so it is no usize there either."""
+    return -0.0 if literal == "-0" else int(literal)
+
+
 def _json_depth(value, limit: int) -> int:
     """Nesting depth of a parsed JSON value, counting stops once `limit` is passed."""
     stack, deepest = [(value, 1)], 0
@@ -228,7 +233,8 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict]:
 
     try:
         text = raw.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_json_object, parse_constant=_no_constant)
+        header = json.loads(text, object_pairs_hook=_json_object, parse_constant=_no_constant,
+                            parse_int=_json_int)
     except UnicodeDecodeError as err:
         raise bad(f"not UTF-8: {err.reason} at byte {err.start}") from None
     except RecursionError:

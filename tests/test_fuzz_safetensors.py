@@ -53,7 +53,7 @@ def _header_text(entries, metadata, extra_pairs=()):
 
 def _damage(rng, entries, metadata, data):
     """One damaged file as bytes (sometimes undamaged, so acceptance is exercised too)."""
-    kind = rng.randrange(32)
+    kind = rng.randrange(34)
     header, pad, prefix, extra = None, b"", b"", []
     infos = [info for _, info in entries if isinstance(info, dict)]
     if kind == 0 and infos:                                     # shift one offset by one byte
@@ -137,6 +137,19 @@ def _damage(rng, entries, metadata, data):
         return rng.choice([b"", b"\x01", bytes(7), bytes(8), struct.pack("<Q", 2) + b"{}", struct.pack("<Q", 3) + b"{} "])
     elif kind == 22 and infos:                                  # bool values / nulls where ints go
         rng.choice(infos)["data_offsets"][0] = rng.choice([False, None, True])
+    elif kind == 23 and infos:                                  # a number written as 1e400, 8.0, 8e0, "8", -0
+        text = _header_text(entries, metadata, extra)
+        marker = rng.choice(['"data_offsets": [', '"shape": ['])
+        at = text.find(marker)
+        if at >= 0:
+            at += len(marker)
+            end = at
+            while end < len(text) and text[end].isdigit():
+                end += 1
+            if end > at:
+                text = text[:at] + rng.choice(["1e400", f"{text[at:end]}.0", f"{text[at:end]}e0", f'"{text[at:end]}"',
+                                               "-0", f"0{text[at:end]}", f" {text[at:end]} "]) + text[end:]
+        header = text.encode()
     # other kinds: leave the file valid
     if header is None:
         header = prefix + _header_text(entries, metadata, extra).encode() + pad
