@@ -21,8 +21,8 @@ This is exactly what mistral-common's v1 reference does (`MistralTokenizer.v1()`
     `encode_assistant_message` appends it whatever the validation mode;
   - a system message goes in front of the *first* user message, joined by a blank line:
     `[INST] {system}\n\n{user 1} [/INST]`.
-The model card writes the user turn as tok("[INST]") + tok(user) + tok("[/INST]"); that gives the
-same ids except for an empty user message (notebook 01 shows why), so the turn is encoded whole.
+Mistral's documentation writes the fine-tuning user turn as
+tok("[INST]") + tok(USER_MESSAGE_1) + tok("[/INST]"); that gives the same ids except for an empty user message (notebook 01 shows why), so the turn is encoded whole.
 
 `render_chat` spells the same chat as one readable string, for display only: tokenizing that
 string is the pitfall this module exists to avoid.
@@ -112,7 +112,8 @@ def encode_chat(tokenizer, messages) -> list[int]:
 
 
 def render_chat(messages, bos: str = "<s>", eos: str = "</s>") -> str:
-    """The chat as the model card writes it, e.g. `<s>[INST] Hi [/INST] Hello</s>[INST] Bye [/INST]`.
+    """The chat as Mistral's documentation writes it, e.g. `<s>[INST] Hi [/INST] Hello</s>[INST] Bye [/INST]`
+    (the model card puts a space after `<s>` and after `</s>`).
 
     For reading only. Never tokenize this string: the tokenizer would read `<s>`/`</s>` as text.
     """

@@ -129,11 +129,11 @@ def test_bos_once_and_eos_after_each_answer_in_the_picture(tok):
 
 @settings(max_examples=60, deadline=None)
 @given(st.text(min_size=1))
-def test_model_card_piece_by_piece_equals_whole_turn_for_nonempty_messages(tok, user):
+def test_docs_recipe_piece_by_piece_equals_whole_turn_for_nonempty_messages(tok, user):
     assert tok.encode("[INST]") + tok.encode(user) + tok.encode("[/INST]") == tok.encode(f"[INST] {user} [/INST]")
 
 
-def test_model_card_piece_by_piece_differs_for_the_empty_message(tok):
+def test_docs_recipe_piece_by_piece_differs_for_the_empty_message(tok):
     by_pieces = [1] + tok.encode("[INST]") + tok.encode("") + tok.encode("[/INST]")
     reference = reference_encode_chat([U("")])
     assert tok.pieces(reference) == ["<s>", "▁[", "INST", "]", "▁", "▁[", "/", "INST", "]"]
