@@ -382,3 +382,65 @@ def test_09_balancing_term():
         ex.check_09_balancing_term((f * P).sum())
     with pytest.raises(WrongAnswer):                          # P from the logits, not the softmax
         ex.check_09_balancing_term(3 * (f * logits.mean(0)).sum())
+
+
+# ------------------------------------------------------------ the notebooks that use the checkers
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+COURSE = {path.name[:2]: path for path in sorted(NOTEBOOKS.glob("0[0-9]_*.ipynb"))}
+
+
+def _code_cells(path):
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+
+
+def _checks(cells):
+    """(checker name, stored output text) of every cell that calls a checker."""
+    found = []
+    for cell in cells:
+        source = "".join(cell["source"])
+        for name in re.findall(r"^(check_\w+)\(", source, flags=re.M):
+            text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                           for o in cell["outputs"])
+            found.append((name, text))
+    return found
+
+
+def test_every_checker_is_used_by_its_notebook_and_its_solution():
+    assert sorted(COURSE) == [f"{n:02d}" for n in range(10)]
+    checkers = sorted(n for n in ex.__all__ if n.startswith("check_"))
+    used_in_course, used_in_solutions = set(), set()
+    for number, path in COURSE.items():
+        solution = NOTEBOOKS / "solutions" / path.name
+        course_checks, solution_checks = _checks(_code_cells(path)), _checks(_code_cells(solution))
+        assert course_checks and [n for n, _ in course_checks] == [n for n, _ in solution_checks], path.name
+        for name, text in course_checks:
+            assert name.startswith(f"check_{number}_")
+            assert "not attempted yet" in text, (path.name, name, text)       # the answer cell is blank
+        for name, text in solution_checks:
+            assert ": correct —" in text, (solution.name, name, text)          # the solution passes
+        used_in_course.update(n for n, _ in course_checks)
+        used_in_solutions.update(n for n, _ in solution_checks)
+    assert used_in_course == used_in_solutions == set(checkers)
+
+
+def test_solutions_share_the_kernelspec():
+    for path in COURSE.values():
+        course = json.loads(path.read_text(encoding="utf-8"))["metadata"]["kernelspec"]
+        solution = json.loads((NOTEBOOKS / "solutions" / path.name).read_text(encoding="utf-8"))
+        assert solution["metadata"]["kernelspec"] == course and course["name"] == "mixtral-edu"
+
+
+def test_each_notebook_ends_with_a_link_to_the_next_and_00_maps_them_all():
+    names = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) + ["12_expert_parallel.ipynb"]
+    for number, path in COURSE.items():
+        last = json.loads(path.read_text(encoding="utf-8"))["cells"][-1]
+        text = "".join(last["source"])
+        nxt = next(n for n in names if n.startswith(f"{int(number) + 1:02d}_"))
+        assert last["cell_type"] == "markdown" and text.startswith("Next: ") and f"]({nxt})" in text, path.name
+    overview = "".join("".join(c["source"]) for c in json.loads(COURSE["00"].read_text(encoding="utf-8"))["cells"])
+    for n in range(13):
+        assert re.search(rf"\]\({n:02d}_\w+\.ipynb\)", overview), n
