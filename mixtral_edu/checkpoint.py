@@ -56,6 +56,8 @@ from .params import count_parameters, memory_footprint
 from .rope import RotaryEmbedding
 
 PathLike = Union[str, os.PathLike]
+MIXTRAL_VOCAB_SIZE = 32000
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 MISTRAL_SAFETENSORS = "consolidated.safetensors"
@@ -63,6 +65,10 @@ _PT_FILE = re.compile(r"consolidated\.(\d+)\.pth?$")
 _MAX_INDEX_BYTES = 64 << 20        # the index of a 100 GB checkpoint is about 100 KB
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+_LAYOUT_NAMES = {"hf-sharded": "Hugging Face (sharded)", "hf": "Hugging Face", "mistral": "Mistral",
+                 "mistral-pt": "Mistral .pt"}
 
 
 class CheckpointError(ValueError):
@@ -161,8 +167,10 @@ def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
     return (
         f"loading needs {plan['needed_bytes'] / gib:.2f} GiB of weights (and RoPE tables) in {dtype} on {device}, but only "
         f"{plan['available_bytes'] / gib:.2f} GiB is free. Ways out: load in int8 (about half of bf16), "
-        "offload experts to CPU/disk and bring them in on demand, spread the layers over more GPUs, "
-        "or use a smaller dtype (bf16 instead of float32). Pass ignore_memory_check=True to try anyway."
+        "offload experts to CPU memory and bring them in on demand, spread the layers over more GPUs "
+        "(placement.plan_placement and load_placed choose and do these), or use a smaller dtype (bf16 "
+        "instead of float32). To try anyway: ignore_memory_check=True in Python, --ignore-memory-check "
+        "on the mixtral-edu command line."
     )
 
 
@@ -623,7 +631,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     filled: dict[tuple[str, Optional[int]], str] = {}
     tied_lm_head: Optional[tuple[str, torch.Tensor]] = None
     bar = tqdm(total=sum(p.numel() for p in params.values()), unit="param", unit_scale=True,
-               desc=f"loading {layout}", disable=not progress)
+               desc=f"reading {_LAYOUT_NAMES[layout]} weights", disable=not progress)
     for file in files:
         for key, tensor in tensors_of(file):
             where = f"{file}: tensor {key}"
@@ -883,10 +891,25 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
             _write_json(staging / HF_INDEX, {"metadata": {"total_size": total, _OWNER_KEY: _OWNER},
                                              "weight_map": weight_map})
         _write_json(staging / "config.json", config)
-        return [*names, *([HF_INDEX] if n > 1 else []), "config.json"]
+        return [*names, *([HF_INDEX] if n > 1 else []), "config.json", *_tokenizer_files(staging, model.config)]
 
-    _staged_save(folder, write, ("config.json", HF_SINGLE, HF_INDEX))
-    return ["config.json", *names] + ([HF_INDEX] if n > 1 else [])
+    written = _staged_save(folder, write, ("config.json", HF_SINGLE, HF_INDEX))
+    return ["config.json", *names] + ([HF_INDEX] if n > 1 else []) + [w for w in written if w in TOKENIZER_FILES]
+
+
+def _tokenizer_files(staging: Path, cfg: MixtralConfig) -> list[str]:
+    """tokenizer.model, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json, so that
+    transformers, llama.cpp's converter and other tools read the save as a Mixtral checkpoint (hf_files.py).
+    Only for Mixtral's 32000-piece vocabulary; skipped, with a warning, when the tokenizer file is absent."""
+    if cfg.vocab_size != MIXTRAL_VOCAB_SIZE:
+        return []
+    from .hf_files import write_tokenizer_files
+
+    try:
+        return write_tokenizer_files(staging, model_max_length=cfg.max_position_embeddings)
+    except FileNotFoundError as err:
+        warnings.warn(f"saved without tokenizer files: {err}", stacklevel=4)
+        return []
 
 
 @torch.no_grad()

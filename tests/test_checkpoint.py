@@ -180,7 +180,7 @@ def test_dense_model_round_trips_in_every_layout(tmp_path):
 def test_progress_bar_goes_to_stderr_and_can_be_disabled(hf_sharded, capsys):
     path = hf_sharded[0]
     load_model(path)
-    assert "loading hf-sharded" in capsys.readouterr().err
+    assert "reading Hugging Face (sharded) weights" in capsys.readouterr().err
     load_model(path, progress=False)
     assert capsys.readouterr().err == ""
 

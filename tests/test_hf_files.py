@@ -271,3 +271,37 @@ def test_a_dangling_symlink_is_refused_too(tmp_path):
     with pytest.raises(ValueError, match="symlink"):
         write_atomic(tmp_path / "tokenizer.model", b"x")
     assert not (tmp_path / "missing").exists()
+
+
+def test_save_model_writes_the_tokenizer_files_with_the_weights(tmp_path):
+    """save_model's folder is a Mixtral checkpoint other tools read: weights, config and tokenizer files in
+    one atomic commit; a symlinked tokenizer.model is replaced, never written through; small test
+    vocabularies get no tokenizer files."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mixtral_edu.chat import encode_chat
+    from mixtral_edu.checkpoint import TOKENIZER_FILES, save_model
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.model import Mixtral
+    from mixtral_edu.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Mixtral(MixtralConfig.tiny(hidden_size=16, intermediate_size=32, head_dim=4, num_hidden_layers=1))
+    folder = tmp_path / "save"
+    folder.mkdir()
+    outside = tmp_path / "outside.model"
+    outside.write_bytes(b"not a tokenizer")
+    (folder / "tokenizer.model").symlink_to(outside)
+    written = save_model(model, folder)
+    assert set(TOKENIZER_FILES) <= set(written) and all((folder / n).is_file() for n in TOKENIZER_FILES)
+    assert not (folder / "tokenizer.model").is_symlink() and outside.read_bytes() == b"not a tokenizer"
+    ours, hf = Tokenizer(), AutoTokenizer.from_pretrained(folder)
+    assert hf.encode("Hello world", add_special_tokens=False) == ours.encode("Hello world")
+    chat = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 4 plus 4?"}]
+    assert list(hf.apply_chat_template(chat, tokenize=True, return_dict=False)) == encode_chat(ours, chat)
+
+    small = Mixtral(MixtralConfig.tiny(vocab_size=64, hidden_size=16, intermediate_size=32, head_dim=4,
+                                       num_hidden_layers=1))
+    assert not set(TOKENIZER_FILES) & set(save_model(small, tmp_path / "small"))
