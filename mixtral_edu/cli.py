@@ -1,10 +1,11 @@
-"""The `mixtral-edu` command line: generate, chat, tokens, route, params.
+"""The `mixtral-edu` command line: generate, chat, tokens, route, params, check.
 
     mixtral-edu generate "def fibonacci(n):"          # continue a prompt, streamed as it comes
     mixtral-edu chat                                  # talk to the model with the instruct template
     mixtral-edu tokens "Hello world" [--chat]         # ids and pieces of a text or of a chat
-    mixtral-edu route "def f(x): return x" --out DIR  # per-token routing pictures
+    mixtral-edu route "def f(x): return x" --out DIR  # per-token routing pictures and the explorer page
     mixtral-edu params --config 8x7b                  # the parameter and memory table
+    mixtral-edu check DIR --gpus 2x80GB               # is a download complete, and where would it go?
 
 Every command that runs the model takes `--weights DIR` (default: $MIXTRAL_EDU_WEIGHTS, else the
 embedded tiny model in data/tiny-mixtral) and `--device` (cpu, cuda, cuda:1, mps, ...).
@@ -80,7 +81,8 @@ def load(args):
     device = check_device(args.device)
     folder = weights_folder(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(folder, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    model = load_model(folder, device=device, dtype=dtype, progress=sys.stderr.isatty(),
+                       ignore_memory_check=getattr(args, "ignore_memory_check", False))
     own = folder / "tokenizer.model"
     tokenizer = Tokenizer(own) if own.is_file() else Tokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -321,6 +323,7 @@ def cmd_route(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
+    from .explorer import write_explorer
     from .routing import trace_routing
     from .routing_plots import write_route_report
 
@@ -335,10 +338,33 @@ def cmd_route(args) -> int:
     for layer in layers or []:
         if not 0 <= layer < num_layers:
             raise CLIError(f"--layers: layer {layer} does not exist; the model has layers 0..{num_layers - 1}")
-    trace = trace_routing(model, ids)
-    for path in write_route_report(trace, tokenizer.pieces(ids), args.out, layers=layers):
-        write(f"{path}\n")
+    texts = [(text, ids)]
+    if args.compare is not None:
+        other = text_argument(args.compare, "--compare text")
+        other_ids = [tokenizer.bos_id] + tokenizer.encode(other)
+        if len(other_ids) > context:
+            raise CLIError(f"the --compare text is {len(other_ids)} tokens, longer than the model's "
+                           f"{context}-token context")
+        texts.append((other, other_ids))
+    traces = [trace_routing(model, i) for _, i in texts]
+    model_name = weights_folder(args).name
+    heading = f"Routing per token: {_short(text)!r} · {model_name}"
+    described = {"route_tokens.png": "tokens coloured by expert, both choices and weights (picture)",
+                 "route_tokens.html": "the same as a web page",
+                 "route_usage.png": "share of each expert per layer (heat map, %)",
+                 "route_repetition.png": "repetition of the same expert for consecutive tokens vs random"}
+    for path in write_route_report(traces[0], tokenizer.pieces(ids), args.out, layers=layers, heading=heading):
+        write(f"{path}  {described.get(path.name, '')}\n")
+    page = write_explorer(Path(args.out) / "explorer.html", traces, [tokenizer.pieces(i) for _, i in texts],
+                          model_name=model_name)
+    write(f"{page}  the routing explorer: every layer, every token's 8-way distribution "
+          f"{'(both texts side by side) ' if len(texts) > 1 else ''}- open it in a browser\n")
     return 0
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # ================================================================================ params
@@ -353,6 +379,7 @@ def cmd_params(args) -> int:
     from .checkpoint import read_config
     from .config import MixtralConfig
     from .params import count_parameters, kv_cache_bytes_per_token, memory_footprint
+    from .placement import int8_breakdown
 
     if args.config:
         cfg = getattr(MixtralConfig, CONFIGS[args.config])()
@@ -365,8 +392,12 @@ def cmd_params(args) -> int:
     if context < 0 or args.batch_size < 1:
         raise CLIError(f"--context must be >= 0 and --batch-size >= 1, got {context} and {args.batch_size}")
     counts = count_parameters(cfg)
-    dtypes = ("float32", "bf16", "int8", "int4")
+    dtypes = ("float32", "bf16", "int8")
     memory = {d: memory_footprint(cfg, d, context, args.batch_size) for d in dtypes}
+    # int8 as quant.py stores it (and the planner and notebooks 00/11 count it), not every weight in one byte
+    int8 = int8_breakdown(cfg)
+    memory["int8"]["weights_bytes"] = int8["total"]
+    memory["int8"]["total_bytes"] = int8["total"] + memory["int8"]["kv_cache_bytes"]
     if args.json:
         write(json.dumps({"source": source, "parameters": counts, "context": context,
                           "batch_size": args.batch_size, "memory": memory}, indent=1) + "\n")
@@ -382,11 +413,81 @@ def cmd_params(args) -> int:
         share = f"  {100 * counts[name] / counts['total']:6.2f}%" if name not in ("total",) else ""
         write(f"{name:<12}{counts[name]:>18,}{share}\n")
     write(f"\nKV cache per token: {_bytes(int(kv_cache_bytes_per_token(cfg, 'bf16')))} in bf16\n")
-    write(f"memory at context {context}, batch {args.batch_size} (KV cache in bf16 for int8/int4 weights)\n")
+    write(f"memory at context {context}, batch {args.batch_size} (KV cache in bf16 for int8 weights)\n")
     write(f"{'dtype':<8}{'weights':>14}{'KV cache':>14}{'total':>14}\n")
     for d in dtypes:
         m = memory[d]
         write(f"{d:<8}{_bytes(m['weights_bytes']):>14}{_bytes(m['kv_cache_bytes']):>14}{_bytes(m['total_bytes']):>14}\n")
+    write(f"\nint8 weights = {_bytes(int8['codes'])} of int8 codes (experts and attention) + "
+          f"{_bytes(int8['scales'])} of bf16 scales (one per output row) + {_bytes(int8['bf16_rest'])} kept in bf16 "
+          f"(embeddings, lm_head, router, norms) = {int8['total'] / 1e9:.2f} GB, as quant.py stores them\n")
+    return 0
+
+
+# ================================================================================ check
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$", re.IGNORECASE)
+
+
+def parse_gpu_memory(text: str) -> float:
+    """'80GB' / '80' (GB) / '141GiB' -> bytes; CLIError otherwise."""
+    m = _SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise CLIError(f"{text!r} is not a GPU memory size (expected e.g. 80GB, 141GB or 24GiB)")
+    unit = (m.group(2) or "GB").lower()
+    return float(m.group(1)) * (2 ** 30 if unit == "gib" else 1e9)
+
+
+def parse_gpus(text: str) -> list:
+    """'2x80GB' or '80GB,40GB' -> free bytes per GPU."""
+    sizes = []
+    for part in text.split(","):
+        count, _, size = part.strip().rpartition("x")
+        if count:
+            if not count.strip().isdigit() or not 1 <= int(count) <= 64:
+                raise CLIError(f"--gpus {text!r}: expected COUNTxSIZE like 2x80GB (1 to 64 GPUs)")
+            sizes += [parse_gpu_memory(size)] * int(count)
+        else:
+            sizes.append(parse_gpu_memory(size))
+    return sizes
+
+
+def cmd_check(args) -> int:
+    import textwrap
+
+    from .placement import free_gpu_bytes, host_free_bytes, plan_placement
+    from .preflight import check_checkpoint, describe_gpus, measure_read_speed
+
+    folder = Path(args.folder)
+    if not str(args.folder).strip():
+        raise CLIError("the folder is empty; give a checkpoint folder")
+    result = check_checkpoint(folder)            # CheckpointError naming the first problem
+    write(f"OK  {result}\n")
+    if args.gpus is not None and args.gpu_memory is not None:
+        raise CLIError("give --gpus or --gpu-memory, not both")
+    if args.gpus is not None:
+        free, names, where = parse_gpus(args.gpus), None, f"the GPUs given: {args.gpus}"
+    elif args.gpu_memory is not None:
+        free, names, where = [parse_gpu_memory(args.gpu_memory)], None, f"one GPU with {args.gpu_memory}"
+    else:
+        free = free_gpu_bytes()
+        names = [f"cuda:{g.index}" for g in describe_gpus()] or None
+        where = "the GPUs visible here"
+        if not free:
+            write("\nno CUDA GPU is visible here: pass --gpus 2x80GB or --gpu-memory 80GB to plan for others\n")
+            return 0
+    if args.context < 1:
+        raise CLIError(f"--context must be at least 1, got {args.context}")
+    host = host_free_bytes()
+    plan = plan_placement(result.config, free, dtype="bf16", context_len=args.context, device_names=names,
+                          host_free_bytes=host if args.gpus is None and args.gpu_memory is None else None)
+    write(f"\nplan for {where}, {args.context}-token context: {plan.strategy} on {', '.join(plan.devices)}\n")
+    write(textwrap.fill(plan.explanation, 100, initial_indent="  ", subsequent_indent="  ") + "\n")
+    write(f"host memory needed while loading: about {plan.host_bytes / 1e9:.1f} GB"
+          + (f" ({host / 1e9:.1f} GB available here)\n" if host else "\n"))
+    speed = measure_read_speed(folder)
+    if speed:
+        write(f"reading the weights: {result.weight_bytes / 1e9:.2f} GB at {speed / 1e9:.2f} GB/s "
+              f"(measured on the folder's files) -> about {result.weight_bytes / speed:.0f} s\n")
     return 0
 
 
@@ -422,20 +523,74 @@ def sampling_options(max_new_tokens: int) -> argparse.ArgumentParser:
     return sampling
 
 
+EXAMPLES = {
+    None: """examples:
+  mixtral-edu generate "def fibonacci(n):"
+  mixtral-edu chat --weights data/tiny-mixtral-instruct
+  mixtral-edu tokens "Hi</s>[INST] hello [/INST]"
+  mixtral-edu route "for i in range(10):" --compare "In the beginning" --out routing/
+  mixtral-edu params --config 8x7b --context 32768
+  mixtral-edu check /path/to/Mixtral-8x7B-Instruct-v0.1 --gpus 2x80GB
+Each command has its own help: mixtral-edu COMMAND --help""",
+    "generate": """examples:
+  mixtral-edu generate "def fibonacci(n):"
+  mixtral-edu generate "In the beginning" --max-new-tokens 40 --temperature 0.8 --seed 1
+  echo "12 + 7 =" | mixtral-edu generate - --no-echo""",
+    "chat": """examples:
+  mixtral-edu chat
+  mixtral-edu chat --weights data/tiny-mixtral-instruct --system "Answer briefly."
+  echo "What is 2 plus 3?" | mixtral-edu chat --weights data/tiny-mixtral-instruct""",
+    "tokens": """examples:
+  mixtral-edu tokens "Hello world"
+  mixtral-edu tokens "Hi</s>[INST] hello [/INST]"      # the text </s> is not the EOS id 2
+  mixtral-edu tokens --chat '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]'""",
+    "route": """examples:
+  mixtral-edu route "for i in range(10):" --out routing/
+  mixtral-edu route "def f(x): return x" --compare "And God said" --out routing/   # open routing/explorer.html
+  mixtral-edu route "some text" --layers 0,3 --out routing/""",
+    "params": """examples:
+  mixtral-edu params --config 8x7b
+  mixtral-edu params --config 8x7b --context 32768 --batch-size 4
+  mixtral-edu params --weights data/tiny-mixtral --json""",
+    "check": """examples:
+  mixtral-edu check /path/to/Mixtral-8x7B-Instruct-v0.1                  # plan for the GPUs visible here
+  mixtral-edu check /path/to/Mixtral-8x7B-Instruct-v0.1 --gpu-memory 80GB
+  mixtral-edu check /path/to/Mixtral-8x7B-Instruct-v0.1 --gpus 2x80GB --context 32768""",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixtral-edu")
+    except PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    model_opts = Parser(add_help=False)
-    model_opts.add_argument("--weights", metavar="DIR",
-                            help="checkpoint folder (Hugging Face or Mistral layout); default: $MIXTRAL_EDU_WEIGHTS, "
-                                 "else the embedded tiny model data/tiny-mixtral")
+    weights_opt = Parser(add_help=False)
+    weights_opt.add_argument("--weights", metavar="DIR",
+                             help="checkpoint folder (Hugging Face or Mistral layout); default: $MIXTRAL_EDU_WEIGHTS, "
+                                  "else the embedded tiny model data/tiny-mixtral")
+    model_opts = Parser(add_help=False, parents=[weights_opt])
     model_opts.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, mps, ...")
     model_opts.add_argument("--dtype", choices=DTYPES, help="weights dtype; default: the checkpoint's")
+    model_opts.add_argument("--ignore-memory-check", action="store_true",
+                            help="load even when the weights look too big for the device's free memory")
+    raw = argparse.RawDescriptionHelpFormatter
 
     parser = Parser(
-        prog=PROG, description="Run and inspect a Mixtral model: generation, chat, tokens, routing, sizes.",
-        epilog="Each command has its own help: mixtral-edu COMMAND --help")
+        prog=PROG, description="Run and inspect a Mixtral model: generation, chat, tokens, routing, sizes, checks.",
+        epilog=EXAMPLES[None], formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("generate", parents=[model_opts, sampling_options(64)], help="continue a prompt (streamed)",
+    def add(name, **kwargs):
+        return commands.add_parser(name, epilog=EXAMPLES[name], formatter_class=raw, **kwargs)
+
+    p = add("generate", parents=[model_opts, sampling_options(64)], help="continue a prompt (streamed)",
                             description="Continue PROMPT with the model; the text is printed as it is generated. "
                                         "The prompt gets BOS in front, as in training.")
     p.add_argument("prompt", metavar="PROMPT", help='the text to continue ("-" reads stdin)')
@@ -443,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not put BOS (<s>) before the prompt")
     p.set_defaults(func=cmd_generate)
 
-    p = commands.add_parser("chat", parents=[model_opts, sampling_options(128)], help="interactive chat with the instruct template",
+    p = add("chat", parents=[model_opts, sampling_options(128)], help="interactive chat with the instruct template",
                             description="Talk to the model: each line on stdin is a user message; the answer is "
                                         "printed as it comes. The conversation is encoded with the Mixtral-Instruct "
                                         "template (<s>[INST] ... [/INST] answer</s>...). /reset forgets it; "
@@ -451,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="a system prompt (put before the first user message)")
     p.set_defaults(func=cmd_chat)
 
-    p = commands.add_parser("tokens", help="ids and pieces of a text or a chat",
+    p = add("tokens", help="ids and pieces of a text or a chat",
                             description="Show how the Mixtral tokenizer splits TEXT: index, id and piece per token.")
     p.add_argument("text", metavar="TEXT", help='the text ("-" reads stdin)')
     p.add_argument("--chat", action="store_true",
@@ -462,15 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="FILE", help="a SentencePiece tokenizer.model (default: Mixtral's)")
     p.set_defaults(func=cmd_tokens)
 
-    p = commands.add_parser("route", parents=[model_opts], help="per-token routing pictures of a text",
+    p = add("route", parents=[model_opts], help="per-token routing pictures and the explorer page",
                             description="Run TEXT through the model, record which experts each token is sent to, "
-                                        "and write the pictures (PNG and HTML) into --out.")
+                                        "and write into --out the pictures (PNG and HTML) and explorer.html, an "
+                                        "interactive page of every layer's routing that opens in any browser.")
     p.add_argument("text", metavar="TEXT", help='the text ("-" reads stdin)')
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures (created if needed)")
     p.add_argument("--layers", metavar="L1,L2", help="layers to colour tokens by (default: first, middle, last)")
+    p.add_argument("--compare", metavar="TEXT2", help="a second text, shown beside the first in explorer.html")
     p.set_defaults(func=cmd_route)
 
-    p = commands.add_parser("params", parents=[model_opts], help="parameter and memory table",
+    p = add("params", parents=[weights_opt], help="parameter and memory table",
                             description="Count the parameters of a config or checkpoint and the memory for its "
                                         "weights plus a KV cache, in several dtypes. Nothing is loaded.")
     p.add_argument("--config", choices=sorted(CONFIGS),
@@ -479,6 +636,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="sequences in the KV cache (default 1)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=cmd_params)
+
+    p = add("check", help="check a downloaded checkpoint and plan where it goes",
+            description="Verify the checkpoint in FOLDER without reading its weights (seconds, even for 93 GB): "
+                        "the layout, every tensor the config needs with its shape and dtype, no unexpected "
+                        "tensor, every shard present and exactly as long as its header says. Then print where the "
+                        "weights would go on the GPUs visible here (or on --gpus / --gpu-memory given by hand), "
+                        "the host memory the load needs and how long reading the files takes.")
+    p.add_argument("folder", metavar="FOLDER", help="the checkpoint folder")
+    p.add_argument("--gpus", metavar="NxSIZE", help="plan for these GPUs instead, e.g. 2x80GB or 80GB,40GB")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="plan for one GPU with SIZE free, e.g. 80GB")
+    p.add_argument("--context", type=int, default=4096, metavar="TOKENS",
+                   help="KV-cache tokens to budget (default %(default)s)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -529,6 +699,9 @@ def _silence_stdout() -> None:
 
 def _run(argv: list) -> int:
     parser = build_parser()
+    if not argv:                      # bare `mixtral-edu`: what it can do, not a usage error
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error (already printed)

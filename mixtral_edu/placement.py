@@ -43,16 +43,27 @@ STRATEGIES = ("single", "split", "int8", "offload")
 
 
 # ----------------------------------------------------------------------------- arithmetic
-def int8_weights_bytes(cfg: MixtralConfig, scale_dtype="bf16") -> int:
-    """Bytes of the int8 weight-only model (quant.py): experts and attention as int8 plus one
-    scale per output channel; embeddings, lm_head, router and norms stay in `scale_dtype`."""
+def int8_breakdown(cfg: MixtralConfig, scale_dtype="bf16") -> dict:
+    """The int8 weight-only model's bytes as quant.py stores it: {"codes", "scales", "bf16_rest", "total"}.
+
+    codes: experts and attention, one byte per weight; scales: one per output row of those matrices,
+    in `scale_dtype`; bf16_rest: embeddings, lm_head, router and norms, kept in `scale_dtype`.
+    """
     p = count_parameters(cfg)
     quantised = p["experts"] + p["attention"]
-    rest = p["total"] - quantised
     H, I, L, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_local_experts
     q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     scales = L * E * (I + H + I) + L * (q_out + 2 * kv_out + H)  # one per output row
-    return int(quantised + (rest + scales) * dtype_bytes(scale_dtype))
+    b = dtype_bytes(scale_dtype)
+    out = {"codes": int(quantised), "scales": int(scales * b), "bf16_rest": int((p["total"] - quantised) * b)}
+    out["total"] = out["codes"] + out["scales"] + out["bf16_rest"]
+    return out
+
+
+def int8_weights_bytes(cfg: MixtralConfig, scale_dtype="bf16") -> int:
+    """Bytes of the int8 weight-only model (quant.py): experts and attention as int8 plus one
+    scale per output channel; embeddings, lm_head, router and norms stay in `scale_dtype`."""
+    return int8_breakdown(cfg, scale_dtype)["total"]
 
 
 def active_weight_bytes(cfg: MixtralConfig, quant: Optional[str] = None, dtype="bf16") -> int:

@@ -191,19 +191,20 @@ def usage_heatmap(usage: Union[RoutingTrace, torch.Tensor], layers: Optional[Seq
     if len(layers) != L:
         raise ValueError(f"{len(layers)} layer labels for {L} rows of usage")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.7 * E), 1.6 + 0.35 * L))
-    im = ax.imshow(usage.numpy(), aspect="auto", cmap="viridis", vmin=0)
+    percent = 100 * usage                                  # cells and colour bar in the same unit
+    im = ax.imshow(percent.numpy(), aspect="auto", cmap="viridis", vmin=0)
     for i in range(L):
         for e in range(E):
-            v = usage[i, e].item()
-            ax.text(e, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < 0.6 * usage.max().item() else "black")
+            v = percent[i, e].item()
+            ax.text(e, i, f"{v:.0f}", ha="center", va="center", fontsize=9,
+                    color="white" if v < 0.6 * percent.max().item() else "black")
     ax.set_xticks(range(E))
     ax.set_yticks(range(L), [str(i) for i in layers])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     what = "first choices" if choice == "first" else "all top-k assignments"
     ax.set_title(title or f"Expert usage: share of {what} (%)\nuniform = {100 / E:.1f}%", fontsize=10)
-    fig.colorbar(im, ax=ax, label="share")
+    fig.colorbar(im, ax=ax, label="share (%)")
     fig.tight_layout()
     return fig
 
@@ -283,13 +284,15 @@ def repetition_figure(rates_by_domain: Mapping[str, torch.Tensor], layers: Seque
 
 # ---------------------------------------------------------------------------------------- report
 def write_route_report(trace: RoutingTrace, pieces: Sequence[str], out_dir: Union[str, Path],
-                       layers: Optional[Sequence[int]] = None) -> list[Path]:
+                       layers: Optional[Sequence[int]] = None, heading: str = "Routing per token") -> list[Path]:
     """Write the pictures of one trace into `out_dir` (created if needed) and return their paths:
 
     route_tokens.png and route_tokens.html (tokens coloured by expert at `layers`, default
-    first/middle/last recorded), route_usage.png (layer x expert heatmap over all recorded layers),
-    route_repetition.png (repetition across recorded layers vs random; only with 2 or more tokens).
+    first/middle/last recorded; the page titled `heading`, e.g. naming the text and the model),
+    route_usage.png (layer x expert heatmap over all recorded layers), route_repetition.png
+    (repetition across recorded layers vs random; only with 2 or more tokens).
     """
+    import html
     pieces = _check_pieces(trace, pieces)
     layers = _pick_layers(trace, layers)
     out = Path(out_dir)
@@ -304,8 +307,14 @@ def write_route_report(trace: RoutingTrace, pieces: Sequence[str], out_dir: Unio
 
     save(token_expert_figure(trace, pieces, layers), "route_tokens.png")
     page = out / "route_tokens.html"
-    page.write_text("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Routing per token</title></head>"
-                    f"<body>{token_expert_view(trace, pieces, layers).html}</body></html>\n", encoding="utf-8")
+    title = html.escape(heading)
+    shown = ", ".join(str(layer) for layer in layers)
+    page.write_text("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+                    f"<title>{title}</title></head><body style=\"font-family: sans-serif\"><h1>{title}</h1>"
+                    f"<p>Each token is coloured by its first-choice expert at layers {shown} (of "
+                    f"{trace.num_experts} experts, top-{trace.top_k}); the lines under each token give each choice's expert and "
+                    "weight.</p>"
+                    f"{token_expert_view(trace, pieces, layers).html}</body></html>\n", encoding="utf-8")
     written.append(page)
     save(usage_heatmap(trace), "route_usage.png")
     if trace.num_tokens >= 2:

@@ -59,15 +59,37 @@ def run(capsys, *argv, stdin=None, monkeypatch=None):
 
 # ---------------------------------------------------------------- help
 
-def test_help_lists_every_command(capsys):
+COMMANDS = ("generate", "chat", "tokens", "route", "params", "check")
+
+
+def test_help_lists_every_command_and_each_help_ends_with_examples(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for command in ("generate", "chat", "tokens", "route", "params"):
+    for command in COMMANDS:
         assert command in out
         sub_code, sub_out, _ = run(capsys, command, "--help")
         assert sub_code == 0 and f"mixtral-edu {command}" in sub_out
-    code, _, err = run(capsys)  # no command: a usage error
-    assert code == 2 and "COMMAND" in err
+        examples = sub_out.rstrip().split("examples:\n")
+        assert len(examples) == 2, f"{command} --help has no examples"
+        lines = examples[1].splitlines()
+        assert lines and all(line.strip().startswith(f"mixtral-edu {command}") or "| mixtral-edu " + command in line
+                             for line in lines), lines
+    code, out, err = run(capsys)  # no command: the help, not an error
+    assert code == 0 and "COMMAND" in out and "examples:" in out and not err
+
+
+def test_version(capsys):
+    from mixtral_edu import __version__
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"mixtral-edu {__version__}"
+
+
+def test_options_a_command_does_not_use_are_refused(capsys):
+    for argv in (["params", "--device", "cuda"], ["params", "--dtype", "bfloat16"], ["tokens", "hi", "--device", "cpu"],
+                 ["check", "data/tiny-mixtral", "--device", "cuda"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "unrecognized arguments" in err, argv
 
 
 # ---------------------------------------------------------------- generate
@@ -228,15 +250,21 @@ def test_tokens_bad_input(capsys, argv, message):
 
 def test_route_writes_the_pictures(capsys, weights, tmp_path):
     out_dir = tmp_path / "route"
-    code, out, err = run(capsys, "route", "def f(x): return x", "--weights", weights, "--out", out_dir, "--layers", "0,1")
+    code, out, err = run(capsys, "route", "def f(x): return x", "--weights", weights, "--out", out_dir, "--layers", "0,1",
+                         "--compare", "And God said")
     assert code == 0, err
-    written = [Path(line) for line in out.splitlines()]
+    lines = out.splitlines()
+    written = [Path(line.split("  ")[0]) for line in lines]
     names = {p.name for p in written}
-    assert {"route_tokens.png", "route_tokens.html", "route_usage.png"} <= names
+    assert {"route_tokens.png", "route_tokens.html", "route_usage.png", "explorer.html"} <= names
+    assert all(len(line.split("  ", 1)) == 2 and line.split("  ", 1)[1].strip() for line in lines)   # each says what it is
     for path in written:
         assert path.parent == out_dir and path.stat().st_size > 0
     html = (out_dir / "route_tokens.html").read_text(encoding="utf-8")
     assert "return" in html  # the tokens are on the page
+    assert f"<h1>Routing per token: &#x27;def f(x): return x&#x27; · {Path(weights).name}</h1>" in html
+    explorer = (out_dir / "explorer.html").read_text(encoding="utf-8")
+    assert "God" in explorer and "return" in explorer and "<script src" not in explorer   # both texts, self-contained
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -248,6 +276,8 @@ def test_route_bad_input(capsys, weights, tmp_path, extra, message):
     assert code == 1 and message in err and "Traceback" not in err
     code, _, err = run(capsys, "route", "text", "--weights", weights)
     assert code == 2 and "--out" in err
+    code, _, err = run(capsys, "route", "text", "--weights", weights, "--out", tmp_path / "r", "--compare", " ")
+    assert code == 1 and "--compare text is empty" in err
 
 
 # ---------------------------------------------------------------- params
@@ -270,6 +300,19 @@ def test_params_of_a_checkpoint(capsys, weights, model):
     code, out, _ = run(capsys, "params", "--weights", weights, "--json")
     assert code == 0
     assert json.loads(out)["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_params_int8_is_the_figure_quant_stores_with_its_breakdown(capsys):
+    from mixtral_edu.placement import int8_breakdown, int8_weights_bytes
+
+    code, out, _ = run(capsys, "params", "--config", "8x7b")
+    full = MixtralConfig.mixtral_8x7b()
+    parts = int8_breakdown(full)
+    assert parts["total"] == int8_weights_bytes(full) == parts["codes"] + parts["scales"] + parts["bf16_rest"]
+    assert "46.98 GB, as quant.py stores them" in out and "43.76 GiB" in out      # 46.98e9 bytes
+    assert "int4" not in out
+    code, out, _ = run(capsys, "params", "--config", "8x7b", "--json")
+    assert json.loads(out)["memory"]["int8"]["weights_bytes"] == parts["total"]
 
 
 def test_params_bad_input(capsys, tmp_path):

@@ -1,0 +1,55 @@
+"""`mixtral-edu check`: a download verified from its headers, then planned; each damage one clear line."""
+
+import pytest
+
+from mixtral_edu.cli import main, parse_gpus
+from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return write_sparse_hf(tmp_path_factory.mktemp("cli_check") / "Mixtral-8x7B-Instruct-v0.1")
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_full_size_folder_is_checked_and_planned_for_given_gpus(capsys, full):
+    code, out, err = run(capsys, "check", full, "--gpus", "2x80GB")
+    assert code == 0, err
+    assert out.startswith(f"OK  {full}: hf-sharded layout, 19 weight files, 995 tensors in bfloat16, 93.41 GB")
+    assert "plan for the GPUs given: 2x80GB, 4096-token context: int8 on cuda:0" in out
+    assert "host memory needed while loading: about" in out and "reading the weights: 93.41 GB at" in out
+    code, out, _ = run(capsys, "check", full, "--gpu-memory", "141GB")
+    assert code == 0 and "single on cuda:0" in out
+    code, out, _ = run(capsys, "check", full, "--gpu-memory", "24GB", "--context", "1024")
+    assert code == 0 and "offload on cuda:0" in out and "about 96." in out       # the host stages the whole model
+
+
+def test_without_gpus_it_says_how_to_plan(capsys, full, monkeypatch):
+    monkeypatch.setattr("mixtral_edu.placement.free_gpu_bytes", lambda: [])
+    code, out, _ = run(capsys, "check", full)
+    assert code == 0 and "no CUDA GPU is visible here: pass --gpus" in out
+
+
+def test_damage_and_bad_arguments_are_one_line(capsys, full, tmp_path):
+    damaged = linked_copy(full, tmp_path / "damaged")
+    (damaged / shard_name(4)).unlink()
+    for argv, message in [((damaged,), "model-00005-of-00019.safetensors"),
+                          ((tmp_path / "missing",), "checkpoint folder not found"),
+                          ((full, "--gpus", "2x"), "is not a GPU memory size"),
+                          ((full, "--gpus", "0x80GB"), "expected COUNTxSIZE"),
+                          ((full, "--gpu-memory", "lots"), "is not a GPU memory size"),
+                          ((full, "--gpus", "80GB", "--gpu-memory", "80GB"), "not both"),
+                          ((full, "--gpu-memory", "80GB", "--context", "0"), "--context must be at least 1")]:
+        code, out, err = run(capsys, "check", *argv)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, argv
+
+
+def test_gpu_lists():
+    assert parse_gpus("2x80GB") == [80e9, 80e9]
+    assert parse_gpus("80GB,40") == [80e9, 40e9]
+    assert parse_gpus("1x24GiB") == [24 * 2 ** 30]
