@@ -1,4 +1,4 @@
-"""Checkers for the notebooks' exercises (notebooks 00–09).
+"""Checkers for the notebooks' exercises (notebooks 00–11).
 
 Each course notebook leaves its answer cells blank (`...` or `None`) and calls one checker per
 exercise. A checker
@@ -559,6 +559,95 @@ def check_09_balancing_term(answer) -> Checked:
     _require(abs(value - expected) < 1e-5,
              f"{value:.4f} is not it: f_e counts top-1 picks, P_e averages the softmax, then E·Σ f_e P_e")
     return _correct(f"{label}: correct — {expected:.4f}")
+
+
+# --------------------------------------------------------------------------------- 10 routing analysis
+
+def check_10_baselines(my_first, my_either) -> Checked:
+    """Notebook 10, exercise 1: the random repetition baselines for 16 experts, top-4."""
+    label = "exercise 1"
+    if _blank(my_first) or _blank(my_either):
+        return _not_attempted(label, "`my_first = ...` and `my_either = ...`")
+    from mixtral_edu.routing import random_repetition_baselines
+
+    first, either = _number(my_first, label), _number(my_either, label)
+    want_first, want_either = random_repetition_baselines(16, 4)
+    _require(abs(first - 4 / 16) > 1e-9, "the first choice is one expert: 1/E, not k/E")
+    _require(abs(first - want_first) < 1e-9, f"first choice: {first:.4f} is not it (one of 16 experts at random)")
+    _require(abs(either - (1 - random_repetition_baselines(8, 2)[1])) > 1e-9 and abs(either - 0.4643) > 1e-3,
+             "that is the baseline of 8 experts, top-2")
+    _require(abs(either - (1 - want_either)) > 1e-9, "that is the chance the two sets are disjoint: take 1 minus it")
+    _require(abs(either - want_either) < 1e-9, f"first or second: {either:.4f} is not it (1 − P(two random "
+                                               "4-sets of 16 are disjoint))")
+    return _correct(f"{label}: correct — first {100 * want_first:.2f}%, some expert shared {100 * want_either:.2f}%")
+
+
+def _next_first_rate(windows) -> float:
+    """The reference: share of consecutive pairs (within each window) whose second token's first
+    choice is one of the first token's k experts. windows: expert ids `[T, k]` per window."""
+    hits = sum(int((x[1:, :1] == x[:-1]).any(-1).sum()) for x in windows)
+    return hits / sum(x.shape[0] - 1 for x in windows)
+
+
+def check_10_next_first(next_first_in_experts) -> Checked:
+    """Notebook 10, exercise 2: `next_first_in_experts(windows) -> rate`, windows a list of expert-id
+    tensors `[T, k]` of one layer (one per window); pairs never cross windows."""
+    label = "exercise 2"
+    tiny = [torch.tensor([[0, 1], [1, 2], [3, 4]])]
+    if _blank(next_first_in_experts) or _call(next_first_in_experts, tiny) is None:
+        return _not_attempted(label, "the body of `next_first_in_experts`")
+    gen = torch.Generator().manual_seed(10)
+    cases = [tiny,                                                     # pairs: 1 in {0,1} yes; 3 in {1,2} no -> 1/2
+             [torch.tensor([[5, 6], [5, 0]]), torch.tensor([[6, 1], [2, 3]])],   # a window boundary: 6|5,6 would count
+             [torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(n)]) for n in (7, 30, 2, 55)]]
+    for windows in cases:
+        got, want = _number(_call(next_first_in_experts, windows), label), _next_first_rate(windows)
+        pooled = _next_first_rate([torch.cat(windows)]) if len(windows) > 1 else want
+        _require(not (abs(got - pooled) < 1e-12 and abs(pooled - want) > 1e-12),
+                 "pairs must not cross windows: the last token of one window and the first of the next are not neighbours")
+        either = sum(int((x[1:, :, None] == x[:-1, None, :]).any((-1, -2)).sum()) for x in windows) / sum(
+            x.shape[0] - 1 for x in windows)
+        _require(not (abs(got - either) < 1e-12 and abs(either - want) > 1e-12),
+                 "that counts any shared expert; the question is about the next token's FIRST choice only")
+        _require(abs(got - want) < 1e-12, f"{got:.4f} is not the rate ({len(windows)} window(s))")
+    return _correct(f"{label}: correct — matches the reference on {len(cases)} sets of windows")
+
+
+# --------------------------------------------------------------------------------- 11 full-weight inference
+
+def check_11_plan_48(answer) -> Checked:
+    """Notebook 11, exercise 1: the planner's choice for one 48 GB GPU and a 4096-token context."""
+    label = "exercise 1"
+    if _blank(answer):
+        return _not_attempted(label, '`answer_1 = ...` ("single", "split", "int8" or "offload")')
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.placement import STRATEGIES, plan_placement
+
+    _require(answer in STRATEGIES, f"{answer!r}: the planner's choices are {', '.join(STRATEGIES)}")
+    plan = plan_placement(MixtralConfig.mixtral_8x7b(), [48e9], context_len=4096)
+    _require(answer != "int8", "int8's 47.0 GB fit, but the KV cache and the 2 GiB reserve must fit too: "
+                               f"{plan.rejected['int8']}")
+    _require(answer == plan.strategy, f"{answer!r} is not what the planner picks (see plan.rejected for why)")
+    return _correct(f"{label}: correct — {plan.strategy}, with {plan.cache_slots} experts cached on the GPU")
+
+
+def check_11_a100_bound(answer) -> Checked:
+    """Notebook 11, exercise 2: the batch-1 bf16 bound of an A100 80GB (2.039 TB/s), in tokens/s."""
+    label = "exercise 2"
+    if _blank(answer):
+        return _not_attempted(label, "`answer_2 = ...`")
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.placement import bandwidth_bound_tokens_per_s
+
+    value = _number(answer, label)
+    full = MixtralConfig.mixtral_8x7b()
+    want = bandwidth_bound_tokens_per_s(full, 2.039e12)
+    _require(abs(value - 2.039e12 / (12_879_925_248 * 2)) > 0.05,
+             "the embedding table is read one row per token, not whole: leave its 32000 × 4096 out")
+    _require(abs(value - 2.039e12 / (46_702_792_704 * 2)) > 0.05, "only the active parameters are read per token")
+    _require(abs(value - 2 * want) > 0.1, "bf16 is 2 bytes per parameter")
+    _require(abs(value - want) < 0.1, f"{value:.1f} tokens/s is not it: bandwidth ÷ bytes read per token")
+    return _correct(f"{label}: correct — at most {want:.1f} tokens/s in bf16")
 
 
 __all__ += [name for name in dict(globals()) if name.startswith("check_")]

@@ -390,7 +390,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-COURSE = {path.name[:2]: path for path in sorted(NOTEBOOKS.glob("0[0-9]_*.ipynb"))}
+COURSE = {path.name[:2]: path for path in sorted(NOTEBOOKS.glob("[01][0-9]_*.ipynb")) if int(path.name[:2]) <= 11}
 
 
 def _code_cells(path):
@@ -410,7 +410,7 @@ def _checks(cells):
 
 
 def test_every_checker_is_used_by_its_notebook_and_its_solution():
-    assert sorted(COURSE) == [f"{n:02d}" for n in range(10)]
+    assert sorted(COURSE) == [f"{n:02d}" for n in range(12)]
     checkers = sorted(n for n in ex.__all__ if n.startswith("check_"))
     used_in_course, used_in_solutions = set(), set()
     for number, path in COURSE.items():
@@ -444,3 +444,47 @@ def test_each_notebook_ends_with_a_link_to_the_next_and_00_maps_them_all():
     overview = "".join("".join(c["source"]) for c in json.loads(COURSE["00"].read_text(encoding="utf-8"))["cells"])
     for n in range(13):
         assert re.search(rf"\]\({n:02d}_\w+\.ipynb\)", overview), n
+
+
+# ------------------------------------------------------------------------------------------ 10, 11
+def test_10_baselines():
+    either = 1 - (12 / 16) * (11 / 15) * (10 / 14) * (9 / 13)
+    assert ex.check_10_baselines(1 / 16, either)
+    assert not ex.check_10_baselines(..., either)
+    for first, wrong in ((4 / 16, either), (1 / 16, 1 - either), (1 / 16, 1 - (6 / 8) * (5 / 7)), (1 / 16, 0.7)):
+        with pytest.raises(WrongAnswer):
+            ex.check_10_baselines(first, wrong)
+
+
+def test_10_next_first():
+    def right(windows):
+        pairs = [(a, b) for w in windows for a, b in zip(w.tolist()[:-1], w.tolist()[1:])]
+        return sum(b[0] in a for a, b in pairs) / len(pairs)
+
+    def across_windows(windows):              # pools the windows into one sequence
+        return right([torch.cat(windows)])
+
+    def any_shared(windows):                  # counts the second choice too
+        pairs = [(a, b) for w in windows for a, b in zip(w.tolist()[:-1], w.tolist()[1:])]
+        return sum(bool(set(a) & set(b)) for a, b in pairs) / len(pairs)
+
+    def blank(windows):
+        ...
+
+    assert ex.check_10_next_first(right)
+    assert not ex.check_10_next_first(blank)
+    for wrong in (across_windows, any_shared, lambda w: 0.25):
+        with pytest.raises(WrongAnswer):
+            ex.check_10_next_first(wrong)
+
+
+def test_11_plan_and_bound():
+    assert ex.check_11_plan_48("offload") and not ex.check_11_plan_48(...)
+    for wrong in ("int8", "single", "split", "cpu"):
+        with pytest.raises(WrongAnswer):
+            ex.check_11_plan_48(wrong)
+    right = 2.039e12 / ((12_879_925_248 - 32000 * 4096) * 2)
+    assert ex.check_11_a100_bound(right)
+    for wrong in (2.039e12 / (12_879_925_248 * 2), 2.039e12 / (46_702_792_704 * 2), 2 * right, right + 1):
+        with pytest.raises(WrongAnswer):
+            ex.check_11_a100_bound(wrong)
