@@ -79,7 +79,7 @@ def check_task1_double_bos(ids, tokenizer=None) -> bool:
     rendered text without a second BOS: exactly `encode_chat`'s ids."""
     label = "task 1"
     if _blank(ids):
-        return _not_attempted(label, "`ids = ...`")
+        return _not_attempted(label, "`ids1 = ...`")
     tok = _tok(tokenizer)
     ids = _ids(ids, label)
     expected = encode_chat(tok, WORKSHOP_CHAT[:1])
