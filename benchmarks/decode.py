@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # random_weights.py
 
 from mixtral_edu.config import MixtralConfig  # noqa: E402
-from mixtral_edu.fast_decode import FastDecoder, random_model  # noqa: E402
+from mixtral_edu.fast_decode import FastDecoder  # noqa: E402
+from random_weights import random_model  # noqa: E402  (benchmarks/random_weights.py, beside this script)
 from mixtral_edu.gpu_kernels import gathered_glu, gathered_matvec, triton_available  # noqa: E402
 from mixtral_edu.placement import active_weight_bytes  # noqa: E402
 from mixtral_edu.quant import Int8Experts  # noqa: E402

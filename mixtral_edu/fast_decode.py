@@ -18,8 +18,8 @@ With no syncs the step can be captured once as a CUDA graph (`torch.cuda.CUDAGra
 replayed: one launch per token instead of ~1,500. `torch.compile` can additionally fuse the small
 elementwise kernels (norms, RoPE, residuals) before capture.
 
-`random_model` builds a full-size model with random weights directly on the GPU (in bf16, or
-int8 one layer at a time), so speed and memory can be measured without downloading 93 GB.
+(`benchmarks/random_weights.py` builds full-size models with random weights on the GPU, so the speed of
+this can be measured without downloading 93 GB.)
 """
 
 from __future__ import annotations
@@ -31,52 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MixtralConfig
 from .experts import Experts
 from .gpu_kernels import gathered_glu, gathered_matvec, triton_available
 from .model import Mixtral
-from .norm import RMSNorm
-from .quant import Int8Experts, Int8Linear, quantize_layer_
-from .rope import RotaryEmbedding, apply_rope
+from .quant import Int8Experts, Int8Linear
+from .rope import apply_rope
 from .router import route
-
-
-# ----------------------------------------------------------------------------- building
-@torch.no_grad()
-def random_model(cfg: MixtralConfig, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                 quant: Optional[str] = None, seed: int = 0, std: float = 0.02) -> Mixtral:
-    """A Mixtral with random normal(0, std) weights built directly on `device` in `dtype`.
-
-    Nothing is ever materialised on the CPU: the model is laid out on the meta device, then each
-    part is allocated and filled on `device`. quant="int8": each layer is drawn in `dtype` and
-    quantised before the next one is drawn, so peak memory is the int8 model plus one layer.
-    """
-    if quant not in (None, "int8"):
-        raise ValueError(f"quant must be None or 'int8', got {quant!r}")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device("meta"):
-        model = Mixtral(cfg)
-    model = model.to(dtype=dtype)
-
-    def materialise(module: nn.Module) -> None:
-        module.to_empty(device=device, recurse=True)
-        for p in module.parameters():
-            p.normal_(0.0, std, generator=gen)
-        for m in module.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-
-    for part in (model.embed_tokens, model.norm, model.lm_head):
-        materialise(part)
-    for layer in model.layers:
-        materialise(layer)
-        if quant == "int8":
-            quantize_layer_(layer)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(
-        device=device, dtype=dtype)
-    return model.requires_grad_(False).eval()
 
 
 @torch.no_grad()

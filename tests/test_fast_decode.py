@@ -1,14 +1,22 @@
 """The sync-free decode step computes what Mixtral.forward computes (CPU, float32, no Triton)."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.fast_decode import FastDecoder, random_model
+from mixtral_edu.fast_decode import FastDecoder
 from mixtral_edu.model import Mixtral
 from mixtral_edu.quant import Int8Experts, quantize_model
+
+_spec = importlib.util.spec_from_file_location(
+    "random_weights", Path(__file__).resolve().parents[1] / "benchmarks" / "random_weights.py")
+random_weights = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(random_weights)
+random_model = random_weights.random_model          # benchmark scaffolding lives in benchmarks/
 
 
 def reference_greedy(model, ids, n, max_len):
