@@ -6,23 +6,12 @@ from hypothesis import strategies as st
 
 from mixtral_edu.chat import chat_segments, encode_chat, reference_encode_chat, render_chat, validate_chat
 from mixtral_edu.tokenizer import Tokenizer
+from messages import A, S, U
 
 
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 BATTERY = {

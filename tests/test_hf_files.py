@@ -22,6 +22,7 @@ from mixtral_edu.config import MixtralConfig
 from mixtral_edu.hf_files import CHAT_TEMPLATE, write_atomic, write_tokenizer_files
 from mixtral_edu.model import Mixtral
 from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
+from messages import A, S, U
 
 CONTROL = {0, 1, 2}  # <unk>, <s>, </s>
 
@@ -34,18 +35,6 @@ FRAGMENTS = [
 ]
 FIXED_TEXTS = ["", " ", "  ", "\n", "Hello world", " Hello", "Hello ", "a  b", "  lead", "trail  ", "a\nb",
                "a\n\n b", "42 + 1337", "naïve café 🦜 ǅ", "tab\tx", "[INST] hi [/INST]", "x\u00a0y"]
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 FIXED_CHATS = [

@@ -13,18 +13,7 @@ from mixtral_edu.chat import (
 )
 from mixtral_edu.display import token_boxes, token_diff, token_diff_size
 from mixtral_edu.tokenizer import Tokenizer, hf_tokenizer
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
+from messages import A, S, U
 
 
 CHAT = [S("You are a concise assistant."), U("What is the capital of France?"), A("Paris."), U("And of Italy?")]
