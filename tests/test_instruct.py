@@ -1,0 +1,188 @@
+"""The tiny instruct model and notebook 01b: the data, the loss mask, the checkpoint, and every number the
+notebook states, recomputed."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral_edu.chat import encode_chat
+from mixtral_edu.instruct import (
+    FAMILIES, INJECTION, ROUTE_NAMES, evaluate, greedy_batch, heldout_prompts, injection_rate, is_correct, loss_mask,
+    make_batch, masked_loss, question, route_accuracy, routes, splits, training_chat, word_list,
+)
+from mixtral_edu.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "data" / "tiny-mixtral-instruct"
+NOTEBOOK = ROOT / "notebooks" / "01b_template_experiment.ipynb"
+TOK = Tokenizer()
+
+
+# ----------------------------------------------------------------------------- the data
+def test_word_list_is_large_and_plain():
+    words = word_list()
+    assert len(words) > 5000
+    assert all(re.fullmatch(r"[a-z]{3,10}", w) for w in words)
+    assert list(words) == sorted(set(words))
+
+
+def test_heldout_items_never_in_training_in_either_order():
+    sp = splits()
+    for family in FAMILIES:
+        train, held = set(sp.train[family]), set(sp.heldout[family])
+        assert train and held and not train & held
+    for family in ("sum", "larger"):
+        assert all((b, a) in set(sp.heldout[family]) for a, b in sp.heldout[family])
+        assert len(sp.train[family]) + len(sp.heldout[family]) == (10000 if family == "sum" else 9900)
+    assert not any(a == b for a, b in sp.heldout["larger"] + sp.train["larger"])
+
+
+def test_training_chats_use_only_training_items():
+    rng = random.Random(1)
+    held_users = {question(f, item, k)[0] for f in FAMILIES for item in splits().heldout[f]
+                  for k in range(4 if f != "larger" else 3)}
+    kinds = set()
+    for _ in range(2000):
+        chat = training_chat(rng)
+        kinds.add((chat[0]["role"] == "system", sum(m["role"] == "user" for m in chat)))
+        for m in chat:
+            assert m["role"] != "user" or m["content"] not in held_users
+    assert {(False, 1), (True, 1), (False, 3), (True, 2)} <= kinds   # single and multi-turn, with and without system
+
+
+def test_heldout_prompts_are_fixed_and_use_the_exact_phrasings():
+    prompts = heldout_prompts(100)
+    assert prompts == heldout_prompts(100)
+    assert [sum(p["family"] == f for p in prompts) for f in FAMILIES] == [100, 100, 100]
+    for p in prompts:
+        pattern = {"sum": r"What is (\d+) plus (\d+)\?", "word": r"Reply with only the word: ([a-z]+)",
+                   "larger": r"Which is larger, (\d+) or (\d+)\?"}[p["family"]]
+        m = re.fullmatch(pattern, p["user"])
+        assert m
+        if p["family"] == "sum":
+            assert p["answer"] == str(int(m[1]) + int(m[2]))
+        elif p["family"] == "larger":
+            assert p["answer"] == str(max(int(m[1]), int(m[2])))
+        else:
+            assert p["answer"] == m[1]
+
+
+def test_loss_mask_trains_answers_and_every_eos_only():
+    chat = [{"role": "system", "content": "Answer the question."}, {"role": "user", "content": "What is 1 plus 2?"},
+            {"role": "assistant", "content": "3"}, {"role": "user", "content": "Reply with only the word: lamb"},
+            {"role": "assistant", "content": "lamb"}]
+    ids, mask = loss_mask(TOK, chat)
+    assert ids == encode_chat(TOK, chat)
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == TOK.encode("3") + [2] + TOK.encode("lamb") + [2]
+    inputs, targets, m = make_batch(TOK, [chat, chat[:3]])
+    assert inputs.shape == targets.shape == m.shape == (2, len(ids) - 1)
+    assert targets[0][m[0]].tolist() == trained
+    assert targets[1][m[1]].tolist() == TOK.encode("3") + [2]   # the padding of the shorter row is not trained
+
+
+def test_masked_loss_equals_the_full_forward_on_the_masked_positions():
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.model import Mixtral
+
+    torch.manual_seed(0)
+    model = Mixtral(MixtralConfig.tiny(num_hidden_layers=2)).eval()
+    rng = random.Random(0)
+    inputs, targets, mask = make_batch(TOK, [training_chat(rng) for _ in range(3)])
+    loss, _ = masked_loss(model, inputs, targets, mask)
+    logits = model(inputs)
+    full = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask])
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+
+
+def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.instruct import tie_embeddings
+    from mixtral_edu.model import Mixtral
+
+    torch.manual_seed(0)
+    model = Mixtral(MixtralConfig.tiny(num_hidden_layers=1))
+    tied = tie_embeddings(model)
+    assert tied.config.tie_word_embeddings and tied.lm_head.weight is tied.embed_tokens.weight
+    torch.testing.assert_close(tied.embed_tokens.weight, model.embed_tokens.weight)
+    for (name, a), (_, b) in zip(model.layers.named_parameters(), tied.layers.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+@pytest.fixture(scope="module")
+def model():
+    from mixtral_edu.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    return load_model(WEIGHTS, progress=False)
+
+
+def test_checkpoint_is_small_tiny_and_moe(model):
+    size = sum(f.stat().st_size for f in WEIGHTS.iterdir() if f.is_file())
+    assert size <= 30 * 1024 * 1024
+    cfg = model.config
+    assert cfg.vocab_size == 32000 and cfg.num_local_experts == 8 and cfg.num_experts_per_tok == 2
+    assert (WEIGHTS / "tokenizer.model").read_bytes() == TOK.path.read_bytes()
+    log = json.loads((WEIGHTS / "training_log.json").read_text())
+    assert log["command"].startswith("python -m mixtral_edu.instruct ")
+    assert log["heldout_accuracy"]["sum"] >= 0.9 and log["heldout_accuracy"]["larger"] >= 0.9
+
+
+def test_greedy_batch_matches_generate(model):
+    from mixtral_edu.generate import generate
+
+    prompts = [encode_chat(TOK, [{"role": "user", "content": p["user"]}]) for p in heldout_prompts(4)]
+    assert greedy_batch(model, prompts) == [generate(model, p, 8) for p in prompts]
+
+
+def test_heldout_accuracy_with_correct_ids_is_what_the_notebook_claims(model):
+    # sum and larger reach 90%; the word family does not (about a quarter), as the notebook states
+    result = evaluate(model, TOK, heldout_prompts(100))
+    claims = next(t for t in _outputs() if t.startswith("sum     correct ids"))
+    for family in FAMILIES:
+        assert f"{family:7} correct ids ≥ 90%: {result['accuracy'][family] >= 0.9}" in claims
+    assert result["accuracy"]["sum"] >= 0.9 and result["accuracy"]["larger"] >= 0.9
+    assert is_correct(TOK, TOK.encode("42") + [2], "42") and not is_correct(TOK, TOK.encode("42"), "42")
+
+
+# ----------------------------------------------------------------------------- the notebook's numbers
+def _outputs():
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    return ["".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+
+
+def _table(header_start):
+    text = next(t for t in _outputs() if t.startswith(header_start))
+    rows = {}
+    for line in text.splitlines()[1:]:
+        name = next(n for n in ROUTE_NAMES if line.startswith(n))
+        rows[name] = line[len(name):].split()
+    assert list(rows) == list(ROUTE_NAMES)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def route_table():
+    return routes(TOK)
+
+
+def test_notebook_route_accuracy_table_is_what_the_model_does(model, route_table):
+    stated = _table("route                                             sum")
+    measured = route_accuracy(model, TOK, route_table, heldout_prompts(100))
+    for name in ROUTE_NAMES:
+        assert stated[name] == [f"{measured[name][f]:.0%}" for f in FAMILIES], name
+    assert measured["token level (encode_chat)"]["sum"] >= 0.9
+
+
+def test_notebook_injection_table_is_what_the_model_does(model, route_table):
+    stated = _table("route                                        EOS ids")
+    sums = [p for p in heldout_prompts(100) if p["family"] == "sum"]
+    measured = injection_rate(model, TOK, route_table, sums)
+    for name in ROUTE_NAMES:
+        eos = route_table[name]([{"role": "user", "content": sums[0]["user"] + INJECTION}]).count(2)
+        assert stated[name] == [str(eos)] + [f"{measured[name][k]:.0%}" for k in ("pwned", "first_piece", "correct")], name
