@@ -16,7 +16,8 @@ from nbclient.exceptions import CellExecutionError
 from mixtral_edu.placement import host_free_bytes
 from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "11_full_weight_gpu_inference.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "11_full_weight_gpu_inference.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,14 @@ def test_a_damaged_download_stops_at_the_first_cell(monkeypatch, sparse, tmp_pat
     error, printed = _run_until_error(monkeypatch, damaged)
     assert "CheckpointError" in error and "model-00012-of-00019.safetensors" in error
     assert "pre-flight" not in printed and "strategy:" not in printed
+
+
+def test_only_notebook_11_follows_the_weights_variable():
+    """The variable points the course at the real weights; the other notebooks teach on the tiny model and
+    must not load 93 GB onto a laptop's CPU because it is set."""
+    for path in sorted(NOTEBOOKS.rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in path.parts or path.name == NOTEBOOK.name:
+            continue
+        code = "".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                       if c["cell_type"] == "code")
+        assert "default_weights_dir" not in code and "MIXTRAL_EDU_WEIGHTS" not in code, path.name
