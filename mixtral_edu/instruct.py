@@ -27,7 +27,7 @@ most of the cost of a step.
 
 Command line (the shipped model; see data/README.md for the time it took):
 
-    python -m mixtral_edu.instruct --out data/tiny-mixtral-instruct --steps 3000 --seed 0 --threads 1
+    python -m mixtral_edu.instruct --out data/tiny-mixtral-instruct --steps 3000 --seed 0 --threads 1 --tie-embeddings
 """
 
 from __future__ import annotations
