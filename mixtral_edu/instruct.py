@@ -428,6 +428,8 @@ def _parse_args(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-per-family", type=int, default=100)
+    p.add_argument("--family-weights", default=None, metavar="S,W,L",
+                   help=f"how often each family is drawn (default {','.join(map(str, FAMILY_WEIGHTS))})")
     p.add_argument("--tie-embeddings", action="store_true",
                    help="share one matrix between the embedding and the output layer (see tie_embeddings)")
     return p.parse_args(argv)
@@ -441,6 +443,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     base = Path(args.base) if args.base else TINY_MODEL_DIR
     tokenizer = Tokenizer()
+    global FAMILY_WEIGHTS
+    if args.family_weights:
+        FAMILY_WEIGHTS = tuple(float(w) for w in args.family_weights.split(","))
     model = load_model(base, progress=False).float()
     if args.tie_embeddings:
         model = tie_embeddings(model)
