@@ -49,7 +49,7 @@ unit: $(STAMP)
 # AVX2/AVX-512, one thread. A stored output that differs between the two passes prints float noise and
 # fails here before it fails on a learner's laptop. (Measured on an AMD EPYC host: with the noisy outputs of
 # notebooks 09 and 11 this pass changed exactly those two cells, and nothing else.)
-NBVAL := env -u MPLBACKEND $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+NBVAL := env -u MPLBACKEND $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 OTHER_CPU := MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 notebooks: $(STAMP)

@@ -221,6 +221,9 @@ def cmd_chat(args) -> int:
     if interactive:
         print("Chat with the model (instruct template). /reset forgets the conversation, /exit or Ctrl-D ends.",
               file=sys.stderr)
+        banner = weights_folder(args) / "chat_banner.txt"     # what this model can and cannot do, if it says
+        if banner.is_file() and banner.stat().st_size < 4096:
+            print(banner.read_text(encoding="utf-8", errors="replace").strip(), file=sys.stderr)
     while True:
         if interactive:
             write("you> ")

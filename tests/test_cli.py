@@ -344,3 +344,22 @@ def test_installed_entry_point_runs_the_embedded_model(tokenizer):
     done = subprocess.run([sys.executable, "-m", "mixtral_edu", "generate", ""],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert done.returncode == 1 and done.stderr == "mixtral-edu: error: the prompt is empty\n"
+
+
+# ---------------------------------------------------------------- the instruct model
+INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral-instruct"
+
+
+def test_chat_with_the_instruct_model_answers_sums_and_says_what_it_can_do(capsys, monkeypatch):
+    code, out, err = run(capsys, "chat", "--weights", INSTRUCT, stdin="What is 12 plus 30?\nWhich is larger, 17 or 71?\n",
+                         monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert out.splitlines() == ["42", "71"]
+
+    class Terminal(io.StringIO):                 # an interactive session shows the banner
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("/exit\n"))
+    code, _, err = run(capsys, "chat", "--weights", INSTRUCT)
+    assert code == 0 and "What is A plus B?" in err and "cannot hold a conversation" in err
