@@ -62,8 +62,9 @@ def test_an_existing_checkpoint_is_refused_unless_overwrite(tmp_path, corpus, ca
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     code, printed, err = run(capsys, out, corpus, "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "tokenizer.model", "training_log.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                                                     "training_log.json"]
     assert load_model(out, progress=False).config.num_hidden_layers == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []     # no staging left behind
 
