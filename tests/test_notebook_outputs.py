@@ -7,6 +7,9 @@ change with the CPU's kernels and the thread count. Two shapes of number give no
 * a mantissa with an exponent of -5 or below (`2.4e-07`): a difference near float32's epsilon;
 * six or more decimals (`2.115197`): digits no claim in this course needs.
 
+Nor may it hold a path of the machine it was made on (the clone's folder, `site-packages`): a warning
+printed with one fails on every other machine.
+
 Cells whose first lines say `# NBVAL_IGNORE_OUTPUT` (nbval does not compare them) may print such numbers,
 as long as they still assert their claim. The dynamic half of this check is `make test`'s second notebook
 pass under another numeric environment (see the Makefile).
@@ -25,6 +28,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NOISE = [
     (re.compile(r"\d\.\d+e-(0[5-9]|[1-9]\d)"), "a float near machine epsilon"),
     (re.compile(r"(?<![\w.])\d+\.\d{6,}"), "six or more decimals"),
+    (re.compile(r"site-packages|/\.venv/|" + re.escape(str(NOTEBOOKS.parent))), "a path of this machine"),
 ]
 NOT_COMPARED = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP")
 
