@@ -336,18 +336,16 @@ def injection_rate(model, tokenizer, route_table: dict, prompts: Sequence[dict],
 
 
 # ----------------------------------------------------------------------------- training
-@dataclass
-class InstructConfig:
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    aux_loss_coef: float = 0.02
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 100
+# The fine-tuning settings differ from train.py's defaults only in these; everything else is TrainConfig's.
+INSTRUCT_DEFAULTS = dict(steps=3000, batch_size=32, seq_len=64, lr=2e-3, min_lr_ratio=0.1, warmup_steps=100,
+                         weight_decay=0.0, aux_loss_coef=0.02, grad_clip=1.0, seed=0, log_every=100)
+
+
+def instruct_config(**overrides):
+    """train.TrainConfig with the fine-tuning defaults above, `overrides` on top."""
+    from .train import TrainConfig
+
+    return TrainConfig(**{**INSTRUCT_DEFAULTS, **overrides})
 
 
 def tie_embeddings(model):
@@ -369,24 +367,21 @@ def tie_embeddings(model):
     return tied
 
 
-def finetune(model, tokenizer, ic: InstructConfig, log_fn=None) -> dict:
-    """Train `model` in place on `ic.steps` batches of random training chats; returns the log."""
-    from .train import TrainConfig, balance_loss, layer_load, lr_at, make_optimizer
+def finetune(model, tokenizer, ic, log_fn=None) -> dict:
+    """Train `model` in place on `ic.steps` batches of random training chats (ic: a train.TrainConfig,
+    see `instruct_config`); returns the log."""
+    from .train import balance_loss, layer_load, lr_at, make_optimizer
 
-    tc = TrainConfig(steps=ic.steps, batch_size=ic.batch_size, seq_len=64, lr=ic.lr,
-                     min_lr_ratio=ic.min_lr_ratio, warmup_steps=ic.warmup_steps,
-                     weight_decay=ic.weight_decay, grad_clip=ic.grad_clip, aux_loss_coef=ic.aux_loss_coef,
-                     seed=ic.seed, log_every=ic.log_every)
     torch.manual_seed(ic.seed)
     rng = random.Random(ic.seed)
     cfg = model.config
     model.train()
-    optimizer = make_optimizer(model, tc)
+    optimizer = make_optimizer(model, ic)
     log = {"step": [], "lr": [], "loss": [], "aux_loss": [], "load": []}
     sums = [0.0, 0.0]
     load_sum = None
     for step in range(ic.steps):
-        lr = lr_at(step, tc)
+        lr = lr_at(step, ic)
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets, mask = make_batch(tokenizer, [training_chat(rng) for _ in range(ic.batch_size)])
@@ -449,8 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_model(base, progress=False).float()
     if args.tie_embeddings:
         model = tie_embeddings(model)
-    ic = InstructConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup_steps=args.warmup_steps, seed=args.seed, log_every=args.log_every)
+    ic = instruct_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=args.warmup_steps, seed=args.seed, log_every=args.log_every)
     sp = splits()
     print("items (train / held-out): " + ", ".join(
         f"{f} {len(sp.train[f])} / {len(sp.heldout[f])}" for f in FAMILIES), flush=True)
