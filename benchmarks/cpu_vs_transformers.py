@@ -6,14 +6,14 @@
 What happens, in one process:
 
 1. transformers builds a random MixtralForCausalLM (float32) and writes it with `save_pretrained`
-   into a temporary folder; ours is loaded from that folder with `mixtral_edu.checkpoint.load_model`,
+   into a temporary folder; ours is loaded from that folder with `mixtral_edu.weights.load.load_model`,
    so both hold the same weights and ours got them the way a user's checkpoint would. Ours then
-   gets `mixtral_edu.layout.to_column_major_`: the same weights stored transposed, and one-token
+   gets `mixtral_edu.inference.cpu.to_column_major_`: the same weights stored transposed, and one-token
    matrix-vector products computed as row sums that stream them at close to memory speed.
 2. Prefill: one forward pass over `--prefill-len` tokens that fills a KV cache and computes the
    last position's logits only (what generation does). Both models, alternating, best of `--repeats`.
 3. Decode: `--new-tokens` greedy tokens after a `--prompt-len`-token prompt. Ours through
-   `mixtral_edu.generate.generate`, transformers through its own `generate(do_sample=False)` (a
+   `mixtral_edu.inference.generate.generate`, transformers through its own `generate(do_sample=False)` (a
    DynamicCache). A per-token timestamp callback on each side times the steps after the first new
    token, so the prompt's prefill is not counted: tokens/s = (new_tokens - 1) / (t_last - t_first).
 4. The bandwidth bound: decoding one token at batch 1 must read every active weight once
@@ -36,10 +36,10 @@ from statistics import median
 
 import torch
 
-from mixtral_edu.checkpoint import load_model
+from mixtral_edu.weights.load import load_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.generate import generate
-from mixtral_edu.layout import to_column_major_
+from mixtral_edu.inference.generate import generate
+from mixtral_edu.inference.cpu import to_column_major_
 from mixtral_edu.params import count_parameters
 
 ISSUE_CONFIG = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=8, top_k=2, intermediate=1024,
@@ -87,8 +87,12 @@ def build_models(args: argparse.Namespace, folder: str):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf.save_pretrained(folder)
-    ours = to_column_major_(load_model(folder, dtype=torch.float32, progress=False))
-    return cfg, hf, ours
+    return cfg, hf, load_ours(folder)
+
+
+def load_ours(folder: str):
+    """Ours as this benchmark runs it, from a checkpoint folder (also used by benchmarks/llama_cpp.py)."""
+    return to_column_major_(load_model(folder, dtype=torch.float32, progress=False))
 
 
 def active_bytes_per_token(cfg: MixtralConfig, element_size: int = 4) -> int:

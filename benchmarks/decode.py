@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # random_weights.py
 
 from mixtral_edu.config import MixtralConfig  # noqa: E402
-from mixtral_edu.fast_decode import FastDecoder  # noqa: E402
+from mixtral_edu.inference.decode import FastDecoder  # noqa: E402
 from random_weights import random_model  # noqa: E402  (benchmarks/random_weights.py, beside this script)
-from mixtral_edu.gpu_kernels import gathered_glu, gathered_matvec, triton_available  # noqa: E402
-from mixtral_edu.placement import active_weight_bytes  # noqa: E402
-from mixtral_edu.quant import Int8Experts  # noqa: E402
+from mixtral_edu.inference.kernels import gathered_glu, gathered_matvec, triton_available  # noqa: E402
+from mixtral_edu.inference.placement import active_weight_bytes  # noqa: E402
+from mixtral_edu.inference.quant import Int8Experts  # noqa: E402
 
 # Vendors' memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name().
 SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
@@ -268,8 +268,8 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         if args.weights:
-            from mixtral_edu.checkpoint import load_model
-            from mixtral_edu.quant import quantize_model
+            from mixtral_edu.weights.load import load_model
+            from mixtral_edu.inference.quant import quantize_model
             if q is None:
                 model = load_model(args.weights, device=device, dtype=dtype)
             else:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
-from mixtral_edu.norm import RMSNorm
-from mixtral_edu.quant import quantize_layer_
-from mixtral_edu.rope import RotaryEmbedding
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.norm import RMSNorm
+from mixtral_edu.inference.quant import quantize_layer_
+from mixtral_edu.model.rope import RotaryEmbedding
 
 
 @torch.no_grad()

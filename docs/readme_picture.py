@@ -1,6 +1,6 @@
 """Make docs/routing_explorer.png, the picture at the top of the README.
 
-The routing explorer (mixtral_edu/explorer.py) on the trained tiny model, code beside prose, at the last
+The routing explorer (mixtral_edu/analysis/explorer.py) on the trained tiny model, code beside prose, at the last
 layer with one expert highlighted, rendered by headless Chromium (Debian's `chromium` package):
 
     .venv/bin/python docs/readme_picture.py
@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.checkpoint import load_model
-from mixtral_edu.explorer import write_explorer
-from mixtral_edu.routing import trace_routing
+from mixtral_edu.weights.load import load_model
+from mixtral_edu.analysis.explorer import write_explorer
+from mixtral_edu.analysis.routing import trace_routing
 from mixtral_edu.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent

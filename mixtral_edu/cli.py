@@ -75,7 +75,7 @@ def load(args):
     """(model, tokenizer) from --weights/--device/--dtype. The folder's own tokenizer.model wins if present."""
     import torch
 
-    from .checkpoint import load_model
+    from .weights.load import load_model
     from .tokenizer import Tokenizer
 
     device = check_device(args.device)
@@ -134,7 +134,7 @@ def text_argument(text: str, what: str) -> str:
 def sampling_kwargs(args) -> dict:
     import math
 
-    from .generate import check_sampling_args
+    from .inference.generate import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if not math.isfinite(args.temperature):
@@ -163,7 +163,7 @@ def write(text: str) -> None:
 
 # ================================================================================ generate
 def cmd_generate(args) -> int:
-    from .generate import TextStream, generate
+    from .inference.generate import TextStream, generate
 
     prompt = text_argument(args.prompt, "prompt")
     sampling = sampling_kwargs(args)
@@ -208,7 +208,7 @@ def fit_history(tokenizer, messages: list, max_new_tokens: int, context: int) ->
 
 
 def cmd_chat(args) -> int:
-    from .generate import chat_reply
+    from .inference.generate import chat_reply
 
     sampling = sampling_kwargs(args)
     model, tokenizer = load(args)
@@ -326,9 +326,9 @@ def cmd_route(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
-    from .explorer import write_explorer
-    from .routing import trace_routing
-    from .routing_plots import write_route_report
+    from .analysis.explorer import write_explorer
+    from .analysis.routing import trace_routing
+    from .analysis.plots import write_route_report
 
     text = text_argument(args.text, "text")
     layers = parse_layers(args.layers)
@@ -379,10 +379,10 @@ def _bytes(n: int) -> str:
 
 
 def cmd_params(args) -> int:
-    from .checkpoint import read_config
+    from .weights.load import read_config
     from .config import MixtralConfig
     from .params import count_parameters, kv_cache_bytes_per_token, memory_footprint
-    from .placement import int8_breakdown
+    from .inference.placement import int8_breakdown
 
     if args.config:
         cfg = getattr(MixtralConfig, CONFIGS[args.config])()
@@ -457,8 +457,8 @@ def parse_gpus(text: str) -> list:
 def cmd_check(args) -> int:
     import textwrap
 
-    from .placement import free_gpu_bytes, host_free_bytes, plan_placement
-    from .preflight import check_checkpoint, describe_gpus, measure_read_speed
+    from .inference.placement import free_gpu_bytes, host_free_bytes, plan_placement
+    from .weights.check import check_checkpoint, describe_gpus, measure_read_speed
 
     folder = Path(args.folder)
     if not str(args.folder).strip():

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.preflight import expected_tensors
+from mixtral_edu.weights.check import expected_tensors
 
 SHARDS = 19
 

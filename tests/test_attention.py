@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from mixtral_edu.attention import Attention, KVCache, attention_mask
+from mixtral_edu.model.attention import Attention, KVCache, attention_mask
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.rope import apply_rope, rope_cos_sin
+from mixtral_edu.model.rope import apply_rope, rope_cos_sin
 
 
 def small_cfg(**overrides):

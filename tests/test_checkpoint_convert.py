@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.convert import (fuse_original_experts, hf_to_mistral_key, hf_to_mistral_state_dict,
+from mixtral_edu.weights.convert import (fuse_original_experts, hf_to_mistral_key, hf_to_mistral_state_dict,
                                  hf_to_original_state_dict, mistral_to_hf_key, mistral_to_hf_tensors,
                                  split_original_experts)
-from mixtral_edu.hf_keys import to_hf_state_dict
-from mixtral_edu.model import Mixtral
-from mixtral_edu.rope import apply_rope, apply_rope_interleaved, rope_cos_sin, rope_freqs_cis
+from mixtral_edu.weights.keys import to_hf_state_dict
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.rope import apply_rope, apply_rope_interleaved, rope_cos_sin, rope_freqs_cis
 
 CFG = MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from mixtral_edu.checkpoint import save_mistral, save_model
+from mixtral_edu.weights.load import save_mistral, save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
+from mixtral_edu.model.mixtral import Mixtral
 
 # ~63M parameters: 252 MB in float32; the largest tensor (embeddings) is 49 MB of it.
 BIG = MixtralConfig(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
@@ -29,9 +29,9 @@ SMALL = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_h
 PROBE = r"""
 import gc, json, sys
 from safetensors.torch import load_file
-from mixtral_edu.checkpoint import load_model, read_config
-from mixtral_edu.hf_keys import load_hf_state_dict
-from mixtral_edu.model import Mixtral
+from mixtral_edu.weights.load import load_model, read_config
+from mixtral_edu.weights.keys import load_hf_state_dict
+from mixtral_edu.model.mixtral import Mixtral
 
 def careless_load(path):
     model = Mixtral(read_config(path))                        # a random model ...

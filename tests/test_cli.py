@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mixtral_edu.chat import encode_chat
-from mixtral_edu.checkpoint import load_model, save_model
+from mixtral_edu.weights.load import load_model, save_model
 from mixtral_edu.cli import CLIError, fit_history, main
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.generate import chat_reply, generate
-from mixtral_edu.model import Mixtral
+from mixtral_edu.inference.generate import chat_reply, generate
+from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.params import count_parameters
 from mixtral_edu.tokenizer import Tokenizer
 
@@ -303,7 +303,7 @@ def test_params_of_a_checkpoint(capsys, weights, model):
 
 
 def test_params_int8_is_the_figure_quant_stores_with_its_breakdown(capsys):
-    from mixtral_edu.placement import int8_breakdown, int8_weights_bytes
+    from mixtral_edu.inference.placement import int8_breakdown, int8_weights_bytes
 
     code, out, _ = run(capsys, "params", "--config", "8x7b")
     full = MixtralConfig.mixtral_8x7b()

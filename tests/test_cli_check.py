@@ -30,7 +30,7 @@ def test_the_full_size_folder_is_checked_and_planned_for_given_gpus(capsys, full
 
 
 def test_without_gpus_it_says_how_to_plan(capsys, full, monkeypatch):
-    monkeypatch.setattr("mixtral_edu.placement.free_gpu_bytes", lambda: [])
+    monkeypatch.setattr("mixtral_edu.inference.placement.free_gpu_bytes", lambda: [])
     code, out, _ = run(capsys, "check", full)
     assert code == 0 and "no CUDA GPU is visible here: pass --gpus" in out
 

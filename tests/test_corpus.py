@@ -1,4 +1,4 @@
-"""mixtral_edu.corpus: the shipped files, the arithmetic generator, token streams and windows."""
+"""mixtral_edu.training.corpus: the shipped files, the arithmetic generator, token streams and windows."""
 
 import ast
 import hashlib
@@ -9,8 +9,8 @@ from math import gcd
 import pytest
 import torch
 
-from mixtral_edu import corpus
-from mixtral_edu.corpus import (ARITHMETIC_DOCS, ARITHMETIC_SEEDS, CORPUS_DIR, DOMAINS, SPLITS,
+from mixtral_edu.training import corpus
+from mixtral_edu.training.corpus import (ARITHMETIC_DOCS, ARITHMETIC_SEEDS, CORPUS_DIR, DOMAINS, SPLITS,
                                 arithmetic_documents, batches, corpus_file, heldout_windows, load_corpus,
                                 load_split, read_documents, token_stream)
 from mixtral_edu.tokenizer import Tokenizer

@@ -1,11 +1,11 @@
-"""mixtral_edu.display: escaped, coloured token boxes; token alignment."""
+"""mixtral_edu.analysis.display: escaped, coloured token boxes; token alignment."""
 
 import html
 import re
 
 import pytest
 
-from mixtral_edu.display import (
+from mixtral_edu.analysis.display import (
     DIFF_COLORS,
     PALETTE,
     TokenBoxes,

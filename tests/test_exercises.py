@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from mixtral_edu import exercises as ex
+from mixtral_edu.course import exercises as ex
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.norm import rms_norm
+from mixtral_edu.model.norm import rms_norm
 
 WrongAnswer = ex.WrongAnswer
 
@@ -136,7 +136,7 @@ def test_02_layer_norm_via_rms():
 
 
 def test_02_slow_pairs():
-    from mixtral_edu.rope import rope_inv_freq
+    from mixtral_edu.model.rope import rope_inv_freq
     assert ex.check_02_slow_pairs(int((2 * math.pi / rope_inv_freq(128, 1e4) > 4096).sum()))
     for wrong in (64 - 18, 64, 0, 18.5):
         with pytest.raises(WrongAnswer):
@@ -219,8 +219,8 @@ def test_05_collapsed_loss():
 @pytest.fixture(scope="module")
 def models_06():
     transformers = pytest.importorskip("transformers")
-    from mixtral_edu.hf_keys import load_hf_state_dict, to_hf_state_dict
-    from mixtral_edu.model import Mixtral
+    from mixtral_edu.weights.keys import load_hf_state_dict, to_hf_state_dict
+    from mixtral_edu.model.mixtral import Mixtral
 
     cfg = MixtralConfig.tiny()
     hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
@@ -343,8 +343,8 @@ def test_08_positions():
 
 def test_08_positions_match_generation():
     """The formula in the checker is what `generate` and a cache-less loop really process."""
-    from mixtral_edu.generate import generate
-    from mixtral_edu.model import Mixtral
+    from mixtral_edu.inference.generate import generate
+    from mixtral_edu.model.mixtral import Mixtral
 
     torch.manual_seed(0)
     model = Mixtral(MixtralConfig.tiny()).eval()

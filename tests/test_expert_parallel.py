@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from mixtral_edu import expert_parallel as ep
+from mixtral_edu.parallel import expert_parallel as ep
 from mixtral_edu.assets import TINY_MODEL_DIR
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.moe import SparseMoeBlock
+from mixtral_edu.model.moe import SparseMoeBlock
 
 
 def test_expert_ranges_cover_every_expert_once():
@@ -94,7 +94,7 @@ def test_command_line_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert ep.main(["--check", "--nproc", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "1 to 8 ranks" in err and len(err.strip().splitlines()) == 1
-    out = subprocess.run([sys.executable, "-m", "mixtral_edu.expert_parallel", "--check",
+    out = subprocess.run([sys.executable, "-m", "mixtral_edu.parallel.expert_parallel", "--check",
                           "--weights", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and "not found" in out.stderr

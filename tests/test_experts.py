@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.experts import Experts, swiglu_expert
+from mixtral_edu.model.experts import Experts, swiglu_expert
 
 
 def test_swiglu_matches_formula():

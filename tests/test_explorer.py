@@ -25,11 +25,11 @@ from bs4 import BeautifulSoup
 from PIL import Image
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.checkpoint import load_model
-from mixtral_edu.display import PALETTE
-from mixtral_edu.explorer import SCALE, explorer_data, explorer_html, write_explorer
-from mixtral_edu.router import route
-from mixtral_edu.routing import RoutingTrace, repetition_rates, trace_routing
+from mixtral_edu.weights.load import load_model
+from mixtral_edu.analysis.display import PALETTE
+from mixtral_edu.analysis.explorer import SCALE, explorer_data, explorer_html, write_explorer
+from mixtral_edu.model.router import route
+from mixtral_edu.analysis.routing import RoutingTrace, repetition_rates, trace_routing
 from mixtral_edu.tokenizer import Tokenizer
 
 CODE = "def square(x):\n    return x * x\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.fast_decode import FastDecoder
-from mixtral_edu.model import Mixtral
-from mixtral_edu.quant import Int8Experts, quantize_model
+from mixtral_edu.inference.decode import FastDecoder
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.inference.quant import Int8Experts, quantize_model
 
 _spec = importlib.util.spec_from_file_location(
     "random_weights", Path(__file__).resolve().parents[1] / "benchmarks" / "random_weights.py")
@@ -76,7 +76,7 @@ def test_random_model_is_built_in_place():
 
 
 def test_fuse_qkv_keeps_the_weights_and_shares_memory():
-    from mixtral_edu.fast_decode import fuse_qkv_
+    from mixtral_edu.inference.decode import fuse_qkv_
     cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=32)
     torch.manual_seed(0)
     for model in (Mixtral(cfg).eval(), quantize_model(Mixtral(cfg).eval())):

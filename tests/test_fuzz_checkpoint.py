@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral_edu import checkpoint
-from mixtral_edu.checkpoint import CheckpointError, InsufficientMemoryError, load_model, save_mistral, save_model
+from mixtral_edu.weights import load as checkpoint
+from mixtral_edu.weights.load import CheckpointError, InsufficientMemoryError, load_model, save_mistral, save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
+from mixtral_edu.model.mixtral import Mixtral
 
 CFG = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_edu.checkpoint import save_model
+from mixtral_edu.weights.load import save_model
 from mixtral_edu.cli import main
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
+from mixtral_edu.model.mixtral import Mixtral
 
 ENTRY_POINT = Path(sys.executable).parent / "mixtral-edu"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.generate import (TextStream, chat_reply, check_sampling_args, generate, next_token_probs,
+from mixtral_edu.inference.generate import (TextStream, chat_reply, check_sampling_args, generate, next_token_probs,
                                   sample_next)
-from mixtral_edu.model import Mixtral
+from mixtral_edu.model.mixtral import Mixtral
 
 VOCAB = 101
 PROMPT = [1, 17, 42, 5, 99, 3]

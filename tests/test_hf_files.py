@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from mixtral_edu import hf_files
+from mixtral_edu.weights import hf_files
 from mixtral_edu.chat import encode_chat, validate_chat
-from mixtral_edu.checkpoint import save_model
+from mixtral_edu.weights.load import save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.hf_files import CHAT_TEMPLATE, write_atomic, write_tokenizer_files
-from mixtral_edu.model import Mixtral
+from mixtral_edu.weights.hf_files import CHAT_TEMPLATE, write_atomic, write_tokenizer_files
+from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
 from messages import A, S, U
 
@@ -270,9 +270,9 @@ def test_save_model_writes_the_tokenizer_files_with_the_weights(tmp_path):
     from transformers import AutoTokenizer
 
     from mixtral_edu.chat import encode_chat
-    from mixtral_edu.checkpoint import TOKENIZER_FILES, save_model
+    from mixtral_edu.weights.load import TOKENIZER_FILES, save_model
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.model import Mixtral
+    from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.tokenizer import Tokenizer
 
     torch.manual_seed(0)

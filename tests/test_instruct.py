@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixtral_edu.chat import encode_chat
-from mixtral_edu.instruct import (
+from mixtral_edu.training.instruct import (
     FAMILIES, INJECTION, ROUTE_NAMES, evaluate, greedy_batch, heldout_prompts, injection_rate, is_correct, loss_mask,
     make_batch, masked_loss, question, route_accuracy, routes, splits, training_chat, word_list,
 )
@@ -87,7 +87,7 @@ def test_loss_mask_trains_answers_and_every_eos_only():
 
 def test_masked_loss_equals_the_full_forward_on_the_masked_positions():
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.model import Mixtral
+    from mixtral_edu.model.mixtral import Mixtral
 
     torch.manual_seed(0)
     model = Mixtral(MixtralConfig.tiny(num_hidden_layers=2)).eval()
@@ -101,8 +101,8 @@ def test_masked_loss_equals_the_full_forward_on_the_masked_positions():
 
 def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.instruct import tie_embeddings
-    from mixtral_edu.model import Mixtral
+    from mixtral_edu.training.instruct import tie_embeddings
+    from mixtral_edu.model.mixtral import Mixtral
 
     torch.manual_seed(0)
     model = Mixtral(MixtralConfig.tiny(num_hidden_layers=1))
@@ -116,7 +116,7 @@ def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
 # ----------------------------------------------------------------------------- the checkpoint
 @pytest.fixture(scope="module")
 def model():
-    from mixtral_edu.checkpoint import load_model
+    from mixtral_edu.weights.load import load_model
 
     torch.set_num_threads(1)
     return load_model(WEIGHTS, progress=False)
@@ -129,12 +129,13 @@ def test_checkpoint_is_small_tiny_and_moe(model):
     assert cfg.vocab_size == 32000 and cfg.num_local_experts == 8 and cfg.num_experts_per_tok == 2
     assert (WEIGHTS / "tokenizer.model").read_bytes() == TOK.path.read_bytes()
     log = json.loads((WEIGHTS / "training_log.json").read_text())
-    assert log["command"].startswith("python -m mixtral_edu.instruct ")
+    # the module was mixtral_edu.instruct before the package took subpackages
+    assert log["command"].startswith(("python -m mixtral_edu.training.instruct ", "python -m mixtral_edu.instruct "))
     assert log["heldout_accuracy"]["sum"] >= 0.9 and log["heldout_accuracy"]["larger"] >= 0.9
 
 
 def test_greedy_batch_matches_generate(model):
-    from mixtral_edu.generate import generate
+    from mixtral_edu.inference.generate import generate
 
     prompts = [encode_chat(TOK, [{"role": "user", "content": p["user"]}]) for p in heldout_prompts(4)]
     assert greedy_batch(model, prompts) == [generate(model, p, 8) for p in prompts]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.layer_split import new_split_kv_cache, split_by_layers
-from mixtral_edu.model import Mixtral
+from mixtral_edu.inference.split import new_split_kv_cache, split_by_layers
+from mixtral_edu.model.mixtral import Mixtral
 
 
 def test_split_model_equals_whole_model():
@@ -25,7 +25,7 @@ def test_split_model_equals_whole_model():
         assert torch.equal(model(step, cache=c1), split(step, cache=c2))
     assert c2.pos == 8 and len(c2.k) == 4
     # generate() asks the model for its cache and gets a split one
-    from mixtral_edu.generate import generate
+    from mixtral_edu.inference.generate import generate
     assert type(split.new_kv_cache(1, 16)).__name__ == "SplitKVCache"
     assert generate(split, ids[0].tolist(), 5, eos_id=None) == generate(model, ids[0].tolist(), 5, eos_id=None)
 
@@ -51,7 +51,7 @@ def test_bad_layer_counts_are_refused():
 
 
 def _saved_tiny(tmp_path):
-    from mixtral_edu.checkpoint import save_model
+    from mixtral_edu.weights.load import save_model
     cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=4, max_position_embeddings=64)
     torch.manual_seed(3)
     model = Mixtral(cfg).eval()
@@ -61,7 +61,7 @@ def _saved_tiny(tmp_path):
 
 def test_load_model_streams_each_layer_to_its_own_device(tmp_path):
     """A list of devices: every tensor goes straight to its layer's device, logits unchanged."""
-    from mixtral_edu.checkpoint import load_model
+    from mixtral_edu.weights.load import load_model
     model = _saved_tiny(tmp_path)
     split = load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[3, 1], progress=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -78,7 +78,7 @@ def test_load_model_streams_each_layer_to_its_own_device(tmp_path):
 
 
 def test_split_load_refuses_a_device_too_small_for_its_share(tmp_path, monkeypatch):
-    from mixtral_edu import checkpoint
+    from mixtral_edu.weights import load as checkpoint
     _saved_tiny(tmp_path)
     sizes = {"cpu": 10**12, "meta": 1000}
     monkeypatch.setattr(checkpoint, "available_memory", lambda device: sizes[torch.device(device).type])

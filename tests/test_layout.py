@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from mixtral_edu.checkpoint import load_model, save_model
+from mixtral_edu.weights.load import load_model, save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.generate import generate
-from mixtral_edu.layout import (ColumnMajorExperts, ColumnMajorLinear, column_major, is_column_major, matvec,
+from mixtral_edu.inference.generate import generate
+from mixtral_edu.inference.cpu import (ColumnMajorExperts, ColumnMajorLinear, column_major, is_column_major, matvec,
                                 to_column_major_)
-from mixtral_edu.model import Mixtral
-from mixtral_edu.offload import OffloadedExperts, offload_experts
-from mixtral_edu.quant import Int8Experts, quantize_model
-from mixtral_edu.routing import trace_routing
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.inference.offload import OffloadedExperts, offload_experts
+from mixtral_edu.inference.quant import Int8Experts, quantize_model
+from mixtral_edu.analysis.routing import trace_routing
 
 
 def tiny(**overrides):
@@ -50,7 +50,7 @@ def test_one_vector_takes_matvec_and_several_take_the_matrix_product(monkeypatch
     model = to_column_major_(Mixtral(cfg).eval())
     calls = []
     real = matvec
-    monkeypatch.setattr("mixtral_edu.layout.matvec", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+    monkeypatch.setattr("mixtral_edu.inference.cpu.matvec", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
     model(torch.tensor([[3, 4, 5, 6, 7, 8]]))
     # prefill: attention, router and lm_head see 6 rows; an expert chosen by a single token sees one vector
     assert set(calls) <= {(128, 64), (64, 128)}

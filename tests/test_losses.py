@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mixtral_edu.losses import expert_load, load_balancing_loss, router_z_loss
+from mixtral_edu.training.losses import expert_load, load_balancing_loss, router_z_loss
 
 
 def balanced_logits(num_experts=4, top_k=2, tokens=8):

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import DecoderLayer, Mixtral
-from mixtral_edu.norm import RMSNorm
+from mixtral_edu.model.mixtral import DecoderLayer, Mixtral
+from mixtral_edu.model.norm import RMSNorm
 
 
 def small(**overrides):

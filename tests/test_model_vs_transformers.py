@@ -12,10 +12,10 @@ transformers = pytest.importorskip("transformers")  # noqa: E402  (a hard requir
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.hf_keys import load_hf_state_dict, to_hf_state_dict
-from mixtral_edu.losses import load_balancing_loss
-from mixtral_edu.model import Mixtral
-from mixtral_edu.router import route
+from mixtral_edu.weights.keys import load_hf_state_dict, to_hf_state_dict
+from mixtral_edu.training.losses import load_balancing_loss
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.router import route
 
 CONFIGS = {
     # head_dim 16 != hidden 48 / 4 heads; 8 experts, top-2; 2 KV heads shared by 4 query heads

@@ -3,9 +3,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.experts import swiglu_expert
-from mixtral_edu.model import Mixtral
-from mixtral_edu.moe import SparseMoeBlock
+from mixtral_edu.model.experts import swiglu_expert
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.moe import SparseMoeBlock
 
 
 def moe_cfg(**overrides):

@@ -11,7 +11,7 @@ from mixtral_edu.chat import (
     MIXTRAL_HF_TEMPLATE_2023, MIXTRAL_HF_TEMPLATE_2024, chat_segments, encode_chat, fastchat_prompt,
     reference_encode_chat, render_chat,
 )
-from mixtral_edu.display import token_boxes, token_diff, token_diff_size
+from mixtral_edu.analysis.display import token_boxes, token_diff, token_diff_size
 from mixtral_edu.tokenizer import Tokenizer, hf_tokenizer
 from messages import A, S, U
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_edu.attention import Attention, KVCache, attention_mask
+from mixtral_edu.model.attention import Attention, KVCache, attention_mask
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.experts import Experts, swiglu_expert
-from mixtral_edu.model import Mixtral
-from mixtral_edu.norm import RMSNorm, rms_norm
+from mixtral_edu.model.experts import Experts, swiglu_expert
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.norm import RMSNorm, rms_norm
 from mixtral_edu.params import count_parameters, kv_cache_bytes_per_token, memory_footprint
-from mixtral_edu.rope import (apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half, rope_cos_sin,
+from mixtral_edu.model.rope import (apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half, rope_cos_sin,
                               rope_freqs_cis, rope_inv_freq, unpermute_qk_for_rotate_half)
 
 EPS = 1e-5
@@ -269,7 +269,7 @@ def test_nb03_trained_first_layer_attention_map():
     """Notebook 03 section 3: the shipped model's layer-0 attention equals the naive loop; rows sum to 1,
     nothing above the diagonal."""
     from mixtral_edu.assets import default_weights_dir
-    from mixtral_edu.checkpoint import load_model
+    from mixtral_edu.weights.load import load_model
     from mixtral_edu.tokenizer import Tokenizer
 
     trained = load_model(default_weights_dir(), progress=False)

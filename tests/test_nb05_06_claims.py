@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.experts import swiglu_expert
-from mixtral_edu.hf_keys import hf_to_ours_key, load_hf_state_dict
-from mixtral_edu.losses import expert_load, load_balancing_loss, router_z_loss
-from mixtral_edu.model import Mixtral
-from mixtral_edu.moe import SparseMoeBlock
+from mixtral_edu.model.experts import swiglu_expert
+from mixtral_edu.weights.keys import hf_to_ours_key, load_hf_state_dict
+from mixtral_edu.training.losses import expert_load, load_balancing_loss, router_z_loss
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.moe import SparseMoeBlock
 from mixtral_edu.params import count_parameters
-from mixtral_edu.router import route, route_via_full_softmax, router_probs
+from mixtral_edu.model.router import route, route_via_full_softmax, router_probs
 
 WORKED_LOGITS = torch.tensor([[1.2, -0.3, 2.0, 0.1, -1.0, 0.7, 1.9, -0.5]])
 

@@ -1,6 +1,6 @@
 import torch
 
-from mixtral_edu.norm import RMSNorm, rms_norm
+from mixtral_edu.model.norm import RMSNorm, rms_norm
 
 
 def test_rmsnorm_matches_its_formula():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
-from mixtral_edu.offload import ExpertCache, OffloadedExperts, offload_experts
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.inference.offload import ExpertCache, OffloadedExperts, offload_experts
 
 
 def tiny_model(seed=0):

@@ -15,10 +15,10 @@ class Block:
 sys.meta_path.insert(0, Block())
 import mixtral_edu
 failed = []
-for module in pkgutil.iter_modules(mixtral_edu.__path__):
-    if module.name != "__main__":                      # importing it runs the command line
+for module in pkgutil.walk_packages(mixtral_edu.__path__, "mixtral_edu."):
+    if module.name != "mixtral_edu.__main__":          # importing it runs the command line
         try:
-            importlib.import_module(f"mixtral_edu.{module.name}")
+            importlib.import_module(module.name)
         except ImportError as err:
             failed.append(f"{module.name}: {err}")
 print("\n".join(failed) or "ok")

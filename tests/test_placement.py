@@ -4,7 +4,7 @@ import pytest
 
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.params import count_parameters
-from mixtral_edu.placement import (
+from mixtral_edu.inference.placement import (
     active_weight_bytes, bandwidth_bound_tokens_per_s, int8_weights_bytes, plan_placement,
 )
 
@@ -72,7 +72,7 @@ def test_one_24gb_gpu_offloads_experts():
 
 
 def test_host_memory_is_part_of_the_plan():
-    from mixtral_edu.placement import host_bytes_needed
+    from mixtral_edu.inference.placement import host_bytes_needed
 
     total_bf16 = count_parameters(CFG)["total"] * 2
     # offloading stages the whole model on the host, then pins the experts layer by layer
@@ -114,11 +114,11 @@ def test_load_placed_follows_the_plan(tmp_path):
     """Each strategy on the CPU with a tiny checkpoint: the loaded model computes the same logits."""
     import torch
 
-    from mixtral_edu.checkpoint import save_model
-    from mixtral_edu.model import Mixtral
-    from mixtral_edu.offload import OffloadedExperts
-    from mixtral_edu.placement import Plan, load_placed
-    from mixtral_edu.quant import is_quantized
+    from mixtral_edu.weights.load import save_model
+    from mixtral_edu.model.mixtral import Mixtral
+    from mixtral_edu.inference.offload import OffloadedExperts
+    from mixtral_edu.inference.placement import Plan, load_placed
+    from mixtral_edu.inference.quant import is_quantized
 
     cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=32)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import torch
 
-from mixtral_edu.preflight import (describe_gpus, estimate_load_seconds, measure_read_speed, report,
+from mixtral_edu.weights.check import (describe_gpus, estimate_load_seconds, measure_read_speed, report,
                                    weight_bytes, weight_files)
 
 

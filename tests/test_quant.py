@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.experts import Experts
-from mixtral_edu.model import Mixtral
-from mixtral_edu.placement import int8_weights_bytes
-from mixtral_edu.quant import (
+from mixtral_edu.model.experts import Experts
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.inference.placement import int8_weights_bytes
+from mixtral_edu.inference.quant import (
     Int8Experts, Int8Linear, dequantize, is_quantized, quantize_model, quantize_per_channel,
 )
 
@@ -106,8 +106,8 @@ def test_trained_tiny_model_keeps_its_greedy_output_in_int8():
     """The embedded trained tiny model: int8 gives the same 16 greedy tokens on every prompt, and
     logits within the stated tolerance of 1% relative (Frobenius) on each prompt (measured 0.1-0.3%)."""
     from mixtral_edu.assets import TINY_MODEL_DIR
-    from mixtral_edu.checkpoint import load_model
-    from mixtral_edu.generate import generate
+    from mixtral_edu.weights.load import load_model
+    from mixtral_edu.inference.generate import generate
     from mixtral_edu.tokenizer import Tokenizer
 
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_edu.rope import (RotaryEmbedding, apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half,
+from mixtral_edu.model.rope import (RotaryEmbedding, apply_rope, apply_rope_interleaved, permute_qk_for_rotate_half,
                               rope_cos_sin, rope_freqs_cis, rope_inv_freq, rotate_half,
                               unpermute_qk_for_rotate_half)
 

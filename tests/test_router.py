@@ -1,6 +1,6 @@
 import torch
 
-from mixtral_edu.router import route, route_via_full_softmax, router_probs
+from mixtral_edu.model.router import route, route_via_full_softmax, router_probs
 
 
 def test_topk_softmax_equals_full_softmax_topk_renormalised():

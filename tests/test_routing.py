@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
-from mixtral_edu.router import route, router_probs
-from mixtral_edu.routing import (
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.model.router import route, router_probs
+from mixtral_edu.analysis.routing import (
     RoutingTrace, coefficient_of_variation, default_layers, domain_repetition_rates, domain_usage,
     expert_usage, normalized_entropy, pooled_repetition_rates, random_repetition_baselines,
     repetition_counts, repetition_rates, trace_domains, trace_routing,
@@ -216,7 +216,7 @@ def test_trace_domains_and_default_layers():
 def test_paper_table5_transcription_matches_the_papers_own_reading():
     # The paper: first-layer repetitions are "close to random", layers 15 and 31 "significantly higher"
     # for the first choice (its first-or-second column at layer 31 dips below random for DM Mathematics).
-    from mixtral_edu.routing import PAPER_TABLE5, PAPER_TABLE5_LAYERS
+    from mixtral_edu.analysis.routing import PAPER_TABLE5, PAPER_TABLE5_LAYERS
 
     assert len(PAPER_TABLE5) == 8 and PAPER_TABLE5_LAYERS == (0, 15, 31)
     first_random, either_random = (100 * r for r in random_repetition_baselines(8, 2))
@@ -231,7 +231,7 @@ def test_paper_table5_transcription_matches_the_papers_own_reading():
 
 
 def test_evenly_spaced_windows():
-    from mixtral_edu.routing import evenly_spaced_windows
+    from mixtral_edu.analysis.routing import evenly_spaced_windows
 
     stream = torch.arange(100)
     ws = evenly_spaced_windows(stream, 10, 4)

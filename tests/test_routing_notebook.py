@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.checkpoint import load_model
-from mixtral_edu.corpus import load_split, token_stream
-from mixtral_edu.router import route
-from mixtral_edu.routing import (
+from mixtral_edu.weights.load import load_model
+from mixtral_edu.training.corpus import load_split, token_stream
+from mixtral_edu.model.router import route
+from mixtral_edu.analysis.routing import (
     default_layers, domain_repetition_rates, domain_usage, evenly_spaced_windows, expert_usage,
     normalized_entropy, pooled_usage, random_repetition_baselines, trace_domains, trace_routing,
 )

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mixtral_edu.routing import RoutingTrace, domain_repetition_rates, domain_usage  # noqa: E402
-from mixtral_edu.routing_plots import (  # noqa: E402
+from mixtral_edu.analysis.routing import RoutingTrace, domain_repetition_rates, domain_usage  # noqa: E402
+from mixtral_edu.analysis.plots import (  # noqa: E402
     domain_usage_figure, expert_colors, repetition_figure, token_expert_figure, token_expert_html,
     token_expert_view, usage_heatmap, write_route_report,
 )

@@ -1,4 +1,4 @@
-"""Issue 15, `python -m mixtral_edu.train`: every argument and the output folder are checked before the first
+"""Issue 15, `python -m mixtral_edu.training.train`: every argument and the output folder are checked before the first
 step; a non-finite loss stops the run; nothing partial is ever saved and no checkpoint is silently replaced."""
 
 import json
@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from mixtral_edu import train as train_module
-from mixtral_edu.checkpoint import load_model, save_model
+from mixtral_edu.training import train as train_module
+from mixtral_edu.weights.load import load_model, save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.corpus import SPLITS
-from mixtral_edu.model import Mixtral
-from mixtral_edu.train import TrainConfig, main
+from mixtral_edu.training.corpus import SPLITS
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.training.train import TrainConfig, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +127,7 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path, corpus, cap
 
 
 def test_a_diverging_run_stops_at_the_first_nan(corpus):
-    from mixtral_edu.corpus import load_split, token_streams
+    from mixtral_edu.training.corpus import load_split, token_streams
     from mixtral_edu.tokenizer import Tokenizer
     streams = token_streams(Tokenizer(), load_split("train", corpus))
     cfg = MixtralConfig.tiny(hidden_size=16, intermediate_size=16, head_dim=4, num_hidden_layers=1)
@@ -144,7 +144,7 @@ def test_ctrl_c_or_a_failed_save_leaves_the_old_checkpoint(tmp_path, corpus, cap
             raise KeyboardInterrupt
         monkeypatch.setattr(train_module, "train", interrupted)
     else:
-        import mixtral_edu.checkpoint as checkpoint
+        import mixtral_edu.weights.load as checkpoint
         real = checkpoint.save_model
 
         def half_then_full_disk(model, path, **kwargs):

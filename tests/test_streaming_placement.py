@@ -5,11 +5,11 @@ import weakref
 
 import torch
 
-from mixtral_edu.checkpoint import load_model, save_model
+from mixtral_edu.weights.load import load_model, save_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.model import Mixtral
-from mixtral_edu.placement import Plan, load_placed
-from mixtral_edu.quant import quantize_layer_, quantize_model
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.inference.placement import Plan, load_placed
+from mixtral_edu.inference.quant import quantize_layer_, quantize_model
 
 pytestmark = __import__("pytest").mark.usefixtures("one_thread")
 

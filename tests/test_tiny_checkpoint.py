@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mixtral_edu.assets import DATA_DIR, TINY_MODEL_DIR
-from mixtral_edu.checkpoint import load_model
-from mixtral_edu.corpus import DOMAINS, load_split, token_streams
+from mixtral_edu.weights.load import load_model
+from mixtral_edu.training.corpus import DOMAINS, load_split, token_streams
 from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
-from mixtral_edu.train import evaluate
+from mixtral_edu.training.train import evaluate
 
 # How data/README.md's numbers were measured (the CLI's final evaluation): windows of 128 tokens,
 # the first 32 per domain.
@@ -66,7 +66,7 @@ def test_heldout_losses_match_data_readme(model, tok):
 
 
 def _greedy(model, tok, prompt: str, n: int) -> str:
-    """Plain greedy decoding without a cache (independent of mixtral_edu.generate)."""
+    """Plain greedy decoding without a cache (independent of mixtral_edu.inference.generate)."""
     ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
     with torch.no_grad():
         for _ in range(n):

@@ -103,7 +103,7 @@ def test_without_mistral_common_or_env_the_error_says_what_to_do(monkeypatch):
 
 def test_package_import_and_default_load_do_not_import_heavy_packages():
     code = (
-        "import sys, mixtral_edu, mixtral_edu.tokenizer, mixtral_edu.chat, mixtral_edu.display\n"
+        "import sys, mixtral_edu, mixtral_edu.tokenizer, mixtral_edu.chat, mixtral_edu.analysis.display\n"
         "mixtral_edu.tokenizer.Tokenizer()\n"
         "heavy = [m for m in ('mistral_common', 'transformers', 'IPython', 'fastchat') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -1,4 +1,4 @@
-"""mixtral_edu.train: schedule, losses, determinism, learning, the command line and its errors."""
+"""mixtral_edu.training.train: schedule, losses, determinism, learning, the command line and its errors."""
 
 import json
 import math
@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from mixtral_edu.checkpoint import load_model
+from mixtral_edu.weights.load import load_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.corpus import DOMAINS, SPLITS
-from mixtral_edu.losses import load_balancing_loss
-from mixtral_edu.train import (TrainConfig, balance_loss, evaluate, layer_load, load_cv, lr_at,
+from mixtral_edu.training.corpus import DOMAINS, SPLITS
+from mixtral_edu.training.losses import load_balancing_loss
+from mixtral_edu.training.train import (TrainConfig, balance_loss, evaluate, layer_load, load_cv, lr_at,
                                main, model_config_from_args, train)
 
 
@@ -139,13 +139,13 @@ def test_command_line_trains_and_saves_a_loadable_checkpoint(tmp_path, capsys):
     log = json.loads((out / "training_log.json").read_text())
     assert log["history"]["step"] == [1, 2, 3] and set(log["heldout_loss"]) == set(DOMAINS)
     # the saved weights reproduce the logged held-out loss
-    from mixtral_edu.corpus import load_split, token_streams
+    from mixtral_edu.training.corpus import load_split, token_streams
     from mixtral_edu.tokenizer import Tokenizer
     streams = token_streams(Tokenizer(), load_split("heldout", tmp_path))
     again = evaluate(model, streams, seq_len=16, max_windows=2)
     for d in DOMAINS:
         assert again[d] == pytest.approx(log["heldout_loss"][d], abs=1e-4)
-    assert "python -m mixtral_edu.train --out" in (out / "README.md").read_text()
+    assert "python -m mixtral_edu.training.train --out" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.corpus import load_split, token_streams
+from mixtral_edu.training.corpus import load_split, token_streams
 from mixtral_edu.tokenizer import Tokenizer
-from mixtral_edu.train import load_cv, train
+from mixtral_edu.training.train import load_cv, train
 
 CFG = dict(hidden_size=32, intermediate_size=64, head_dim=8)
 SETTINGS = dict(steps=60, seed=0, batch_size=6, seq_len=64, lr=3e-3, warmup_steps=20, log_every=10)

@@ -4,7 +4,7 @@ import pytest
 
 from mixtral_edu.chat import MIXTRAL_HF_TEMPLATE_2023, encode_chat
 from mixtral_edu.tokenizer import Tokenizer
-from mixtral_edu.workshop import (
+from mixtral_edu.course.workshop import (
     IGNORE_INDEX, WORKSHOP_CHAT, WrongAnswer, check_task1_double_bos, check_task2_visible_log, check_task3_stop,
     check_task4_labels, check_task5_truncate,
 )

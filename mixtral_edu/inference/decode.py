@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts
-from .gpu_kernels import gathered_glu, gathered_matvec, triton_available
-from .model import Mixtral
+from ..model.experts import Experts
+from .kernels import gathered_glu, gathered_matvec, triton_available
+from ..model.mixtral import Mixtral
 from .quant import Int8Experts, Int8Linear
-from .rope import apply_rope
-from .router import route
+from ..model.rope import apply_rope
+from ..model.router import route
 
 
 @torch.no_grad()

@@ -31,8 +31,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .config import MixtralConfig
-from .rope import permute_qk_for_rotate_half, unpermute_qk_for_rotate_half
+from ..config import MixtralConfig
+from ..model.rope import permute_qk_for_rotate_half, unpermute_qk_for_rotate_half
 
 # ----------------------------------------------------------------------------- key names
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

@@ -32,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .config import MixtralConfig
-from .params import count_parameters, dtype_bytes, kv_cache_bytes_per_token
+from ..config import MixtralConfig
+from ..params import count_parameters, dtype_bytes, kv_cache_bytes_per_token
 
 GB = 1e9
 GiB = 2 ** 30
@@ -318,7 +318,7 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     """
     import torch
 
-    from .checkpoint import load_model
+    from ..weights.load import load_model
 
     if dtype is None:
         dtype = getattr(torch, _TORCH_DTYPES.get(plan.weight_dtype, "bfloat16"))

@@ -38,7 +38,7 @@ from typing import Optional, Union
 
 import torch
 
-from .router import route, router_probs
+from ..model.router import route, router_probs
 
 TokenIds = Union[torch.Tensor, Sequence[int]]
 CHOICES = ("first", "any")

@@ -48,12 +48,12 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .config import MixtralConfig, read_json_file
+from ..config import MixtralConfig, read_json_file
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict, mistral_to_hf_tensors
-from .hf_keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
-from .model import Mixtral
-from .params import count_parameters, memory_footprint
-from .rope import RotaryEmbedding
+from .keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
+from ..model.mixtral import Mixtral
+from ..params import count_parameters, memory_footprint
+from ..model.rope import RotaryEmbedding
 
 PathLike = Union[str, os.PathLike]
 MIXTRAL_VOCAB_SIZE = 32000
@@ -606,7 +606,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     dtype = dtype or _checkpoint_dtype(folder, layout, files)
     split = isinstance(device, (list, tuple))
     if split:
-        from .layer_split import layer_devices
+        from ..inference.split import layer_devices
         devices = layer_devices(cfg.num_hidden_layers, device, layers_per_device)
     else:
         devices = [torch.device(device)] * cfg.num_hidden_layers
@@ -690,7 +690,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
             raise CheckpointError(f"{where}: {config_name} ties lm_head to the "
                                   "embeddings, but this tensor differs from them")
     if split:
-        from .layer_split import split_by_layers
+        from ..inference.split import split_by_layers
         split_by_layers(model, device, layers_per_device)    # the hooks; every tensor is already in place
     return model.eval()
 

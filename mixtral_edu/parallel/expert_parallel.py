@@ -26,8 +26,8 @@ differentiable collectives of `torch.distributed.nn`.
 
 The same code runs on gloo (CPU processes) and NCCL (one GPU per rank):
 
-    python -m mixtral_edu.expert_parallel --check --nproc 2 --weights data/tiny-mixtral
-    torchrun --nproc-per-node 4 -m mixtral_edu.expert_parallel --weights data/tiny-mixtral --prompt "..."
+    python -m mixtral_edu.parallel.expert_parallel --check --nproc 2 --weights data/tiny-mixtral
+    torchrun --nproc-per-node 4 -m mixtral_edu.parallel.expert_parallel --weights data/tiny-mixtral --prompt "..."
 
 The first spawns N gloo processes on this machine; the second lets torchrun start them (NCCL when
 CUDA is available, one GPU per rank). `spawn` runs any module-level function of this package the
@@ -49,9 +49,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import Experts
-from .moe import SparseMoeBlock, dispatch_grouped
-from .router import route
+from ..model.experts import Experts
+from ..model.moe import SparseMoeBlock, dispatch_grouped
+from ..model.router import route
 
 #: The check passes when no logit differs by more than this (float32 logits of order 10 carry
 #: rounding of ~1e-6; a wrong expert or a lost token changes them by 0.1 or more).
@@ -260,7 +260,7 @@ def load_expert_parallel(path, device="cpu", dtype: Optional[torch.dtype] = None
     other ranks' experts are freed layer by layer; the loader still reads every tensor. Then the
     model goes to `device` (this rank's GPU under NCCL, "cpu" under gloo).
     """
-    from .checkpoint import load_model
+    from ..weights.load import load_model
 
     rank, world = current_rank_and_size(group)
 
@@ -361,7 +361,7 @@ def run_worker(job: RunJob) -> dict:
     max_new_tokens - 1 one-token steps)}. Decoding never stops at EOS, so every rank makes the same
     number of MoE calls.
     """
-    from .generate import generate
+    from ..inference.generate import generate
 
     rank, _ = current_rank_and_size()
     device = job.device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -416,7 +416,7 @@ class CheckReport:
 
 def default_prompts(weights, nproc: int, texts: Optional[Sequence[str]] = None) -> list[list[int]]:
     """Token ids of one prompt per rank: the texts given (cycled) or DEFAULT_PROMPTS, with BOS."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     tok_file = Path(weights) / "tokenizer.model"
     tok = Tokenizer(tok_file if tok_file.exists() else None)
@@ -429,8 +429,8 @@ def compare_with_single_process(job: RunJob, results: list[dict], model: Optiona
 
     model: the one-process Mixtral (default: loaded from job.weights with checkpoint.load_model).
     """
-    from .checkpoint import load_model
-    from .generate import generate
+    from ..weights.load import load_model
+    from ..inference.generate import generate
 
     if model is None:
         model = load_model(job.weights, dtype=job.dtype, progress=False)
@@ -465,7 +465,7 @@ def check(weights, nproc: int = 2, prompts: Optional[Sequence[str]] = None, max_
 
 def _check_job(job: RunJob) -> None:
     """Fail here, in one process, before the ranks start (an error on one rank would hang the others)."""
-    from .checkpoint import read_config
+    from ..weights.load import read_config
 
     cfg = read_config(job.weights)
     expert_ranges(cfg.num_local_experts, len(job.prompts))
@@ -490,7 +490,7 @@ def report_lines(report: CheckReport) -> list[str]:
 
 # ===================================================================== command line
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mixtral_edu.expert_parallel",
+    p = argparse.ArgumentParser(prog="python -m mixtral_edu.parallel.expert_parallel",
                                 description="Expert parallelism over torch.distributed (gloo or NCCL).")
     p.add_argument("--weights", default=None, help="checkpoint folder (default: data/tiny-mixtral)")
     p.add_argument("--nproc", type=int, default=None,
@@ -504,8 +504,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .assets import default_weights_dir
-    from .checkpoint import CheckpointError
+    from ..assets import default_weights_dir
+    from ..weights.load import CheckpointError
 
     args = _parser().parse_args(argv)
     weights = str(args.weights or default_weights_dir())
@@ -537,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         results = spawn(nproc, run_worker, job)
 
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
     tok_file = Path(weights) / "tokenizer.model"
     tok = Tokenizer(tok_file if tok_file.exists() else None)
     for r in results:
@@ -551,5 +551,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     # Run the package's module (not this file as __main__), so spawned processes find its functions.
-    from mixtral_edu import expert_parallel
+    from mixtral_edu.parallel import expert_parallel
     sys.exit(expert_parallel.main())

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CheckpointError, SafetensorsFile, _hf_shards, detect_layout, read_config
-from .config import MixtralConfig, read_json_file
+from .load import CheckpointError, SafetensorsFile, _hf_shards, detect_layout, read_config
+from ..config import MixtralConfig, read_json_file
 from .convert import hf_to_mistral_key
-from .hf_keys import to_hf_state_dict
-from .placement import host_free_bytes
+from .keys import to_hf_state_dict
+from ..inference.placement import host_free_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 SAMPLE_BYTES = 64 * 2 ** 20       # read per file when measuring: long enough to see the disk, not a seek
@@ -154,7 +154,7 @@ def expected_tensors(cfg: MixtralConfig, layout: str) -> dict:
     """{checkpoint key: shape} that a `layout` checkpoint of `cfg` holds (built on the meta device: no memory)."""
     import torch
 
-    from .model import Mixtral
+    from ..model.mixtral import Mixtral
 
     with torch.device("meta"):
         model = Mixtral(cfg)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import MixtralConfig
+from ..config import MixtralConfig
 from .experts import Experts
 from .router import route
 

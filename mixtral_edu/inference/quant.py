@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts
+from ..model.experts import Experts
 
 QMAX = 127
 

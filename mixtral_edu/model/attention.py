@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MixtralConfig
+from ..config import MixtralConfig
 from .rope import apply_rope
 
 

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from .chat import encode_chat
+from ..chat import encode_chat
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 

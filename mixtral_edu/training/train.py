@@ -14,7 +14,7 @@ peak; gradients clipped by global norm. Everything random (weights, batches) com
 two runs with the same arguments give the same weights.
 
 Python: `train(cfg, streams, steps=..., seed=...) -> (model, history)`.
-Command line: `python -m mixtral_edu.train --out DIR --steps N --seed S` (see `--help`).
+Command line: `python -m mixtral_edu.training.train --out DIR --steps N --seed S` (see `--help`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import MixtralConfig
+from ..config import MixtralConfig
 from .corpus import batches, heldout_windows
 from .losses import load_balancing_loss, router_z_loss
-from .model import Mixtral
+from ..model.mixtral import Mixtral
 
 
 @dataclass
@@ -286,7 +286,7 @@ class UsageError(ValueError):
     """A bad argument, corpus or output folder, found before training starts (exit status 2)."""
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = _Parser(
-        prog="python -m mixtral_edu.train",
+        prog="python -m mixtral_edu.training.train",
         description="Train a Mixtral from scratch on the shipped corpus (python, prose, arithmetic) and save it "
                     "in the Hugging Face layout, with a copy of the tokenizer and a model card.",
     )
@@ -360,7 +360,7 @@ A tiny Mixtral trained from scratch by mixtral-edu for teaching: the real Mixtra
 {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, expert hidden size {cfg.intermediate_size}, \
 {num_params:,} parameters in float32.
 Hugging Face layout (`config.json`, `model.safetensors`): `transformers.MixtralForCausalLM.from_pretrained`
-reads it, and so does `mixtral_edu.checkpoint.load_model`.
+reads it, and so does `mixtral_edu.weights.load.load_model`.
 
 It has seen about {tc['steps'] * tc['batch_size'] * tc['seq_len']:,} tokens of three domains (Python standard-library
 source, King James Bible prose, arithmetic drills; see data/README.md). It continues text in those
@@ -453,9 +453,9 @@ def _main(argv: list) -> int:
     import tempfile
 
     args = _parse_args(argv)
-    from .checkpoint import _parse_size, save_model
+    from ..weights.load import _parse_size, save_model
     from .corpus import heldout_windows, load_split, token_streams
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     # ---- everything is checked before the first step, so no run is lost to a typo
     if not 1 <= args.threads <= 4096:
@@ -522,7 +522,7 @@ def _main(argv: list) -> int:
         shutil.copyfile(tokenizer.path, staging / "tokenizer.model")
         tc_dict = dataclasses.asdict(tc)
         # --overwrite and --debug change nothing about the weights: the card records the training command
-        args_line = "python -m mixtral_edu.train " + " ".join(a for a in argv if a not in ("--overwrite", "--debug"))
+        args_line = "python -m mixtral_edu.training.train " + " ".join(a for a in argv if a not in ("--overwrite", "--debug"))
         num_params = sum(p.numel() for p in model.parameters())
         (staging / "README.md").write_text(_model_card(args_line, cfg, tc_dict, heldout, seconds, num_params),
                                            encoding="utf-8")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts
+from ..model.experts import Experts
 
 
 def column_major(w: torch.Tensor) -> torch.Tensor:

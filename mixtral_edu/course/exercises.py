@@ -252,7 +252,7 @@ def check_02_slow_pairs(answer) -> Checked:
     label = "exercise 2"
     if _blank(answer):
         return _not_attempted(label, "`answer_2 = ...`")
-    from mixtral_edu.rope import rope_inv_freq
+    from mixtral_edu.model.rope import rope_inv_freq
 
     value = _number(answer, label)
     periods = 2 * math.pi / rope_inv_freq(128, 1e4).double()
@@ -287,9 +287,9 @@ def check_03_rolling_cache_bytes(answer) -> Checked:
 def changed_positions(seq_len: int, changed: int, sliding_window: Optional[int]) -> list[int]:
     """Measured, not predicted: the output positions of one attention layer (random weights) that
     change when only the input at position `changed` changes."""
-    from mixtral_edu.attention import Attention
+    from mixtral_edu.model.attention import Attention
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.rope import RotaryEmbedding
+    from mixtral_edu.model.rope import RotaryEmbedding
 
     torch.manual_seed(3)
     cfg = MixtralConfig.tiny(sliding_window=sliding_window)
@@ -366,7 +366,7 @@ def check_05_top3(weights) -> Checked:
     label = "exercise 1"
     if _blank(weights):
         return _not_attempted(label, "`my_top3 = ...`")
-    from mixtral_edu.router import route
+    from mixtral_edu.model.router import route
 
     got = torch.as_tensor(weights, dtype=torch.float32).flatten()
     expected, _ = route(torch.tensor([LOGITS_05]), 3)
@@ -385,7 +385,7 @@ def check_05_collapsed_loss(loss_fn) -> Checked:
     label = "exercise 2"
     if _blank(loss_fn) or (callable(loss_fn) and loss_fn(8, 2) is None):
         return _not_attempted(label, "the body of `my_collapsed_loss`")
-    from mixtral_edu.losses import load_balancing_loss
+    from mixtral_edu.training.losses import load_balancing_loss
 
     for E, k in [(4, 1), (8, 2), (16, 4), (8, 8), (6, 3)]:
         logits = torch.full((10, E), -30.0)
@@ -477,7 +477,7 @@ def check_07_permute(my_permute) -> Checked:
     gen = torch.Generator().manual_seed(7)
     if _blank(my_permute) or _call(my_permute, torch.zeros(8, 3), 2) is None:
         return _not_attempted(label, "the body of `my_permute`")
-    from mixtral_edu.rope import permute_qk_for_rotate_half
+    from mixtral_edu.model.rope import permute_qk_for_rotate_half
 
     for n_heads, head_dim, cols in [(1, 4, 3), (2, 8, 5), (8, 16, 2), (4, 128, 1)]:
         w = torch.randn(n_heads * head_dim, cols, generator=gen)
@@ -497,7 +497,7 @@ def check_08_top_k(my_top_k) -> Checked:
     gen = torch.Generator().manual_seed(8)
     if _blank(my_top_k) or _call(my_top_k, torch.softmax(torch.randn(10, generator=gen), 0), 3) is None:
         return _not_attempted(label, "the body of `my_top_k`")
-    from mixtral_edu.generate import next_token_probs
+    from mixtral_edu.inference.generate import next_token_probs
 
     for vocab, k in [(10, 1), (10, 3), (100, 5), (1000, 50)]:
         logits = torch.randn(vocab, generator=gen) * 3
@@ -532,7 +532,7 @@ def check_09_collapsed_cv(answer) -> Checked:
     label = "exercise 1"
     if _blank(answer):
         return _not_attempted(label, "`my_cv = ...`")
-    from mixtral_edu.train import load_cv
+    from mixtral_edu.training.train import load_cv
 
     value = _number(answer, label)
     load = torch.tensor([0, 0, 0, 0.5, 0, 0.5, 0, 0], dtype=torch.float64)
@@ -551,7 +551,7 @@ def check_09_balancing_term(answer) -> Checked:
     label = "exercise 2"
     if _blank(answer):
         return _not_attempted(label, "`mine = ...`")
-    from mixtral_edu.losses import load_balancing_loss
+    from mixtral_edu.training.losses import load_balancing_loss
 
     logits = torch.tensor(LOGITS_09)
     expected = load_balancing_loss(logits, top_k=1).item()
@@ -568,7 +568,7 @@ def check_10_baselines(my_first, my_either) -> Checked:
     label = "exercise 1"
     if _blank(my_first) or _blank(my_either):
         return _not_attempted(label, "`my_first = ...` and `my_either = ...`")
-    from mixtral_edu.routing import random_repetition_baselines
+    from mixtral_edu.analysis.routing import random_repetition_baselines
 
     first, either = _number(my_first, label), _number(my_either, label)
     want_first, want_either = random_repetition_baselines(16, 4)
@@ -621,7 +621,7 @@ def check_11_plan_48(answer) -> Checked:
     if _blank(answer):
         return _not_attempted(label, '`answer_1 = ...` ("single", "split", "int8" or "offload")')
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.placement import STRATEGIES, plan_placement
+    from mixtral_edu.inference.placement import STRATEGIES, plan_placement
 
     _require(answer in STRATEGIES, f"{answer!r}: the planner's choices are {', '.join(STRATEGIES)}")
     plan = plan_placement(MixtralConfig.mixtral_8x7b(), [48e9], context_len=4096)
@@ -637,7 +637,7 @@ def check_11_a100_bound(answer) -> Checked:
     if _blank(answer):
         return _not_attempted(label, "`answer_2 = ...`")
     from mixtral_edu.config import MixtralConfig
-    from mixtral_edu.placement import bandwidth_bound_tokens_per_s
+    from mixtral_edu.inference.placement import bandwidth_bound_tokens_per_s
 
     value = _number(answer, label)
     full = MixtralConfig.mixtral_8x7b()

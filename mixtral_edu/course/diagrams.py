@@ -3,7 +3,7 @@
 `decoder_layer_diagram` draws one Mixtral decoder layer with its sparse mixture-of-experts block.
 It is drawn after the paper's description — Jiang et al., *Mixtral of Experts* (2024), Section 2
 and Figure 1 (the MoE layer: a router picks 2 of 8 experts per token and adds their outputs,
-weighted by the router's softmax over the two) — and after `mixtral_edu.model.DecoderLayer`,
+weighted by the router's softmax over the two) — and after `mixtral_edu.model.mixtral.DecoderLayer`,
 whose forward pass it follows box by box. Nothing is copied from the paper's figure.
 """
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from .chat import chat_segments, encode_chat
+from ..chat import chat_segments, encode_chat
 from .exercises import WrongAnswer
 
 __all__ = ["WrongAnswer", "check_task1_double_bos", "check_task2_visible_log", "check_task3_stop",
@@ -48,7 +48,7 @@ _LABEL_CHATS = [
 def _tok(tokenizer=None):
     if tokenizer is not None:
         return tokenizer
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     return Tokenizer()
 

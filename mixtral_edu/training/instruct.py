@@ -27,7 +27,7 @@ most of the cost of a step.
 
 Command line (the shipped model; see data/README.md for the time it took):
 
-    python -m mixtral_edu.instruct --out data/tiny-mixtral-instruct --steps 3000 --seed 0 --threads 1 --tie-embeddings
+    python -m mixtral_edu.training.instruct --out data/tiny-mixtral-instruct --steps 3000 --seed 0 --threads 1 --tie-embeddings
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .assets import DATA_DIR, TINY_MODEL_DIR
-from .chat import chat_segments, encode_chat
+from ..assets import DATA_DIR, TINY_MODEL_DIR
+from ..chat import chat_segments, encode_chat
 
 INSTRUCT_MODEL_DIR = DATA_DIR / "tiny-mixtral-instruct"   # the shipped model this module trains
 
@@ -284,8 +284,8 @@ def routes(tokenizer) -> dict[str, Callable]:
     slip: `apply_chat_template(tokenize=False)` (the text already starts with `<s>`), then
     `tokenizer(text)`, which adds another BOS.
     """
-    from .chat import MIXTRAL_HF_TEMPLATE_2023, MIXTRAL_HF_TEMPLATE_2024, fastchat_prompt, render_chat
-    from .tokenizer import hf_tokenizer
+    from ..chat import MIXTRAL_HF_TEMPLATE_2023, MIXTRAL_HF_TEMPLATE_2024, fastchat_prompt, render_chat
+    from ..tokenizer import hf_tokenizer
 
     hf_auto, hf_llama = hf_tokenizer(loader="auto"), hf_tokenizer(loader="llama")
 
@@ -356,7 +356,7 @@ def tie_embeddings(model):
     never trained as a target together with its input row; with one matrix, a copy learnt on the
     training words ("what came in goes out") applies to every word the embedding knows.
     """
-    from .model import Mixtral
+    from ..model.mixtral import Mixtral
 
     cfg = dataclasses.replace(model.config, tie_word_embeddings=True)
     tied = Mixtral(cfg)
@@ -410,7 +410,7 @@ def finetune(model, tokenizer, ic, log_fn=None) -> dict:
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixtral_edu.instruct",
+    p = argparse.ArgumentParser(prog="python -m mixtral_edu.training.instruct",
                                 description="Fine-tune the tiny Mixtral on synthetic instruction chats "
                                             "(sum, word, larger) and save it with its tokenizer.")
     p.add_argument("--out", required=True, help="output folder")
@@ -433,8 +433,8 @@ def _parse_args(argv):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .checkpoint import load_model, save_model
-    from .tokenizer import Tokenizer
+    from ..weights.load import load_model, save_model
+    from ..tokenizer import Tokenizer
 
     base = Path(args.base) if args.base else TINY_MODEL_DIR
     tokenizer = Tokenizer()
@@ -464,7 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     save_model(model, out)
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-    command = "python -m mixtral_edu.instruct " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m mixtral_edu.training.instruct " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(out / "training_log.json", "w", encoding="utf-8") as f:
         json.dump({"command": command, "base": str(base.name), "config": dataclasses.asdict(ic),
                    "seconds": round(seconds, 1), "heldout_accuracy": result["accuracy"],

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, KVCache
-from .config import MixtralConfig
+from ..config import MixtralConfig
 from .experts import Experts
 from .moe import SparseMoeBlock
 from .norm import RMSNorm

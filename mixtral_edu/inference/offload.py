@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .experts import Experts
+from ..model.experts import Experts
 
 
 @dataclass

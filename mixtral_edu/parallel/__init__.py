@@ -1,0 +1,1 @@
+"""Beyond one device: the experts sharded over processes with torch.distributed."""
