@@ -73,10 +73,43 @@ def test_kv_cache_checks_and_size():
         cache.check_room(2, 1)
     k = torch.ones(1, 2, 3, 8)
     k_all, _ = cache.update(0, k, k)
-    assert k_all.shape == (1, 2, 3, 8) and k_all.data_ptr() == cache.k.data_ptr()   # a view, no copy
+    assert k_all.shape == (1, 2, 3, 8) and k_all.data_ptr() == cache.k[0].data_ptr()   # a view, no copy
     cache.reset()
     assert cache.pos == 0
     # Mixtral-8x7B: 32 layers x 8 KV heads x 128 x (K and V) x 2 bytes = 131,072 bytes per token in bf16
     cfg = MixtralConfig.mixtral_8x7b()
     one_token = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 1, cfg.head_dim, dtype=torch.bfloat16)
     assert one_token.nbytes == 131072
+
+
+def test_kv_cache_places_each_layer_and_writes_at_tensor_positions():
+    cache = KVCache(2, 1, 2, 6, 4, layer_devices=["cpu", "meta"])
+    assert [t.device.type for t in cache.k] == ["cpu", "meta"] and cache.nbytes == 2 * 2 * 2 * 6 * 4 * 4
+    k = torch.arange(16.0).view(1, 2, 2, 4)
+    k_all, v_all = cache.write_at(0, k, -k, torch.tensor([3, 1]))
+    assert k_all.shape == (1, 2, 6, 4) and cache.pos == 0                  # the whole layer; pos untouched
+    assert torch.equal(k_all[:, :, 3], k[:, :, 0]) and torch.equal(k_all[:, :, 1], k[:, :, 1])
+    assert torch.equal(v_all[:, :, 1], -k[:, :, 1]) and k_all[:, :, [0, 2, 4, 5]].abs().sum() == 0
+    with pytest.raises(ValueError, match="3 devices for 2 layers"):
+        KVCache(2, 1, 2, 6, 4, layer_devices=["cpu"] * 3)
+
+
+def test_attention_with_tensor_positions_equals_the_eager_cache():
+    """The static-shape call (positions as a tensor, the whole cache under a mask) gives the eager result."""
+    torch.manual_seed(2)
+    for window in (None, 3):
+        cfg = small_cfg(sliding_window=window)
+        attn = Attention(cfg)
+        x = torch.randn(1, 9, cfg.hidden_size)
+        cos, sin = rope_cos_sin(cfg.head_dim, 9, cfg.rope_theta)
+        eager, static = KVCache(1, 1, cfg.num_key_value_heads, 12, cfg.head_dim), \
+            KVCache(1, 1, cfg.num_key_value_heads, 12, cfg.head_dim)
+        attn(x[:, :5], cos[:5], sin[:5], eager)
+        attn(x[:, :5], cos[:5], sin[:5], static)
+        eager.advance(5)
+        static.advance(5)
+        for p in range(5, 9):
+            want = attn(x[:, p:p + 1], cos[p:p + 1], sin[p:p + 1], eager)
+            eager.advance(1)
+            got = attn(x[:, p:p + 1], cos[p:p + 1], sin[p:p + 1], static, torch.tensor([p]))
+            assert torch.allclose(got, want, atol=1e-6), (window, p)

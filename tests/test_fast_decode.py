@@ -81,10 +81,11 @@ def test_fuse_qkv_keeps_the_weights_and_shares_memory():
     torch.manual_seed(0)
     for model in (Mixtral(cfg).eval(), quantize_model(Mixtral(cfg).eval())):
         ids = torch.randint(0, 128, (1, 6))
-        before = model(ids)
-        fused = fuse_qkv_(model)
+        before, keys = model(ids), list(model.state_dict())
+        assert fuse_qkv_(model) is model
         attn = model.layers[1].self_attn
-        w, _ = fused[1]
+        w = attn.fused_qkv.weight
+        assert "fused_qkv" not in dict(model.named_modules()) and set(model.state_dict()) == set(keys)
         assert w.shape[0] == (4 + 2 * 2) * 16
         assert attn.k_proj.weight.data_ptr() == w[64:].data_ptr()      # a view, not a copy
         assert torch.equal(model(ids), before)

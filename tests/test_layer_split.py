@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.inference.split import new_split_kv_cache, split_by_layers
+from mixtral_edu.inference.split import split_by_layers
+from mixtral_edu.model.attention import KVCache
 from mixtral_edu.model.mixtral import Mixtral
 
 
@@ -19,14 +20,14 @@ def test_split_model_equals_whole_model():
     ids = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(ids), split(ids))
-        c1, c2 = model.new_kv_cache(2, 16), new_split_kv_cache(split, 2, 16)
+        c1, c2 = model.new_kv_cache(2, 16), split.new_kv_cache(2, 16)
         assert torch.equal(model(ids, cache=c1), split(ids, cache=c2))
         step = ids[:, :1]
         assert torch.equal(model(step, cache=c1), split(step, cache=c2))
     assert c2.pos == 8 and len(c2.k) == 4
-    # generate() asks the model for its cache and gets a split one
+    # generate() asks the model for its cache and gets the one cache class, each layer's part on its device
     from mixtral_edu.inference.generate import generate
-    assert type(split.new_kv_cache(1, 16)).__name__ == "SplitKVCache"
+    assert type(c2) is KVCache and [t.device for t in c2.k] == split.layer_devices
     assert generate(split, ids[0].tolist(), 5, eos_id=None) == generate(model, ids[0].tolist(), 5, eos_id=None)
 
 

@@ -55,7 +55,7 @@ def test_last_only_and_dtype():
         assert torch.allclose(model(ids, last_only=True), model(ids)[:, -1:], atol=1e-6)
         half = model.to(torch.bfloat16)
         assert half(ids).dtype == torch.bfloat16
-        assert half.new_kv_cache(2, 8).k.dtype == torch.bfloat16
+        assert half.new_kv_cache(2, 8).k[0].dtype == torch.bfloat16
 
 
 def test_dense_config_has_no_router_and_counts_like_the_dense_model():

@@ -141,7 +141,70 @@ def _as_sequence(input_ids: TokenIds) -> torch.Tensor:
     return ids.long()
 
 
-@torch.no_grad()
+class RoutingRecorder:
+    """Forward hooks on the routers (`layers[i].block_sparse_moe.gate`) of the chosen layers that keep
+    every call's routing, in call order: a prefill, then each decoded token, whatever runs the model
+    (`model(...)`, `generate`, `FastDecoder` without compile or graphs, int8, offloaded or split).
+
+        with record_routing(model) as recorder:
+            new_ids = FastDecoder(model, 256).generate(prompt, 32)
+        trace = recorder.trace(prompt + new_ids[:-1])   # the tokens that went through the model
+
+    The hook turns router logits `[tokens, E]` into the model's own routing (`router.route`) and moves
+    it to the CPU straight away. Hooks are removed on leaving the `with` block.
+    """
+
+    def __init__(self, model, layers: Optional[Iterable[int]] = None) -> None:
+        num_layers = len(model.layers)
+        chosen = tuple(range(num_layers)) if layers is None else tuple(int(i) for i in layers)
+        if not chosen:
+            raise ValueError("layers is empty: name at least one layer to record")
+        for i in chosen:
+            if not 0 <= i < num_layers:
+                raise ValueError(f"layer {i} does not exist; the model has layers 0..{num_layers - 1}")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layers {list(chosen)} names a layer twice")
+        gates = [model.layers[i].block_sparse_moe.gate for i in chosen]
+        if any(g is None for g in gates):
+            raise ValueError("this model is dense (one expert per layer, no router): there is no routing to trace")
+        self.layers = chosen
+        self.top_k = model.config.num_experts_per_tok
+        self.pieces: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in chosen]
+        self.handles = [g.register_forward_hook(self._hook(s)) for s, g in enumerate(gates)]
+
+    def _hook(self, slot: int):
+        @torch.no_grad()
+        def hook(module, args, logits):
+            weights, expert_ids = route(logits, self.top_k)
+            self.pieces[slot].append((router_probs(logits).cpu(), expert_ids.cpu(), weights.float().cpu()))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> "RoutingRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def trace(self, token_ids: TokenIds) -> RoutingTrace:
+        """The recorded routing as a RoutingTrace over `token_ids`, the tokens that went through the model."""
+        ids = _as_sequence(token_ids)[0].cpu()
+        probs, expert_ids, weights = (torch.stack([torch.cat([p[j] for p in layer_pieces]) for layer_pieces in self.pieces])
+                                      for j in range(3))
+        if probs.shape[1] != ids.shape[0]:
+            raise ValueError(f"{probs.shape[1]} tokens were routed but {ids.shape[0]} token ids were given")
+        return RoutingTrace(probs, expert_ids, weights, ids, self.layers)
+
+
+def record_routing(model, layers: Optional[Iterable[int]] = None) -> RoutingRecorder:
+    """Start recording the routing of `layers` (default: all); use as a `with` block (see RoutingRecorder)."""
+    return RoutingRecorder(model, layers)
+
+
 def trace_routing(model, input_ids: TokenIds, layers: Optional[Iterable[int]] = None,
                   chunk_size: Optional[int] = None) -> RoutingTrace:
     """Record every chosen layer's routing during one forward pass of `model` over `input_ids`.
@@ -153,48 +216,17 @@ def trace_routing(model, input_ids: TokenIds, layers: Optional[Iterable[int]] = 
         bounded activation memory for long texts on a big model); default: all at once.
     Returns a `RoutingTrace` on the CPU, float32.
     """
-    num_layers = len(model.layers)
-    chosen = tuple(range(num_layers)) if layers is None else tuple(int(i) for i in layers)
-    if not chosen:
-        raise ValueError("layers is empty: name at least one layer to record")
-    for i in chosen:
-        if not 0 <= i < num_layers:
-            raise ValueError(f"layer {i} does not exist; the model has layers 0..{num_layers - 1}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers {list(chosen)} names a layer twice")
-    gates = [model.layers[i].block_sparse_moe.gate for i in chosen]
-    if any(g is None for g in gates):
-        raise ValueError("this model is dense (one expert per layer, no router): there is no routing to trace")
-    top_k = model.config.num_experts_per_tok
     ids = _as_sequence(input_ids).to(model.embed_tokens.weight.device)
-
-    # One list of per-call pieces per layer: the hook turns router logits [tokens, E] into the
-    # model's own routing (router.route) and moves it to the CPU straight away.
-    pieces: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in chosen]
-
-    def make_hook(slot: int):
-        def hook(module, args, logits):
-            weights, expert_ids = route(logits, top_k)
-            pieces[slot].append((router_probs(logits).cpu(), expert_ids.cpu(), weights.float().cpu()))
-        return hook
-
-    handles = [g.register_forward_hook(make_hook(s)) for s, g in enumerate(gates)]
-    try:
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    with record_routing(model, layers) as recorder:
         if chunk_size is None:
             model(ids, last_only=True)                 # logits of the last position only: routing is all we keep
         else:
-            if chunk_size <= 0:
-                raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
             cache = model.new_kv_cache(1, max_seq_len=ids.shape[1])
             for start in range(0, ids.shape[1], chunk_size):
                 model(ids[:, start:start + chunk_size], cache=cache, last_only=True)
-    finally:
-        for h in handles:
-            h.remove()
-
-    probs, expert_ids, weights = (torch.stack([torch.cat([p[j] for p in layer_pieces]) for layer_pieces in pieces])
-                                  for j in range(3))
-    return RoutingTrace(probs, expert_ids, weights, ids[0].cpu(), chosen)
+    return recorder.trace(ids)
 
 
 def trace_domains(model, texts_by_domain: Mapping[str, Sequence[Union[str, TokenIds]]], tokenizer=None,

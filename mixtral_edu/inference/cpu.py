@@ -1,4 +1,4 @@
-"""Fast batch-1 decoding on a CPU: weights stored transposed, multiplied by a row-sum kernel.
+"""Batch-1 decoding on a CPU with weights stored transposed ("column-major") and a row-sum kernel.
 
 Decoding one token multiplies every weight matrix W `[out, in]` by a single vector x, so a step
 is bound by how fast the weights stream from memory (the model's FLOPs are negligible). Two
@@ -87,14 +87,13 @@ class ColumnMajorLinear(nn.Linear):
 
 
 class ColumnMajorExperts(Experts):
-    """`Experts` with column-major stacks; one token's expert runs as three `matvec`s."""
+    """`Experts` with column-major stacks; one token's products go through `matvec` (the SwiGLU
+    formula itself is `ExpertsBase.forward`'s)."""
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:
-            return super().forward(x, expert)
-        v = x.reshape(-1)
-        h = F.silu(matvec(v, self.w1[expert])) * matvec(v, self.w3[expert])    # [intermediate]
-        return matvec(h, self.w2[expert]).view(x.shape)
+            return super().linear(x, w)
+        return matvec(x.reshape(-1), w).view(*x.shape[:-1], w.shape[0])
 
 
 @torch.no_grad()

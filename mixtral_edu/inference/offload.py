@@ -10,7 +10,7 @@ GPU too small for the model can keep everything else resident and fetch experts 
   copies it into the least recently used slot (an *eviction* when that slot was in use).
 
 Consecutive tokens often reuse experts (the paper's Section 5), which is what makes the cache
-pay. The arithmetic is the in-memory model's own (`Experts.forward` / `forward_gathered` on the
+pay. The arithmetic is the in-memory model's own (`ExpertsBase.forward` / `forward_gathered` on the
 fetched weights), so outputs are bit-for-bit identical; only where the weights come from changes.
 """
 
@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..model.experts import Experts
+from ..model.experts import Experts, ExpertsBase
 
 
 @dataclass
@@ -93,11 +92,12 @@ class ExpertCache:
         self.stats = CacheStats()
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(ExpertsBase):
     """One layer's experts kept off the compute device, served through a shared ExpertCache.
 
     Host copies w1, w3 `[E, I, H]`, w2 `[E, H, I]` (plain tensors, not parameters, so `model.to(...)`
-    leaves them where they are). Same interface as `Experts`.
+    leaves them where they are). An `ExpertsBase` whose weights are cache slots: the arithmetic is
+    the in-memory experts' own.
     """
 
     def __init__(self, experts: Experts, cache: ExpertCache, layer_idx: int, pin: Optional[bool] = None) -> None:
@@ -115,17 +115,16 @@ class OffloadedExperts(nn.Module):
     def _slot(self, e: int) -> int:
         return self.cache.get((self.layer_idx, e), lambda: tuple(self.host[n][e] for n in ("w1", "w2", "w3")))
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """Expert number `expert` on x `[..., hidden]` -> `[..., hidden]`, exactly as `Experts.forward`."""
+    def expert_weights(self, expert: int) -> tuple:
+        """Expert `expert`'s w1, w2, w3 as views of its cache slot (copied in on a miss)."""
         slot = self._slot(int(expert))
-        c = self.cache
-        return Experts.forward(SimpleNamespace(w1=c.w1, w2=c.w2, w3=c.w3), x, slot)
+        return self.cache.w1[slot], self.cache.w2[slot], self.cache.w3[slot]
 
-    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]`.
+    def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
+        """expert_ids `[tokens, k]` -> the slots' weights `[tokens, k, out, in]`.
 
-        Fetches the distinct experts (a host sync, unavoidable here), then runs the in-memory
-        `Experts.forward_gathered` on the cache slots with ids remapped to slot numbers.
+        Fetches the distinct experts first (a host sync, unavoidable here: which experts to copy is
+        decided on the host), then gathers from the cache slots with ids remapped to slot numbers.
         """
         wanted = torch.unique(expert_ids).tolist()
         if len(wanted) > self.cache.capacity:
@@ -135,7 +134,7 @@ class OffloadedExperts(nn.Module):
         for e in wanted:
             slot_ids[expert_ids == e] = self._slot(e)
         c = self.cache
-        return Experts.forward_gathered(SimpleNamespace(w1=c.w1, w2=c.w2, w3=c.w3), x, slot_ids)
+        return c.w1[slot_ids], c.w2[slot_ids], c.w3[slot_ids]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, num_experts={self.num_experts}, offloaded (cache of {self.cache.capacity})"

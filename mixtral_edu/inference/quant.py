@@ -13,8 +13,9 @@ Mixtral's experts (96.6% of the weights) and attention projections are quantised
 lm_head, router (`gate`, only 8 rows and decisive for routing) and norms stay in bf16. That is
 about 47 GB for 8x7B instead of 93.4 GB, and each decoded token reads half the bytes.
 
-`Int8Linear` replaces an nn.Linear and `Int8Experts` replaces `Experts` (same `forward(x, expert)`
-and `forward_gathered(x, expert_ids)`), so the model code and the MoE dispatch run unchanged.
+`Int8Linear` replaces an nn.Linear and `Int8Experts` replaces `Experts`: both multiply with
+`int8_linear`, the one int8 product, and `Int8Experts` is an `ExpertsBase` (model/experts.py), so
+the SwiGLU formula, the model code and the MoE dispatch run unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.experts import Experts
+from ..model.experts import Experts, ExpertsBase, gathered_linear
 
 QMAX = 127
 
@@ -40,6 +41,15 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     q = torch.round(w32 / scale[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale.to(w.dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, product=F.linear) -> torch.Tensor:
+    """y = product(x, codes) * scale: x `[..., in]`, q int8 `[..., out, in]`, scale `[..., out]` -> `[..., out]`.
+
+    The codes are converted to x's dtype and the per-row scale applied after the product.
+    product: F.linear for one matrix, `gathered_linear` for per-token stacks.
+    """
+    return product(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -68,18 +78,25 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear has no bias; Mixtral's projections have none")
         return cls(*quantize_per_channel(linear.weight.detach()))
 
+    use_kernel = False      # one vector through the Triton kernel (FastDecoder sets it on a GPU)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.use_kernel and x.numel() == self.in_features:
+            from .kernels import gathered_matvec
+            zero = torch.zeros(1, dtype=torch.long, device=x.device)
+            return gathered_matvec(x.reshape(1, -1), self.weight[None], zero, self.scale[None]).view(
+                *x.shape[:-1], -1)
+        return int8_linear(x, self.weight, self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-class Int8Experts(nn.Module):
+class Int8Experts(ExpertsBase):
     """All experts of one layer as int8 codes plus per-output-channel scales.
 
     w1, w3 int8 `[E, I, H]` with w1_scale, w3_scale `[E, I]`; w2 int8 `[E, H, I]` with w2_scale `[E, H]`.
-    Same interface as `Experts`: `forward(x, expert)` and `forward_gathered(x, expert_ids)`.
+    An `ExpertsBase`: an expert's weights are (codes, scale) pairs and `linear` is `int8_linear`.
     """
 
     def __init__(self, w1, w1_scale, w2, w2_scale, w3, w3_scale) -> None:
@@ -105,26 +122,21 @@ class Int8Experts(nn.Module):
             parts[name], parts[name + "_scale"] = codes, scales
         return cls(**parts)
 
-    def _linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        w, s = getattr(self, name)[expert], getattr(self, name + "_scale")[expert]
-        return F.linear(x, w.to(x.dtype)) * s.to(x.dtype)
+    def expert_weights(self, expert: int) -> tuple:
+        return tuple((getattr(self, n)[expert], getattr(self, n + "_scale")[expert]) for n in ("w1", "w2", "w3"))
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """Expert number `expert` on x `[..., hidden]` -> `[..., hidden]`."""
-        h = F.silu(self._linear(x, "w1", expert)) * self._linear(x, "w3", expert)
-        return self._linear(h, "w2", expert)
+    def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
+        """(codes, scales) `[T, k, out, in]`, `[T, k, out]` per matrix: the codes are gathered at 1 byte each."""
+        return tuple((getattr(self, n)[expert_ids], getattr(self, n + "_scale")[expert_ids]) for n in ("w1", "w2", "w3"))
 
-    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]` (codes gathered, 1 byte each)."""
-        xc = x[:, None, :, None]                                            # [T, 1, H, 1]
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        return int8_linear(x, *w)
 
-        def apply(name, inp):                                               # -> [T, k, out]
-            w = getattr(self, name)[expert_ids].to(x.dtype)                 # [T, k, out, in]
-            s = getattr(self, name + "_scale")[expert_ids].to(x.dtype)      # [T, k, out]
-            return torch.matmul(w, inp).squeeze(-1) * s
+    def batched_linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        return int8_linear(x, *w, product=gathered_linear)
 
-        h = F.silu(apply("w1", xc)) * apply("w3", xc)                       # [T, k, I]
-        return apply("w2", h[..., None])
+    def kernel_weights(self):
+        return self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale
 
     def extra_repr(self) -> str:
         e, i, h = self.w1.shape

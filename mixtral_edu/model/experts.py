@@ -1,8 +1,21 @@
-"""The SwiGLU expert: `w2(silu(w1 x) * w3 x)`.
+"""The SwiGLU expert: `w2(silu(w1 x) * w3 x)`, and the one interface every storage of experts implements.
 
 w1 ("gate") and w3 ("up") both map hidden -> intermediate; the SiLU of one gates the other
 elementwise, and w2 ("down") maps back. An 8x7B expert has 3 * 4096 * 14336 = 176,160,768
 parameters, and 8 of them per layer make up 96.6% of the model.
+
+The formula is written once, in `swiglu_expert`. What differs between the ways the course stores experts
+is only where the weights are and how a product with one is computed:
+
+    storage            weights of expert e                     product linear(x, w)
+    `Experts`          views w1[e], w2[e], w3[e] (float)        F.linear
+    `Int8Experts`      int8 codes and per-row scales           (x @ codes^T) * scale       (inference/quant.py)
+    `OffloadedExperts` a GPU cache slot, fetched on a miss     F.linear                    (inference/offload.py)
+    `ColumnMajorExperts` views stored transposed              a row-sum kernel for 1 token (inference/cpu.py)
+
+Each is an `ExpertsBase`: it says how to get an expert's weights (`expert_weights`, and
+`gathered_weights` for several tokens at once) and how to multiply by them (`linear`,
+`batched_linear`); `forward` and `forward_gathered`, which the MoE block calls, are defined here once.
 
 `Experts` keeps all experts of a layer as three STACKED parameters, w1 `[E, I, H]`, w2 `[E, H, I]`,
 w3 `[E, I, H]`: `w1[e]` is expert e's matrix as a view (no copy), and a batch of tokens can pick
@@ -11,21 +24,76 @@ their experts' weights with one gather (`w1[expert_ids]`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """One expert on x `[..., hidden]`: w1, w3 `[intermediate, hidden]`, w2 `[hidden, intermediate]`.
+def swiglu_expert(x: torch.Tensor, w1, w2, w3, linear: Callable = F.linear) -> torch.Tensor:
+    """One expert on x `[..., hidden]`: `w2(silu(w1 x) * w3 x)`.
 
-    Returns `[..., hidden]`.
+    w1, w3 `[intermediate, hidden]` and w2 `[hidden, intermediate]` (or whatever `linear` takes:
+    int8 codes with scales, gathered `[tokens, k, out, in]` stacks). Returns `[..., hidden]`.
     """
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
-class Experts(nn.Module):
-    """All experts of one layer, stacked.
+def gathered_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each token times its own matrices: x `[T, k or 1, in]`, w `[T, k, out, in]` -> `[T, k, out]`."""
+    return torch.matmul(w, x[..., None])[..., 0]
+
+
+class ExpertsBase(nn.Module):
+    """The interface of one layer's experts, whatever their storage.
+
+    Subclasses give `num_experts`, `expert_weights(e)` -> (w1, w2, w3) and `gathered_weights(ids)`,
+    and may override `linear` / `batched_linear` (the product with one such weight).
+    `use_kernel`: run a single token's experts with the Triton kernel (`inference/kernels.py`), which
+    reads the expert ids on the GPU; FastDecoder turns it on where it applies (`kernel_weights`).
+    """
+
+    num_experts: int
+    use_kernel: bool = False
+
+    def expert_weights(self, expert: int) -> tuple:
+        raise NotImplementedError
+
+    def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def batched_linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        return gathered_linear(x, w)
+
+    def kernel_weights(self):
+        """(w1, w2, w3, s1, s2, s3) as the Triton kernel reads them, or None where it does not apply."""
+        return None
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Run expert number `expert` on x `[..., hidden]` -> `[..., hidden]`."""
+        return swiglu_expert(x, *self.expert_weights(expert), self.linear)
+
+    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each token through each of its own experts at once, with no host sync.
+
+        x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]`. The chosen experts'
+        weights are gathered into `[tokens, k, ...]` copies, then applied with batched products (or,
+        with `use_kernel`, read in place by the kernel).
+        """
+        if self.use_kernel and x.shape[0] == 1 and self.kernel_weights() is not None:
+            from ..inference.kernels import gathered_glu, gathered_matvec
+            w1, w2, w3, s1, s2, s3 = self.kernel_weights()
+            h = gathered_glu(x, w1, w3, expert_ids[0], s1, s3)                     # [k, I]
+            return gathered_matvec(h, w2, expert_ids[0], s2)[None]                # [1, k, H]
+        return swiglu_expert(x[:, None, :], *self.gathered_weights(expert_ids), self.batched_linear)
+
+
+class Experts(ExpertsBase):
+    """All experts of one layer, stacked, in float.
 
     w1, w3 `[num_experts, intermediate, hidden]`; w2 `[num_experts, hidden, intermediate]`.
     """
@@ -43,20 +111,14 @@ class Experts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, mean=0.0, std=std)
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """Run expert number `expert` on x `[..., hidden]` -> `[..., hidden]` (weights used as views)."""
-        return swiglu_expert(x, self.w1[expert], self.w2[expert], self.w3[expert])
+    def expert_weights(self, expert: int) -> tuple:
+        return self.w1[expert], self.w2[expert], self.w3[expert]          # views, no copy
 
-    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Each token through each of its own experts at once.
+    def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
+        return self.w1[expert_ids], self.w2[expert_ids], self.w3[expert_ids]   # [T, k, out, in] copies
 
-        x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]`. The chosen experts'
-        weights are gathered into `[tokens, k, ...]` copies, then applied with batched matmuls.
-        """
-        x = x[:, None, :, None]                                   # [T, 1, H, 1]
-        w1, w3, w2 = self.w1[expert_ids], self.w3[expert_ids], self.w2[expert_ids]  # [T, k, I, H], [T, k, H, I]
-        h = F.silu(torch.matmul(w1, x)) * torch.matmul(w3, x)    # [T, k, I, 1]
-        return torch.matmul(w2, h).squeeze(-1)                   # [T, k, H]
+    def kernel_weights(self):
+        return self.w1, self.w2, self.w3, None, None, None
 
     def extra_repr(self) -> str:
         e, i, h = self.w1.shape

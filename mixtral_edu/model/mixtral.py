@@ -36,10 +36,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.block_sparse_moe = SparseMoeBlock(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """positions: see `Attention.forward`; given, the experts are also picked without a host sync."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
+        dispatch = None if positions is None else "sync_free"
+        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x), dispatch)
         return x + moe_out, router_logits
 
 
@@ -84,18 +86,24 @@ class Mixtral(nn.Module):
                      device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
         """An empty `KVCache` for `batch_size` sequences of up to `max_seq_len` tokens.
 
-        Defaults: max_seq_len = config.max_position_embeddings; device and dtype of the model's weights.
+        Defaults: max_seq_len = config.max_position_embeddings; each layer's part on the device of that
+        layer's weights (so a model split over devices gets a cache split the same way), in the
+        weights' dtype.
         """
         cfg = self.config
-        weight = self.embed_tokens.weight
+        if device is None:
+            layer_devices = [layer.input_layernorm.weight.device for layer in self.layers]
+        else:
+            layer_devices = [torch.device(device)] * cfg.num_hidden_layers
         return KVCache(
             cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
             cfg.max_position_embeddings if max_seq_len is None else max_seq_len, cfg.head_dim,
-            device=weight.device if device is None else device, dtype=weight.dtype if dtype is None else dtype,
+            dtype=self.embed_tokens.weight.dtype if dtype is None else dtype, layer_devices=layer_devices,
         )
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None,
-                return_router_logits: bool = False, last_only: bool = False):
+                return_router_logits: bool = False, last_only: bool = False,
+                input_pos: Optional[torch.Tensor] = None):
         """input_ids `[batch, seq]` -> logits `[batch, seq, vocab]` (in the weights' dtype).
 
         cache: a `KVCache` from `new_kv_cache`; the tokens are placed at positions
@@ -103,7 +111,16 @@ class Mixtral(nn.Module):
         last_only: compute logits for the last position only (`[batch, 1, vocab]`).
         return_router_logits: also return a tuple, one entry per layer, of router logits
         `[batch*seq, E]` (None for a dense model's layers).
+        input_pos: the tokens' positions as an int64 tensor `[seq]`, with a cache: the static-shape
+        step that `FastDecoder` compiles and captures. The same layers run; the cache is written at
+        those positions and read whole under a mask, the experts are picked on the device, and nothing
+        here waits for it — so the token ids are not checked and `cache.pos` is left to the caller.
         """
+        if input_pos is not None:
+            if cache is None:
+                raise ValueError("input_pos needs a KVCache to write the keys and values into")
+            return self._forward(input_ids, *self.rotary_emb.at(input_pos), cache, input_pos,
+                                 return_router_logits, last_only)
         if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
                              f"of shape {tuple(input_ids.shape)}")
@@ -117,16 +134,18 @@ class Mixtral(nn.Module):
         if cache is not None:
             cache.check_room(batch, seq)
             start = cache.pos
-        cos, sin = self.rotary_emb(start, seq)
+        out = self._forward(input_ids, *self.rotary_emb(start, seq), cache, None, return_router_logits, last_only)
+        if cache is not None:
+            cache.advance(seq)
+        return out
 
+    def _forward(self, input_ids, cos, sin, cache, positions, return_router_logits, last_only):
+        """The layers themselves, for both kinds of call: cos, sin `[seq, head_dim]`; positions `[seq]` or None."""
         h = self.embed_tokens(input_ids)
         all_router_logits = []
         for layer in self.layers:
-            h, router_logits = layer(h, cos, sin, cache)
+            h, router_logits = layer(h, cos, sin, cache, positions)
             all_router_logits.append(router_logits)
-        if cache is not None:
-            cache.advance(seq)
-
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))

@@ -12,8 +12,15 @@ with identical results; two are implemented:
   k slots and uses `w1[e]` etc. as views (no copy, no loop over all E experts); for several
   tokens it gathers the chosen weights `[tokens, k, ...]` and applies them with batched matmuls.
 
+* "sync_free": the gathered weights for every call, one token included, so the chosen expert ids
+  never travel to the host: what a captured decoding step needs (FastDecoder passes it; with the
+  Triton kernel the weights are read in place instead of gathered).
+
 `dispatch="auto"` uses "gathered" when the call holds exactly one token (batch-1 decoding) and
 "grouped" otherwise. Set `block.dispatch` or pass `dispatch=` to override.
+
+The experts are any `ExpertsBase` (dense, int8, offloaded, column-major): the block only calls
+`experts(x, e)` and `experts.forward_gathered(x, expert_ids)`.
 
 A dense config (`num_local_experts == 1`, e.g. Mistral-7B) uses this same block with one expert
 and no router: `gate` is None, the expert's weight is 1, and the router logits are None. The
@@ -28,13 +35,13 @@ import torch
 from torch import nn
 
 from ..config import MixtralConfig
-from .experts import Experts
+from .experts import ExpertsBase, Experts
 from .router import route
 
-DISPATCH_STRATEGIES = ("auto", "grouped", "gathered")
+DISPATCH_STRATEGIES = ("auto", "grouped", "gathered", "sync_free")
 
 
-def dispatch_grouped(experts: Experts, x: torch.Tensor, weights: torch.Tensor,
+def dispatch_grouped(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
                      expert_ids: torch.Tensor) -> torch.Tensor:
     """x `[tokens, hidden]`, weights and expert_ids `[tokens, k]` -> `[tokens, hidden]`.
 
@@ -57,7 +64,7 @@ def dispatch_grouped(experts: Experts, x: torch.Tensor, weights: torch.Tensor,
     return per_slot.view(num_tokens, k, -1).sum(dim=1)
 
 
-def dispatch_gathered(experts: Experts, x: torch.Tensor, weights: torch.Tensor,
+def dispatch_gathered(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
                       expert_ids: torch.Tensor) -> torch.Tensor:
     """x `[tokens, hidden]`, weights and expert_ids `[tokens, k]` -> `[tokens, hidden]`.
 
@@ -70,6 +77,13 @@ def dispatch_gathered(experts: Experts, x: torch.Tensor, weights: torch.Tensor,
             y = weights[:, slot, None] * experts(x, e)
             out = y if out is None else out + y
         return out
+    return dispatch_sync_free(experts, x, weights, expert_ids)
+
+
+def dispatch_sync_free(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
+                       expert_ids: torch.Tensor) -> torch.Tensor:
+    """x `[tokens, hidden]`, weights and expert_ids `[tokens, k]` -> `[tokens, hidden]`, without reading
+    the expert ids on the host (the weights are gathered on the device)."""
     per_slot = experts.forward_gathered(x, expert_ids)       # [tokens, k, hidden]
     return (per_slot * weights[..., None]).sum(dim=1)
 
@@ -119,5 +133,5 @@ class SparseMoeBlock(nn.Module):
         weights, expert_ids = route(router_logits, self.top_k)
         weights = weights.to(x.dtype)
         strategy = self.resolve_dispatch(x.shape[0], dispatch)
-        run = dispatch_gathered if strategy == "gathered" else dispatch_grouped
+        run = {"grouped": dispatch_grouped, "gathered": dispatch_gathered, "sync_free": dispatch_sync_free}[strategy]
         return run(self.experts, x, weights, expert_ids).view(shape), router_logits

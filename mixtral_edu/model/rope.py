@@ -86,6 +86,15 @@ class RotaryEmbedding(nn.Module):
             )
         return self.cos[start:start + length], self.sin[start:start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[len(positions), head_dim]` for the positions in an int64 tensor `[seq]`.
+
+        Picked on the tensors' device with `index_select`, so nothing waits for a GPU and a
+        captured step can read new positions on every replay (no bounds check here: the caller
+        keeps positions below max_positions).
+        """
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
 
 # ----------------------------------------------------------------------------- interleaved
 def rope_freqs_cis(head_dim: int, max_positions: int, rope_theta: float) -> torch.Tensor:

@@ -173,8 +173,9 @@ class ExpertParallelMoe(nn.Module):
     def num_local_experts(self) -> int:
         return self.experts.num_experts
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]`)."""
+    def forward(self, x: torch.Tensor, dispatch: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]`). dispatch: the
+        `SparseMoeBlock` argument, unused: the all-to-all below is this block's dispatch."""
         shape = x.shape
         hidden = shape[-1]
         x = x.reshape(-1, hidden)                                 # [tokens, hidden]
