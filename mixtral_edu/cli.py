@@ -379,7 +379,7 @@ def _bytes(n: int) -> str:
 
 
 def cmd_params(args) -> int:
-    from .weights.load import read_config
+    from .weights.layouts import read_config
     from .config import MixtralConfig
     from .params import count_parameters, kv_cache_bytes_per_token, memory_footprint
     from .inference.placement import int8_breakdown

@@ -7,6 +7,8 @@ experts. `memory_footprint(cfg, dtype, context_len)` adds the KV cache to the we
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from .config import MixtralConfig
 
 # Bytes per element by name; a torch.dtype is also accepted (its `itemsize` is used).
@@ -68,6 +70,29 @@ def count_parameters(cfg: MixtralConfig) -> dict:
         "one_expert": one_expert,
         "per_layer": per_layer,
     }
+
+
+def split_weight_bytes(cfg: MixtralConfig, dtype="bf16") -> dict:
+    """Where a model split by layers keeps its weights, in bytes: {"first": the embedding, which goes
+    with the first layers; "per_layer": one decoder layer; "last": the final norm and lm_head, with the
+    last layers}. first + num_hidden_layers * per_layer + last is the whole model."""
+    p = count_parameters(cfg)
+    b = dtype_bytes(dtype)
+    return {"first": p["embeddings"] * b, "per_layer": p["per_layer"] * b, "last": (p["lm_head"] + cfg.hidden_size) * b}
+
+
+def weight_bytes_per_device(cfg: MixtralConfig, layers_per_device: Sequence[int], dtype="bf16") -> list[int]:
+    """Bytes of weights on each device when device j holds `layers_per_device[j]` consecutive decoder
+    layers (`split_weight_bytes` says where the rest goes). The one count that both loading
+    (`weights.load.memory_plan`) and the placement planner use; `[num_hidden_layers]` is one device."""
+    if sum(layers_per_device) != cfg.num_hidden_layers or min(layers_per_device, default=-1) < 0:
+        raise ValueError(f"layers_per_device {list(layers_per_device)} must be counts >= 0 that add up to "
+                         f"the {cfg.num_hidden_layers} layers")
+    parts = split_weight_bytes(cfg, dtype)
+    shares = [n * parts["per_layer"] for n in layers_per_device]
+    shares[0] += parts["first"]
+    shares[-1] += parts["last"]
+    return [int(s) for s in shares]
 
 
 def kv_cache_bytes_per_token(cfg: MixtralConfig, dtype="bf16") -> float:

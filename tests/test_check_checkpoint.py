@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mixtral_edu.weights.load import CheckpointError, save_model
+from mixtral_edu.weights import CheckpointError, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.weights.check import check_checkpoint, expected_tensors
 from sparse_checkpoint import linked_copy, shard_name, shard_plan, write_index, write_shard, write_sparse_hf
@@ -31,7 +31,7 @@ def test_the_full_size_layout_passes(full):
 def test_a_saved_tiny_model_passes_in_both_layouts(tmp_path):
     import torch
 
-    from mixtral_edu.weights.load import save_mistral
+    from mixtral_edu.weights import save_mistral
     from mixtral_edu.model.mixtral import Mixtral
 
     torch.manual_seed(0)

@@ -7,8 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # noqa: E402  (a hard requirement of the test suite)
 
-from mixtral_edu.weights.load import (SafetensorsFile, detect_layout, load_model, read_config, save_mistral,
-                                    save_model)
+from mixtral_edu.weights import (SafetensorsFile, detect_layout, load_model, read_config, save_mistral, save_model)
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 
@@ -193,7 +192,7 @@ def test_meta_device_loads_nothing_but_checks_everything(hf_sharded):
 def test_skipping_the_qk_permutation_gives_wrong_logits_except_at_position_0(hf_sharded, tmp_path):
     """Notebook 07's trap: Mistral's wq/wk renamed but not permuted still run, with wrong logits."""
     from mixtral_edu.weights.convert import mistral_to_hf_key
-    from mixtral_edu.weights.keys import load_hf_state_dict
+    from mixtral_edu.weights import load_hf_state_dict
     path, cfg, ids, ref = hf_sharded
     save_mistral(load_model(path, progress=False), tmp_path)
     with SafetensorsFile(tmp_path / "consolidated.safetensors") as st:
@@ -218,7 +217,7 @@ def test_bf16_checkpoint_is_half_the_bytes(tmp_path):
 def test_refusal_for_mixtral_8x7b_on_64_gib(tmp_path, monkeypatch):
     """Notebook 07: the real config, an empty weights file, 64 GiB free -> a refusal before any reading."""
     from mixtral_edu.weights import load as checkpoint
-    from mixtral_edu.weights.load import InsufficientMemoryError, memory_plan
+    from mixtral_edu.weights import InsufficientMemoryError, memory_plan
     big = MixtralConfig.mixtral_8x7b()
     (tmp_path / "config.json").write_text(json.dumps({**big.to_hf_config(), "dtype": "bfloat16"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -228,6 +227,6 @@ def test_refusal_for_mixtral_8x7b_on_64_gib(tmp_path, monkeypatch):
     with pytest.raises(InsufficientMemoryError, match=r"needs 87\.01 GiB of weights \(and RoPE tables\) in torch\.bfloat16 on cpu, "
                                                       r"but only 64\.00 GiB is free\. Ways out: load in int8"):
         load_model(tmp_path)
-    from mixtral_edu.weights.load import CheckpointError
+    from mixtral_edu.weights import CheckpointError
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not safetensors \(0 bytes"):
         load_model(tmp_path, ignore_memory_check=True, device="meta", progress=False)   # the override goes on

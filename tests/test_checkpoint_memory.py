@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from mixtral_edu.weights.load import save_mistral, save_model
+from mixtral_edu.weights import save_mistral, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 
@@ -29,8 +29,8 @@ SMALL = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_h
 PROBE = r"""
 import gc, json, sys
 from safetensors.torch import load_file
-from mixtral_edu.weights.load import load_model, read_config
-from mixtral_edu.weights.keys import load_hf_state_dict
+from mixtral_edu.weights import load_model, read_config
+from mixtral_edu.weights import load_hf_state_dict
 from mixtral_edu.model.mixtral import Mixtral
 
 def careless_load(path):

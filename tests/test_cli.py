@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mixtral_edu.chat import encode_chat
-from mixtral_edu.weights.load import load_model, save_model
+from mixtral_edu.weights import load_model, save_model
 from mixtral_edu.cli import CLIError, fit_history, main
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference.generate import chat_reply, generate

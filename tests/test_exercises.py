@@ -219,7 +219,8 @@ def test_05_collapsed_loss():
 @pytest.fixture(scope="module")
 def models_06():
     transformers = pytest.importorskip("transformers")
-    from mixtral_edu.weights.keys import load_hf_state_dict, to_hf_state_dict
+    from mixtral_edu.weights.keys import to_hf_state_dict
+    from mixtral_edu.weights import load_hf_state_dict
     from mixtral_edu.model.mixtral import Mixtral
 
     cfg = MixtralConfig.tiny()

@@ -25,7 +25,7 @@ from bs4 import BeautifulSoup
 from PIL import Image
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.analysis.display import PALETTE
 from mixtral_edu.analysis.explorer import SCALE, explorer_data, explorer_html, write_explorer
 from mixtral_edu.model.router import route

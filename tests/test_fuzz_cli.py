@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_edu.weights.load import save_model
+from mixtral_edu.weights import save_model
 from mixtral_edu.cli import main
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral

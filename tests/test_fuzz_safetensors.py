@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixtral_edu.weights.load import CheckpointError, SafetensorsFile
+from mixtral_edu.weights import CheckpointError, SafetensorsFile
 
 N_CASES = 1200
 SEED = 20261202

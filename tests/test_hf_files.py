@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from mixtral_edu.weights import hf_files
 from mixtral_edu.chat import encode_chat, validate_chat
-from mixtral_edu.weights.load import save_model
+from mixtral_edu.weights import save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.weights.hf_files import CHAT_TEMPLATE, write_atomic, write_tokenizer_files
 from mixtral_edu.model.mixtral import Mixtral
@@ -270,7 +270,7 @@ def test_save_model_writes_the_tokenizer_files_with_the_weights(tmp_path):
     from transformers import AutoTokenizer
 
     from mixtral_edu.chat import encode_chat
-    from mixtral_edu.weights.load import TOKENIZER_FILES, save_model
+    from mixtral_edu.weights import TOKENIZER_FILES, save_model
     from mixtral_edu.config import MixtralConfig
     from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.tokenizer import Tokenizer

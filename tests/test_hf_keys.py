@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.weights.keys import (hf_to_ours_key, load_hf_state_dict, ours_to_hf_key, split_fused_experts,
-                                 to_hf_state_dict)
+from mixtral_edu.weights.keys import hf_to_ours_key, ours_to_hf_key, split_fused_experts, to_hf_state_dict
+from mixtral_edu.weights import load_hf_state_dict
 from mixtral_edu.model.mixtral import Mixtral
 
 

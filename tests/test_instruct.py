@@ -116,7 +116,7 @@ def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
 # ----------------------------------------------------------------------------- the checkpoint
 @pytest.fixture(scope="module")
 def model():
-    from mixtral_edu.weights.load import load_model
+    from mixtral_edu.weights import load_model
 
     torch.set_num_threads(1)
     return load_model(WEIGHTS, progress=False)

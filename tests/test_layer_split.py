@@ -52,7 +52,7 @@ def test_bad_layer_counts_are_refused():
 
 
 def _saved_tiny(tmp_path):
-    from mixtral_edu.weights.load import save_model
+    from mixtral_edu.weights import save_model
     cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=4, max_position_embeddings=64)
     torch.manual_seed(3)
     model = Mixtral(cfg).eval()
@@ -62,7 +62,7 @@ def _saved_tiny(tmp_path):
 
 def test_load_model_streams_each_layer_to_its_own_device(tmp_path):
     """A list of devices: every tensor goes straight to its layer's device, logits unchanged."""
-    from mixtral_edu.weights.load import load_model
+    from mixtral_edu.weights import load_model
     model = _saved_tiny(tmp_path)
     split = load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[3, 1], progress=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))

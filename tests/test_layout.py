@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixtral_edu.weights.load import load_model, save_model
+from mixtral_edu.weights import load_model, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference.generate import generate
 from mixtral_edu.inference.cpu import (ColumnMajorExperts, ColumnMajorLinear, column_major, is_column_major, matvec,

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")  # noqa: E402  (a hard requir
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.weights.keys import load_hf_state_dict, to_hf_state_dict
+from mixtral_edu.weights.keys import to_hf_state_dict
+from mixtral_edu.weights import load_hf_state_dict
 from mixtral_edu.training.losses import load_balancing_loss
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.model.router import route

@@ -269,7 +269,7 @@ def test_nb03_trained_first_layer_attention_map():
     """Notebook 03 section 3: the shipped model's layer-0 attention equals the naive loop; rows sum to 1,
     nothing above the diagonal."""
     from mixtral_edu.assets import default_weights_dir
-    from mixtral_edu.weights.load import load_model
+    from mixtral_edu.weights import load_model
     from mixtral_edu.tokenizer import Tokenizer
 
     trained = load_model(default_weights_dir(), progress=False)

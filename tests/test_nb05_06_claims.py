@@ -16,7 +16,8 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.experts import swiglu_expert
-from mixtral_edu.weights.keys import hf_to_ours_key, load_hf_state_dict
+from mixtral_edu.weights.keys import hf_to_ours_key
+from mixtral_edu.weights import load_hf_state_dict
 from mixtral_edu.training.losses import expert_load, load_balancing_loss, router_z_loss
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.model.moe import SparseMoeBlock

@@ -29,3 +29,17 @@ def test_every_module_imports_without_notebook_or_reference_packages():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok", out.stdout
+
+
+def test_the_public_names_are_at_the_top_and_are_the_modules_own():
+    import mixtral_edu
+    from mixtral_edu.analysis.routing import trace_routing
+    from mixtral_edu.inference.decode import FastDecoder
+    from mixtral_edu.weights.load import load_model
+    assert mixtral_edu.load_model is load_model and mixtral_edu.FastDecoder is FastDecoder
+    assert mixtral_edu.trace_routing is trace_routing
+    for name in mixtral_edu.__all__:
+        assert callable(getattr(mixtral_edu, name)), name
+    import pytest
+    with pytest.raises(AttributeError, match="no attribute 'decode_step'"):
+        mixtral_edu.decode_step

@@ -114,7 +114,7 @@ def test_load_placed_follows_the_plan(tmp_path):
     """Each strategy on the CPU with a tiny checkpoint: the loaded model computes the same logits."""
     import torch
 
-    from mixtral_edu.weights.load import save_model
+    from mixtral_edu.weights import save_model
     from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.inference.offload import OffloadedExperts
     from mixtral_edu.inference.placement import Plan, load_placed

@@ -106,7 +106,7 @@ def test_trained_tiny_model_keeps_its_greedy_output_in_int8():
     """The embedded trained tiny model: int8 gives the same 16 greedy tokens on every prompt, and
     logits within the stated tolerance of 1% relative (Frobenius) on each prompt (measured 0.1-0.3%)."""
     from mixtral_edu.assets import TINY_MODEL_DIR
-    from mixtral_edu.weights.load import load_model
+    from mixtral_edu.weights import load_model
     from mixtral_edu.inference.generate import generate
     from mixtral_edu.tokenizer import Tokenizer
 

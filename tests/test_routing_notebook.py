@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.training.corpus import load_split, token_stream
 from mixtral_edu.model.router import route
 from mixtral_edu.analysis.routing import (

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_edu.weights import load as checkpoint
-from mixtral_edu.weights.load import CheckpointError, detect_layout, load_model, memory_plan, save_model
+from mixtral_edu.weights import CheckpointError, detect_layout, load_model, memory_plan, save_mistral, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 
@@ -176,7 +176,7 @@ def test_two_hf_layouts_in_one_folder_are_refused(sharded):
 def test_hf_beside_mistral_loads_hf_and_says_so(tmp_path):
     m = model(0)
     save_model(m, tmp_path)
-    checkpoint.save_mistral(m, tmp_path)
+    save_mistral(m, tmp_path)
     with pytest.warns(UserWarning, match="loading the hf layout, ignoring consolidated.safetensors"):
         load_model(tmp_path, progress=False)
 
@@ -224,7 +224,7 @@ def test_shared_bytes_do_not_load_as_a_silent_copy(tmp_path):
 
 def test_pt_file_with_int_keys_is_refused(tmp_path):
     m = model(0)
-    checkpoint.save_mistral(m, tmp_path, layout="mistral-pt", num_files=2)
+    save_mistral(m, tmp_path, layout="mistral-pt", num_files=2)
     torch.save({0: torch.zeros(2)}, tmp_path / "consolidated.01.pt")
     with pytest.raises(CheckpointError, match=r"consolidated\.01\.pt: key 0 is a int, not a tensor name"):
         load_model(tmp_path, progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixtral_edu.training import train as train_module
-from mixtral_edu.weights.load import load_model, save_model
+from mixtral_edu.weights import load_model, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.training.corpus import SPLITS
 from mixtral_edu.model.mixtral import Mixtral
@@ -144,7 +144,7 @@ def test_ctrl_c_or_a_failed_save_leaves_the_old_checkpoint(tmp_path, corpus, cap
             raise KeyboardInterrupt
         monkeypatch.setattr(train_module, "train", interrupted)
     else:
-        import mixtral_edu.weights.load as checkpoint
+        import mixtral_edu.weights.save as checkpoint
         real = checkpoint.save_model
 
         def half_then_full_disk(model, path, **kwargs):

@@ -5,7 +5,7 @@ import weakref
 
 import torch
 
-from mixtral_edu.weights.load import load_model, save_model
+from mixtral_edu.weights import load_model, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.inference.placement import Plan, load_placed

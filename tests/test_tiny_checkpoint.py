@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixtral_edu.assets import DATA_DIR, TINY_MODEL_DIR
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.training.corpus import DOMAINS, load_split, token_streams
 from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
 from mixtral_edu.training.train import evaluate

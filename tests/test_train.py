@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.training.corpus import DOMAINS, SPLITS
 from mixtral_edu.training.losses import load_balancing_loss

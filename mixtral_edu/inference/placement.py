@@ -8,12 +8,12 @@ memory there is, and picks the first of these that fits:
 2. "int8":     experts and attention stored as int8 with one scale per output channel, the
                rest bf16, about 47 GB on one GPU (see quant.py).
 3. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
-               `[batch, seq, hidden]` hops to the next GPU at each boundary (see layer_split.py).
+               `[batch, seq, hidden]` hops to the next GPU at each boundary (see split.py).
 4. "offload":  every weight but the experts on the GPU; the experts wait in pinned CPU memory
                and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
 
 One GPU comes before several (`prefer_one_gpu=True`, the default): int8 on one GPU reads half the
-bytes per token and keeps the sync-free decoder (fast_decode.py), while a split runs at about one
+bytes per token and keeps the sync-free decoder (decode.py), while a split runs at about one
 GPU's speed. `prefer_one_gpu=False` puts the exact bf16 split before int8. To choose which GPUs
 are seen at all, start Python with `CUDA_VISIBLE_DEVICES=0` (or `=2,3`).
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..config import MixtralConfig
-from ..params import count_parameters, dtype_bytes, kv_cache_bytes_per_token
+from ..params import count_parameters, dtype_bytes, kv_cache_bytes_per_token, split_weight_bytes, weight_bytes_per_device
 
 GB = 1e9
 GiB = 2 ** 30
@@ -213,21 +213,20 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
 
     def split():
         # layers split over the fewest GPUs that hold them (largest first)
-        per_layer = p["per_layer"] * b + kv / cfg.num_hidden_layers
-        first_extra = p["embeddings"] * b                      # embed_tokens on the first GPU
-        last_extra = (p["lm_head"] + cfg.hidden_size) * b      # final norm and lm_head on the last
+        parts = split_weight_bytes(cfg, dtype)                 # embed_tokens with the first GPU, lm_head the last
+        kv_per_layer = kv / cfg.num_hidden_layers
+        per_layer = parts["per_layer"] + kv_per_layer
         for n in range(2, len(free_bytes) + 1):
             used = order[:n]
             room = [free_bytes[i] - reserve_bytes for i in used]
-            room[0] -= first_extra
-            room[-1] -= last_extra
+            room[0] -= parts["first"]
+            room[-1] -= parts["last"]
             if min(room) <= 0:
                 continue
             counts = _split_layers(cfg.num_hidden_layers, room)
             if all(c * per_layer <= r for c, r in zip(counts, room)) and min(counts) > 0:
-                planned = [int(c * per_layer + reserve_bytes) for c in counts]
-                planned[0] += int(first_extra)
-                planned[-1] += int(last_extra)
+                planned = [int(w + c * kv_per_layer + reserve_bytes)
+                           for w, c in zip(weight_bytes_per_device(cfg, counts, dtype), counts)]
                 where = ", ".join(f"layers {sum(counts[:j])}-{sum(counts[:j + 1]) - 1} on {names[i]}"
                                   for j, i in enumerate(used))
                 return Plan("split", [names[i] for i in used], str(dtype), counts, planned, kv,

@@ -44,7 +44,7 @@ def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Opti
 
     layers_per_device: how many consecutive decoder layers each device gets (e.g. `Plan.layers_per_device`);
     default: as even as possible. `model.new_kv_cache` then puts each layer's cache on its device.
-    Layers already on their device are not copied (`checkpoint.load_model` with a list of devices
+    Layers already on their device are not copied (`weights.load_model` with a list of devices
     streams each tensor straight there and then calls this).
     """
     devices = [torch.device(d) for d in devices]

@@ -7,7 +7,7 @@
     logits = lm_head(norm(h))
 
 Module and parameter names follow the Hugging Face checkpoint keys (without the `model.`
-prefix, see `hf_keys.py`), except that each layer's experts are stored stacked
+prefix, see `weights/keys.py`), except that each layer's experts are stored stacked
 (`block_sparse_moe.experts.w1 [E, I, H]` instead of `experts.{j}.w1.weight`).
 """
 

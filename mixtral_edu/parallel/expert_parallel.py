@@ -255,7 +255,7 @@ def shard_experts(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -
 
 def load_expert_parallel(path, device="cpu", dtype: Optional[torch.dtype] = None,
                          group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Load the checkpoint in `path` (checkpoint.load_model) and keep this rank's experts only.
+    """Load the checkpoint in `path` (weights.load_model) and keep this rank's experts only.
 
     Each decoder layer is sharded as soon as it is loaded (load_model's on_layer_loaded), so the
     other ranks' experts are freed layer by layer; the loader still reads every tensor. Then the
@@ -428,7 +428,7 @@ def default_prompts(weights, nproc: int, texts: Optional[Sequence[str]] = None) 
 def compare_with_single_process(job: RunJob, results: list[dict], model: Optional[nn.Module] = None) -> CheckReport:
     """Run each rank's prompt through the ordinary one-process model and compare logits and greedy tokens.
 
-    model: the one-process Mixtral (default: loaded from job.weights with checkpoint.load_model).
+    model: the one-process Mixtral (default: loaded from job.weights with weights.load_model).
     """
     from ..weights.load import load_model
     from ..inference.generate import generate
@@ -466,7 +466,7 @@ def check(weights, nproc: int = 2, prompts: Optional[Sequence[str]] = None, max_
 
 def _check_job(job: RunJob) -> None:
     """Fail here, in one process, before the ranks start (an error on one rank would hang the others)."""
-    from ..weights.load import read_config
+    from ..weights.layouts import read_config
 
     cfg = read_config(job.weights)
     expert_ranges(cfg.num_local_experts, len(job.prompts))
@@ -506,7 +506,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..assets import default_weights_dir
-    from ..weights.load import CheckpointError
+    from ..weights.errors import CheckpointError
 
     args = _parser().parse_args(argv)
     weights = str(args.weights or default_weights_dir())

@@ -433,7 +433,8 @@ def _parse_args(argv):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ..weights.load import load_model, save_model
+    from ..weights.load import load_model
+    from ..weights.save import save_model
     from ..tokenizer import Tokenizer
 
     base = Path(args.base) if args.base else TINY_MODEL_DIR

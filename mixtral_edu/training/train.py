@@ -453,7 +453,7 @@ def _main(argv: list) -> int:
     import tempfile
 
     args = _parse_args(argv)
-    from ..weights.load import _parse_size, save_model
+    from ..weights.save import _parse_size, save_model
     from .corpus import heldout_windows, load_split, token_streams
     from ..tokenizer import Tokenizer
 

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .load import CheckpointError, SafetensorsFile, _hf_shards, detect_layout, read_config
+from .errors import CheckpointError
+from .layouts import detect_layout, hf_shards, read_config
+from .safetensors_reader import SafetensorsFile
 from ..config import MixtralConfig, read_json_file
 from .convert import hf_to_mistral_key
 from .keys import to_hf_state_dict
@@ -184,7 +186,7 @@ def check_checkpoint(folder) -> CheckResult:
         raise CheckpointError(f"{folder}: the consolidated.NN.pt layout can only be checked by loading it "
                               "(load_model does); check reads safetensors headers")
     if layout == "hf-sharded":
-        files = [path for path, _ in _hf_shards(folder)]       # index, shard names and headers agree
+        files = [path for path, _ in hf_shards(folder)]       # index, shard names and headers agree
     else:
         files = [folder / ("model.safetensors" if layout == "hf" else "consolidated.safetensors")]
     found, where, data_bytes = {}, {}, 0

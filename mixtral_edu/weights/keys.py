@@ -22,7 +22,7 @@ transformers 5 keeps experts FUSED in memory (`MixtralForCausalLM.state_dict()`)
 `model.layers.{i}.mlp.gate.weight` (the router), `model.layers.{i}.mlp.experts.gate_up_proj`
 `[E, 2I, H]` = w1 (gate) rows then w3 (up) rows per expert, and `mlp.experts.down_proj` `[E, H, I]`
 = w2. Its `save_pretrained` still writes the per-expert keys above. `split_fused_experts` turns
-the fused form into the per-expert form; `load_hf_state_dict` accepts either.
+the fused form into the per-expert form; `load.load_hf_state_dict` accepts either.
 
 The q/k rows in HF checkpoints are already permuted for rotate-half RoPE (see rope.py), which is
 the convention this model uses, so no permutation happens here.
@@ -31,7 +31,7 @@ the convention this model uses, so no permutation happens here.
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -48,6 +48,12 @@ _LAYER_PLAIN = re.compile(
 _FUSED = re.compile(_LAYER + r"mlp\.experts\.(gate_up_proj|down_proj)$")
 _TOP_LEVEL = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "lm_head.weight"}
+
+
+def is_stacked_expert(name: str) -> bool:
+    """True for a layer's stacked expert weights (`layers.{i}.block_sparse_moe.experts.w1` ...), which
+    hold one row per expert: `[E, ...]`."""
+    return re.search(r"\.experts\.w[123]$", name) is not None
 
 
 def hf_to_ours_key(hf_key: str) -> tuple[str, Optional[int]]:
@@ -144,73 +150,3 @@ def to_hf_state_dict(model: nn.Module, clone: bool = False) -> dict[str, torch.T
     if clone:
         out = {k: v.clone() for k, v in out.items()}
     return out
-
-
-class LoadResult(NamedTuple):
-    missing: list[str]      # HF keys the model needs but the state dict lacks
-    unexpected: list[str]   # state-dict keys the model has no place for
-
-
-@torch.no_grad()
-def load_hf_state_dict(model: nn.Module, hf_state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoadResult:
-    """Copy a Hugging Face state dict (per-expert file form or transformers-5 fused form) into `model`.
-
-    Each tensor is copied into place (converted to the parameter's dtype and device). A shape
-    mismatch always raises ValueError naming the tensor. With strict=True, missing or unexpected
-    keys raise KeyError listing them; otherwise they are returned. When the model ties lm_head to
-    the embeddings, an `lm_head.weight` in the state dict must equal `model.embed_tokens.weight`.
-    """
-    cfg = model.config
-    state = split_fused_experts(hf_state_dict)
-    params = dict(model.named_parameters())
-    tied = cfg.tie_word_embeddings
-    filled: set[tuple[str, Optional[int]]] = set()
-    unexpected: list[str] = []
-    tied_lm_head = None
-    for key in sorted(state):
-        tensor = state[key]
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(tensor).__name__}")
-        try:
-            name, expert = hf_to_ours_key(key)
-        except KeyError:
-            unexpected.append(key)
-            continue
-        if tied and name == "lm_head.weight":
-            tied_lm_head = (key, tensor)
-            continue
-        param = params.get(name)
-        if param is None or (expert is not None and expert >= param.shape[0]):
-            unexpected.append(key)
-            continue
-        target = param if expert is None else param[expert]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not match the model's "
-                             f"{name}{'' if expert is None else f'[{expert}]'} {tuple(target.shape)}")
-        target.copy_(tensor)
-        filled.add((name, expert))
-
-    missing = []
-    for name, param in params.items():
-        if re.search(r"\.experts\.w[123]$", name):
-            for j in range(param.shape[0]):
-                if (name, j) not in filled:
-                    missing.append(ours_to_hf_key(name, j, dense=not cfg.is_moe))
-        elif (name, None) not in filled:
-            missing.append(ours_to_hf_key(name))
-    if tied_lm_head is not None and ("embed_tokens.weight", None) in filled:
-        key, tensor = tied_lm_head
-        if tensor.shape != params["embed_tokens.weight"].shape or not torch.equal(
-                tensor.to(params["embed_tokens.weight"]), params["embed_tokens.weight"]):
-            raise ValueError(f"{key}: the model ties lm_head to embed_tokens, but this tensor differs "
-                             "from model.embed_tokens.weight")
-    if strict and (missing or unexpected):
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {show(unexpected)}")
-        raise KeyError("state dict does not fit the model: " + "; ".join(problems))
-    return LoadResult(missing, unexpected)

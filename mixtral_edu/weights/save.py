@@ -1,0 +1,290 @@
+"""Save a model as a Hugging Face checkpoint (what transformers' from_pretrained reads) or in Mistral's layouts.
+
+`save_model` writes the Hugging Face layout; `save_mistral` writes Mistral's two layouts (used by the
+tests and notebook 07). Both are atomic: the files are written into a hidden folder inside the
+target and flushed, then renamed into place, so a failure at any point leaves the old checkpoint
+loadable (this needs room for both on the disk). Of the files already there, a save replaces only
+those of its own layout (see `_stale_files`), and it replaces a symlink rather than writing through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import torch
+
+from ..config import MixtralConfig, read_json_file
+from ..model.mixtral import Mixtral
+from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict
+from .errors import CheckpointError
+from .keys import to_hf_state_dict
+from .layouts import HF_INDEX, HF_SINGLE, MAX_INDEX_BYTES, MISTRAL_SAFETENSORS, PT_FILE, PathLike
+from .safetensors_reader import SafetensorsFile
+
+MIXTRAL_VOCAB_SIZE = 32000
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+_OWNER_KEY = "written_by"
+_OWNER = "mixtral-edu"
+_NUMBERED_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    """'5GB' -> 5e9 bytes; KB/MB/GB are powers of 10, KiB/MiB/GiB of 2 (as in Hugging Face)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be at least 1 byte, got {size}")
+        return size
+    if not isinstance(size, str):
+        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+    value = int(float(m.group(1)) * scale[unit])
+    if value < 1:
+        raise ValueError(f"max_shard_size {size!r} is less than one byte")
+    return value
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` to a NEW file `path` (never through an existing file or link), flushed to disk."""
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _ours(file: Path) -> bool:
+    """True when `file` is a safetensors shard or index that an earlier save_model wrote (it says so inside)."""
+    try:
+        if file.is_symlink() or not file.is_file():
+            return False
+        if file.name.endswith(".json"):
+            data = read_json_file(file, MAX_INDEX_BYTES)
+            return isinstance(data, dict) and isinstance(data.get("metadata"), dict) and \
+                data["metadata"].get(_OWNER_KEY) == _OWNER
+        with SafetensorsFile(file) as st:
+            return st.metadata.get(_OWNER_KEY) == _OWNER
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def _index_shards(folder: Path) -> set[str]:
+    """Numbered shard names that the folder's current index lists (the checkpoint a save replaces)."""
+    try:
+        weight_map = read_json_file(folder / HF_INDEX, MAX_INDEX_BYTES).get("weight_map", {})
+        return {s for s in weight_map.values() if isinstance(s, str) and _NUMBERED_SHARD.fullmatch(s)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> list[Path]:
+    """Files of the checkpoint being replaced that the new one does not overwrite by name.
+
+    `layout_names` (config.json, model.safetensors, the index) define the layout, so a save of that
+    layout owns them. A numbered shard `model-000NN-of-000MM.safetensors` goes only if an earlier save of
+    ours wrote it or the index being replaced lists it; anything else (a user's own
+    `model-final-of-run3.safetensors`, tokenizer files, notes) stays.
+    """
+    listed = _index_shards(folder)
+    stale = []
+    for entry in folder.iterdir():
+        if entry.name in keep or not (entry.is_file() or entry.is_symlink()):
+            continue
+        if entry.name in layout_names or (_NUMBERED_SHARD.fullmatch(entry.name)
+                                          and (entry.name in listed or _ours(entry))):
+            stale.append(entry)
+    return stale
+
+
+def _commit(folder: Path, staging: Path, names: list[str], stale: list[Path]) -> None:
+    """Move the finished files in `staging` into `folder`, replacing the old checkpoint's files.
+
+    Every new file is complete and on disk before this starts. The old files are first moved aside
+    (renames, no copying), then the new ones moved in; if anything fails, the old ones are put back.
+    A rename replaces a symlink itself, never the file it points to. Should the process die in the
+    middle, both checkpoints are still complete on disk (the new one in `staging`, the old one in
+    the `.mixtral-edu-old-*` folder beside it).
+    """
+    import tempfile
+
+    backup = Path(tempfile.mkdtemp(prefix=".mixtral-edu-old-", dir=folder))
+    moved_aside: list[tuple[Path, Path]] = []
+    moved_in: list[Path] = []
+    try:
+        for old in [*(folder / n for n in names if (folder / n).is_file() or (folder / n).is_symlink()), *stale]:
+            aside = backup / old.name
+            os.replace(old, aside)
+            moved_aside.append((old, aside))
+        for name in names:
+            os.replace(staging / name, folder / name)
+            moved_in.append(folder / name)
+        _fsync(folder)
+    except BaseException:
+        for new in moved_in:
+            os.replace(new, staging / new.name)
+        for old, aside in reversed(moved_aside):
+            os.replace(aside, old)
+        os.rmdir(backup)
+        raise
+    import shutil
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names: Sequence[str]) -> list[str]:
+    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `_commit`.
+
+    A failure while writing (a full disk, an interrupt) removes the staging folder and leaves the old
+    checkpoint exactly as it was.
+    """
+    import shutil
+    import tempfile
+
+    if folder.is_symlink() and not folder.exists():
+        raise CheckpointError(f"{folder}: a symlink to a folder that does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mixtral-edu-save-", dir=folder))
+    try:
+        names = write(staging)
+        for name in names:
+            _fsync(staging / name)
+        _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
+@torch.no_grad()
+def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] = "5GB",
+               progress: bool = False) -> list[str]:
+    """Write `model` in the Hugging Face layout that transformers' from_pretrained reads.
+
+    Files: config.json (with the weights' dtype), and model.safetensors when everything fits in one
+    shard of `max_shard_size` bytes (int, or '500MB', '5GB', '2GiB'), else
+    model-000NN-of-000MM.safetensors shards plus model.safetensors.index.json. Keys are per expert
+    (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
+
+    Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then moved
+    into place by renames (see `_commit`), so a full disk or a crash mid-save leaves the old checkpoint
+    loadable. Of the files already there it replaces only config.json, model.safetensors, the index
+    and numbered shards an earlier save of ours (or the replaced index) accounts for; symlinks are
+    replaced, never written through. Returns the names of the files written.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(path)
+    limit = _parse_size(max_shard_size)
+    state = to_hf_state_dict(model)                           # views into the model, no copy
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    dtype = model.embed_tokens.weight.dtype
+    config = model.config.to_hf_config()
+    config["dtype"] = _dtype_name(dtype)
+    n = len(shards)
+    names = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def write(staging: Path) -> list[str]:
+        weight_map = {}
+        for name, keys in tqdm(list(zip(names, shards)), desc="saving shards", disable=not progress):
+            # safetensors refuses tensors that share memory (w1[0], w1[1] are views of one parameter): copy this shard only.
+            save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in keys}, str(staging / name),
+                      metadata={"format": "pt", _OWNER_KEY: _OWNER})
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            _write_json(staging / HF_INDEX, {"metadata": {"total_size": total, _OWNER_KEY: _OWNER},
+                                             "weight_map": weight_map})
+        _write_json(staging / "config.json", config)
+        return [*names, *([HF_INDEX] if n > 1 else []), "config.json", *_tokenizer_files(staging, model.config)]
+
+    written = _staged_save(folder, write, ("config.json", HF_SINGLE, HF_INDEX))
+    return ["config.json", *names] + ([HF_INDEX] if n > 1 else []) + [w for w in written if w in TOKENIZER_FILES]
+
+
+def _tokenizer_files(staging: Path, cfg: MixtralConfig) -> list[str]:
+    """tokenizer.model, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json, so that
+    transformers, llama.cpp's converter and other tools read the save as a Mixtral checkpoint (hf_files.py).
+    Only for Mixtral's 32000-piece vocabulary; skipped, with a warning, when the tokenizer file is absent."""
+    if cfg.vocab_size != MIXTRAL_VOCAB_SIZE:
+        return []
+    from .hf_files import write_tokenizer_files
+
+    try:
+        return write_tokenizer_files(staging, model_max_length=cfg.max_position_embeddings)
+    except FileNotFoundError as err:
+        warnings.warn(f"saved without tokenizer files: {err}", stacklevel=4)
+        return []
+
+
+@torch.no_grad()
+def save_mistral(model: Mixtral, path: PathLike, layout: str = "mistral", num_files: int = 8) -> list[str]:
+    """Write `model` in one of Mistral's layouts (for tests and the notebook; it converts in memory).
+
+    layout "mistral": params.json + consolidated.safetensors (per-expert keys, interleaved q/k rows).
+    layout "mistral-pt": params.json + consolidated.00.pt ... as in the original release: experts
+    fused per layer, whole layers spread over `num_files` files (embeddings in the first, the final
+    norm and output in the last). Returns the names of the files written.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    folder = Path(path)
+    if layout not in ("mistral", "mistral-pt"):
+        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r}")
+    params = cfg.to_params_json()
+    if cfg.max_position_embeddings != 32768:          # from_params_json's default, Mixtral's context
+        params["max_seq_len"] = cfg.max_position_embeddings
+    hf_state = to_hf_state_dict(model)
+    if cfg.tie_word_embeddings:                       # params.json cannot say "tied": store output explicitly
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
+
+    def write(staging: Path) -> list[str]:
+        _write_json(staging / "params.json", params)
+        if layout == "mistral":
+            state = {k: v.to("cpu").contiguous().clone() for k, v in hf_to_mistral_state_dict(hf_state, cfg).items()}
+            save_file(state, str(staging / MISTRAL_SAFETENSORS), metadata={_OWNER_KEY: _OWNER})
+            return ["params.json", MISTRAL_SAFETENSORS]
+        state = hf_to_original_state_dict(hf_state, cfg)
+        files: list[dict[str, torch.Tensor]] = [{} for _ in range(num_files)]
+        for key, tensor in state.items():
+            m = re.match(r"layers\.(\d+)\.", key)
+            if m:
+                index = int(m.group(1)) * num_files // cfg.num_hidden_layers
+            else:
+                index = 0 if key == "tok_embeddings.weight" else num_files - 1
+            files[index][key] = tensor.to("cpu").contiguous().clone()
+        names = []
+        for i, part in enumerate(files):
+            names.append(f"consolidated.{i:02d}.pt")
+            torch.save(part, staging / names[-1])
+        return ["params.json", *names]
+
+    return _staged_save(folder, write, ("params.json", MISTRAL_SAFETENSORS))
