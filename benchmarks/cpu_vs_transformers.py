@@ -36,7 +36,7 @@ from statistics import median
 
 import torch
 
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference.generate import generate
 from mixtral_edu.inference.cpu import to_column_major_

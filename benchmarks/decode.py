@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         if args.weights:
-            from mixtral_edu.weights.load import load_model
+            from mixtral_edu.weights import load_model
             from mixtral_edu.inference.quant import quantize_model
             if q is None:
                 model = load_model(args.weights, device=device, dtype=dtype)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mixtral_edu.assets import TINY_MODEL_DIR
-from mixtral_edu.weights.load import load_model
+from mixtral_edu.weights import load_model
 from mixtral_edu.analysis.explorer import write_explorer
 from mixtral_edu.analysis.routing import trace_routing
 from mixtral_edu.tokenizer import Tokenizer
