@@ -7,9 +7,8 @@ What happens, in one process:
 
 1. transformers builds a random MixtralForCausalLM (float32) and writes it with `save_pretrained`
    into a temporary folder; ours is loaded from that folder with `mixtral_edu.weights.load.load_model`,
-   so both hold the same weights and ours got them the way a user's checkpoint would. Ours then
-   gets `mixtral_edu.inference.cpu.to_column_major_`: the same weights stored transposed, and one-token
-   matrix-vector products computed as row sums that stream them at close to memory speed.
+   so both hold the same weights and ours got them the way a user's checkpoint would: with the
+   loader's CPU defaults (lm_head stored column-major, `mixtral_edu.inference.cpu`), nothing added.
 2. Prefill: one forward pass over `--prefill-len` tokens that fills a KV cache and computes the
    last position's logits only (what generation does). Both models, alternating, best of `--repeats`.
 3. Decode: `--new-tokens` greedy tokens after a `--prompt-len`-token prompt. Ours through
@@ -21,6 +20,11 @@ What happens, in one process:
    tokens/s <= read bandwidth / active bytes per token. The read bandwidth is measured in the same
    run (the sum of a tensor much larger than the caches).
 5. Both greedy continuations must be identical; the script exits with status 1 when they are not.
+6. --opt-in: the same decode through what a user may switch on: `to_column_major_` (row-sum
+   products), `FastDecoder(model, compile=True)` (torch.compile on the CPU; its warm-up is timed)
+   and bfloat16 weights (speed only: bf16 tokens are not expected to equal float32 ones).
+7. --busy N: decode again with N busy-looping processes beside it (contention), ours and
+   transformers, and ours with a fixed thread count (without `DecodeThreads`).
 
 Timings are best-of-N wall-clock times with the two models interleaved, so a busy machine slows
 both alike; the ratios are the numbers to compare, the absolute times depend on the load.
@@ -29,15 +33,20 @@ both alike; the ratios are the numbers to compare, the absolute times depend on 
 from __future__ import annotations
 
 import argparse
+import copy
+import subprocess
 import sys
 import tempfile
 import time
 from statistics import median
+from typing import Optional
 
 import torch
 
 from mixtral_edu.weights import load_model
 from mixtral_edu.config import MixtralConfig
+from mixtral_edu.inference import generate as generate_module
+from mixtral_edu.inference.decode import FastDecoder
 from mixtral_edu.inference.generate import generate
 from mixtral_edu.inference.cpu import to_column_major_
 from mixtral_edu.params import count_parameters
@@ -57,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads for both models (default: torch's, %(default)s here)")
     p.add_argument("--repeats", type=int, default=3, help="best of this many timed runs (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt-in", action="store_true",
+                   help="also decode with the opt-in paths: row sums, torch.compile, bfloat16")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also decode with N busy-looping processes beside it (default: no contention run)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="std of the random weights (default %(default)s; transformers' own 0.02 gives a "
                         "model that repeats a few tokens, a weak test of 'identical greedy tokens')")
@@ -91,8 +104,9 @@ def build_models(args: argparse.Namespace, folder: str):
 
 
 def load_ours(folder: str):
-    """Ours as this benchmark runs it, from a checkpoint folder (also used by benchmarks/llama_cpp.py)."""
-    return to_column_major_(load_model(folder, dtype=torch.float32, progress=False))
+    """Ours as a user gets it, from a checkpoint folder: `load_model`'s defaults (also used by
+    benchmarks/llama_cpp.py). tests/test_benchmarks_smoke.py checks it is exactly that."""
+    return load_model(folder, dtype=torch.float32, progress=False)
 
 
 def active_bytes_per_token(cfg: MixtralConfig, element_size: int = 4) -> int:
@@ -178,6 +192,89 @@ def decode_hf(model, prompt: torch.Tensor, n: int) -> tuple[Stamps, list[int]]:
     return stamps, out[0, prompt.shape[1]:].tolist()
 
 
+def decode_fast(decoder: FastDecoder, prompt: torch.Tensor, n: int) -> tuple[Stamps, list[int]]:
+    """`FastDecoder` step by step, stamped like the others (reading each token is a sync, cheap on a CPU)."""
+    stamps = Stamps()
+    with torch.inference_mode():
+        decoder.prefill(prompt)
+        ids = [int(decoder.token)]
+        stamps(ids[-1])
+        for _ in range(n - 1):
+            decoder.step()
+            ids.append(int(decoder.token))
+            stamps(ids[-1])
+    return stamps, ids
+
+
+def best_decode(decode, model, prompt, n: int, repeats: int) -> tuple[float, list[int]]:
+    """Best tokens/s of `repeats` decodes after a short warm-up, and the last run's ids."""
+    decode(model, prompt, 2)
+    runs = [decode(model, prompt, n) for _ in range(repeats)]
+    return max(s.tokens_per_s() for s, _ in runs), runs[-1][1]
+
+
+class FixedThreads:
+    """Stands in for generate's `DecodeThreads`: the thread count as set, whatever else runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def opt_in_runs(ours, cfg: MixtralConfig, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: float,
+                bound: float) -> None:
+    """Decode through each opt-in path; print tokens/s, the ratio to transformers and to the bound."""
+    n = args.new_tokens
+
+    def report(name: str, tps: float, ids: Optional[list[int]], extra: str = "") -> None:
+        same = "tokens not compared" if ids is None else (
+            "tokens identical" if ids == ids_hf else "TOKENS DIFFER from transformers'")
+        print(f"opt-in {name}: {tps:.1f} tok/s, {tps / best_hf:.2f}x transformers, {tps / bound:.0%} of the "
+              f"bound; {same}{extra}")
+
+    rowsum = to_column_major_(copy.deepcopy(ours))
+    report("to_column_major_ (row sums)", *best_decode(decode_ours, rowsum, prompt, n, args.repeats))
+    del rowsum
+    decoder = FastDecoder(ours, max_seq_len=prompt.shape[1] + n, compile=True)
+    t = time.perf_counter()
+    decode_fast(decoder, prompt, 3)                   # compiles
+    warmup = time.perf_counter() - t
+    tps, ids = best_decode(decode_fast, decoder, prompt, n, args.repeats)
+    report("FastDecoder(compile=True)", tps, ids, f"; compile warm-up {warmup:.1f} s")
+    del decoder
+    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    tps, _ = best_decode(decode_ours, bf16, prompt, n, args.repeats)
+    report("bfloat16 weights (default path)", tps, None, f"; bound at bf16 bytes {2 * bound:.1f} tok/s")
+
+
+def busy_runs(ours, hf, prompt: torch.Tensor, args, quiet_ours: float, quiet_hf: float) -> None:
+    """Decode while `args.busy` other processes spin; print each rate against its quiet one."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        time.sleep(1.0)
+        n, r = args.new_tokens, args.repeats
+        tps_ours, _ = best_decode(decode_ours, ours, prompt, n, r)
+        tps_hf, _ = best_decode(decode_hf, hf, prompt, n, r)
+        real = generate_module.DecodeThreads
+        generate_module.DecodeThreads = FixedThreads
+        try:
+            tps_fixed, _ = best_decode(decode_ours, ours, prompt, n, r)
+        finally:
+            generate_module.DecodeThreads = real
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    print(f"under contention ({args.busy} busy process(es) beside it): ours {tps_ours:.1f} tok/s "
+          f"({tps_ours / quiet_ours:.0%} of quiet), transformers {tps_hf:.1f} ({tps_hf / quiet_hf:.0%} of quiet), "
+          f"ours with a fixed {args.threads} threads {tps_fixed:.1f} ({tps_fixed / quiet_ours:.0%} of quiet)")
+
+
 # ------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
@@ -248,6 +345,10 @@ def main(argv=None) -> int:
               f"transformers {ids_hf[first:first + 8]}")
         return 1
     print(f"greedy tokens identical ({len(ids_ours)} tokens)")
+    if args.opt_in:
+        opt_in_runs(ours, cfg, prompt, args, ids_hf, best_hf, bound)
+    if args.busy:
+        busy_runs(ours, hf, prompt, args, best_ours, best_hf)
     return 0
 
 

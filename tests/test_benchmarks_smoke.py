@@ -31,3 +31,37 @@ def test_a_token_mismatch_fails_the_run(monkeypatch, capsys):
     monkeypatch.setattr(bench, "decode_ours", off_by_one)
     assert bench.main(TINY) == 1
     assert "FAIL: greedy tokens differ from new token 15" in capsys.readouterr().out
+
+
+def test_the_benchmark_measures_the_default_cpu_path(tmp_path):
+    """What the table calls "ours" is what load_model and generate give a user, nothing switched on."""
+    import torch
+
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.inference import generate as generate_module
+    from mixtral_edu.inference.cpu import is_column_major
+    from mixtral_edu.model.mixtral import Mixtral
+    from mixtral_edu.weights import load_model, save_model
+
+    spec = importlib.util.spec_from_file_location("cpu_vs_transformers", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    save_model(Mixtral(MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2)), tmp_path)
+    ours, default = bench.load_ours(tmp_path), load_model(tmp_path, progress=False)
+    assert bench.generate is generate_module.generate
+    for (name, a), (_, b) in zip(ours.named_parameters(), default.named_parameters()):
+        assert type(ours.get_submodule(name.rsplit(".", 1)[0])) is type(default.get_submodule(name.rsplit(".", 1)[0]))
+        assert a.stride() == b.stride() and torch.equal(a, b), name
+    assert is_column_major(ours.lm_head.weight)
+
+
+def test_the_opt_in_and_contention_runs_print_their_lines():
+    run = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--opt-in", "--busy", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for line_start in ("opt-in to_column_major_ (row sums):", "opt-in FastDecoder(compile=True):",
+                       "opt-in bfloat16 weights (default path):", "under contention (1 busy process(es) beside it):"):
+        assert any(line.startswith(line_start) for line in lines), (line_start, run.stdout)
+    assert "TOKENS DIFFER" not in run.stdout

@@ -1,4 +1,4 @@
-"""to_column_major_ changes how the weights sit in memory, and nothing else."""
+"""to_column_major_ (opt-in) changes how the weights sit in memory, and nothing else."""
 
 import pytest
 import torch
@@ -115,7 +115,9 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.randint(0, 128, (1, 7))
     save_model(to_column_major_(model), tmp_path)
     loaded = load_model(tmp_path, progress=False)
-    assert not is_column_major(loaded.lm_head.weight)                  # the loader's own layout
+    # the loader's own layout: row-major but for lm_head (inference.cpu.use_cpu_layout_)
+    assert not is_column_major(loaded.layers[0].self_attn.q_proj.weight) and is_column_major(loaded.lm_head.weight)
+    assert type(loaded.lm_head) is torch.nn.Linear                     # F.linear, not the row-sum kernel
     torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-5, atol=1e-5)
 
 

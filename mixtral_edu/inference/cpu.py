@@ -1,37 +1,41 @@
-"""Batch-1 decoding on a CPU with weights stored transposed ("column-major") and a row-sum kernel.
+"""Batch-1 decoding on a CPU: the measured defaults (lm_head layout, thread count) and one opt-in trick.
 
 Decoding one token multiplies every weight matrix W `[out, in]` by a single vector x, so a step
-is bound by how fast the weights stream from memory (the model's FLOPs are negligible). Two
-deliberate choices make that streaming fast with plain PyTorch on a CPU:
+is bound by how fast the weights stream from memory (the model's FLOPs are negligible). What
+`load_model` and `generate` do on a CPU, each measured to win on an Intel Xeon and an AMD EPYC
+(benchmarks/README.md has the runs):
 
-1. Store each matrix column-major: W keeps its shape `[out, in]`, but W.T `[in, out]` is the
-   contiguous tensor (`column_major`). Only the strides change, so names, `state_dict()`,
-   `save_model` and every `F.linear(x, W)` work as before.
-2. Compute W x as a weighted sum of the rows of W.T:  W x = sum_i x_i * W.T[i, :].  That is
-   exactly what `F.embedding_bag(mode="sum", per_sample_weights=x)` does with W.T as the table
-   and every row picked once (`matvec`); its CPU kernel streams the rows at close to memory
-   speed, and with the rows split into one bag per thread it uses every core (MKL's float32
-   matrix-vector product runs on one). Measured on the 2-core test machine (float32, weights far
-   larger than the caches, one thread):
+1. `use_cpu_layout_` stores lm_head column-major: W keeps its shape `[out, in]`, but W.T
+   `[in, out]` is the contiguous tensor (`column_major`). Only the strides change, so names,
+   `state_dict()`, `save_model` and every `F.linear(x, W)` work as before; MKL's product then
+   streams the largest matrix (35% of the bytes a step reads in the benchmark's config) faster.
+   Measured, float32, [32000, 512]: Intel Xeon (AVX-512), 2 threads, 26 -> 37 GB/s; AMD EPYC,
+   1 thread, 16 -> 31 GB/s. The other matrices stay row-major: column-major was no faster there
+   on the Xeon (w2 [512, 1024] a little slower).
+2. `DecodeThreads` picks the thread count while `generate` decodes: every ~0.2 s it reads how
+   much CPU time other processes took (/proc/stat minus this process's own time) and uses only
+   the cores they leave free. With a busy process beside it on 2 cores, 2 threads wait for each
+   other at every product (28-40 tokens/s measured on the Xeon, against 102 quiet); 1 thread kept
+   58. Where /proc/stat is missing (macOS, Windows) the thread count is left alone.
 
-       matrix                  F.linear, row-major   F.linear, column-major   matvec
-       [1024, 512] (w1, w3)         16 GB/s               21 GB/s            28 GB/s
-       [512, 1024] (w2)             20 GB/s               20 GB/s            35 GB/s
-       [32000, 512] (lm_head)       16 GB/s               31 GB/s            45 GB/s
+Opt-in, because it wins on one CPU and loses on another: `to_column_major_(model)` stores every
+matrix column-major and computes a single vector's product as a weighted sum of the rows of W.T,
+W x = sum_i x_i * W.T[i, :], which is `F.embedding_bag(mode="sum", per_sample_weights=x)` with
+one bag of rows per thread (`matvec`). On the AMD EPYC that decoded 2.1-2.6x transformers'
+speed (1.6x without it); on the Intel Xeon it is 0.8x of the default path (embedding_bag streams
+at 22-24 GB/s there, below MKL's 25-27).
 
-`to_column_major_(model)` applies both: it re-stores every nn.Linear weight and every `Experts`
-stack column-major and switches those modules to `ColumnMajorLinear` / `ColumnMajorExperts`,
-which use `matvec` when they are given a single vector and the usual code otherwise (prefill,
-batches, training). The module objects stay the same (parameters, names, forward hooks), so
-routing traces and quantisation work unchanged. It is opt-in because other back ends want the
-usual row-major layout (e.g. GPU kernels that read w1[e] row by row):
-
-    model = to_column_major_(load_model(path))
+    model = load_model(path)                  # lm_head column-major on the CPU
+    model = to_column_major_(model)           # opt-in: every matrix, row-sum products
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,87 @@ def is_column_major(w: torch.Tensor) -> bool:
     return w.mT.is_contiguous()
 
 
+@torch.no_grad()
+def use_cpu_layout_(model: nn.Module) -> nn.Module:
+    """The default CPU layout (point 1 above): lm_head's weight stored column-major, in place.
+
+    Left alone when lm_head is not a floating-point matrix on the CPU, or is tied to the
+    embedding table (which is read by rows). The Parameter stays the same object (`.data` is
+    replaced). Returns `model`.
+    """
+    w = model.lm_head.weight
+    if (w.device.type == "cpu" and w.dtype.is_floating_point and w is not model.embed_tokens.weight
+            and not is_column_major(w)):
+        w.data = column_major(w.data)
+    return model
+
+
+# ----------------------------------------------------------------------------- threads
+def _usable_cpus() -> Optional[set[int]]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def _cpu_seconds() -> Optional[tuple[float, float]]:
+    """(busy CPU seconds since boot of the CPUs this process may run on, CPU seconds of this
+    process), or None where /proc/stat cannot be read."""
+    usable = _usable_cpus()
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+    except OSError:
+        return None
+    busy = 0
+    for fields in lines:
+        if usable is None or int(fields[0][3:]) in usable:
+            jiffies = [int(v) for v in fields[1:]]
+            busy += sum(jiffies) - jiffies[3] - (jiffies[4] if len(jiffies) > 4 else 0)   # minus idle, iowait
+    if not lines:
+        return None
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def free_cores(others_busy: float, cores: int) -> int:
+    """Cores left when other processes keep `others_busy` cores busy (at least 1)."""
+    return max(1, min(cores, math.floor(cores - others_busy + 0.5)))
+
+
+class DecodeThreads:
+    """Fits torch's thread count to the cores other processes leave free, while decoding.
+
+    threads = DecodeThreads()        # remembers torch.get_num_threads() as the most to use
+    for ...: threads.tick()          # once per token; looks at the machine every `interval` s
+    threads.close()                  # the thread count as it was
+
+    sample: a function returning `_cpu_seconds()`-like pairs (tests pass their own).
+    """
+
+    def __init__(self, interval: float = 0.2, sample: Callable[[], Optional[tuple[float, float]]] = _cpu_seconds,
+                 cores: Optional[int] = None) -> None:
+        self.most = torch.get_num_threads()
+        self.cores = cores or len(_usable_cpus() or range(os.cpu_count() or 1))
+        self.interval, self.sample = interval, sample
+        self.last, self.when = sample(), time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.last is None or now - self.when < self.interval:
+            return
+        current = self.sample()
+        if current is None:
+            return
+        others = max(0.0, (current[0] - self.last[0]) - (current[1] - self.last[1])) / (now - self.when)
+        threads = min(self.most, free_cores(others, self.cores))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        self.last, self.when = current, now
+
+    def close(self) -> None:
+        if torch.get_num_threads() != self.most:
+            torch.set_num_threads(self.most)
+
+
+# ----------------------------------------------------------------------------- opt-in: row sums
 @functools.lru_cache(maxsize=None)
 def _bags_of_rows(n: int, num_bags: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices 0 .. n-1 `[n]` and where each of (at most) `num_bags` consecutive bags starts.

@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 
 from ..chat import encode_chat
+from .cpu import DecodeThreads
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -150,6 +151,8 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
+    # On a CPU, decode with the cores other processes leave free (see inference/cpu.py).
+    threads = DecodeThreads() if device.type == "cpu" else None
     try:
         # The last new token is returned, never fed back, so the cache needs one slot less.
         cache = model.new_kv_cache(1, len(ids) + max_new_tokens - 1)
@@ -165,8 +168,12 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
                 break
             if len(new_ids) < max_new_tokens:
                 step_input = torch.tensor([[next_id]], dtype=torch.long, device=device)
+            if threads is not None:
+                threads.tick()
     finally:
         model.train(was_training)
+        if threads is not None:
+            threads.close()
     return new_ids
 
 
