@@ -65,3 +65,12 @@ def test_the_opt_in_and_contention_runs_print_their_lines():
                        "opt-in bfloat16 weights (default path):", "under contention (1 busy process(es) beside it):"):
         assert any(line.startswith(line_start) for line in lines), (line_start, run.stdout)
     assert "TOKENS DIFFER" not in run.stdout
+
+
+def test_the_product_benchmark_runs():
+    script = SCRIPT.parent / "cpu_products.py"
+    run = subprocess.run([sys.executable, str(script), "--threads", "1", "--mib", "1", "--reps", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("1 | [")]
+    assert len(rows) == 4 and all(len(r.split("|")) == 6 for r in rows), run.stdout
