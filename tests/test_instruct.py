@@ -54,6 +54,23 @@ def test_training_chats_use_only_training_items():
     assert {(False, 1), (True, 1), (False, 3), (True, 2)} <= kinds   # single and multi-turn, with and without system
 
 
+def test_random_words_are_letters_never_a_heldout_word_and_off_by_default():
+    from mixtral_edu.training.instruct import random_word
+
+    held = frozenset(splits().heldout["word"])
+    rng = random.Random(3)
+    words = [random_word(rng, held) for _ in range(2000)]
+    assert all(re.fullmatch(r"[a-z]{3,10}", w) and w not in held for w in words)
+    assert random_word(random.Random(0), frozenset({random_word(random.Random(0))})) != random_word(random.Random(0))
+    # random_words=0 draws exactly the chats of before (the shipped model's command stays reproducible)
+    assert [training_chat(random.Random(5)) for _ in range(50)] == \
+        [training_chat(random.Random(5), random_words=0.0) for _ in range(50)]
+    chats = [training_chat(random.Random(k), random_words=1.0) for k in range(300)]
+    answers = {m["content"] for c in chats for m in c if m["role"] == "assistant" and m["content"].isalpha()}
+    real = answers & set(word_list())                  # a random string is a real word only by chance
+    assert len(answers) > 100 and len(real) < 0.05 * len(answers)
+
+
 def test_heldout_prompts_are_fixed_and_use_the_exact_phrasings():
     prompts = heldout_prompts(100)
     assert prompts == heldout_prompts(100)

@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import sys
+import string
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -127,9 +128,19 @@ def question(family: str, item, phrasing: int = 0) -> tuple[str, str]:
 FAMILY_WEIGHTS = (1, 2, 1)  # sum, word, larger: copying unseen words is the hardest to learn
 
 
-def training_chat(rng: random.Random, train_items: Optional[dict] = None) -> list[dict]:
+def random_word(rng: random.Random, avoid: frozenset = frozenset()) -> str:
+    """3-10 random letters a-z, never one of `avoid` (the held-out words)."""
+    while True:
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 10)))
+        if w not in avoid:
+            return w
+
+
+def training_chat(rng: random.Random, train_items: Optional[dict] = None, random_words: float = 0.0) -> list[dict]:
     """One random training conversation: 1-3 turns, a system prompt in about a third of them; each
-    turn's family drawn with FAMILY_WEIGHTS."""
+    turn's family drawn with FAMILY_WEIGHTS. random_words: the share of word-family turns whose word
+    is a random string of letters (`random_word`) instead of a training word: there are too many of
+    those to memorise, so the model has to learn to copy."""
     items = splits().train if train_items is None else train_items
     messages = []
     if rng.random() < 1 / 3:
@@ -138,10 +149,17 @@ def training_chat(rng: random.Random, train_items: Optional[dict] = None) -> lis
     for _ in range(turns):
         family = rng.choices(FAMILIES, FAMILY_WEIGHTS)[0]
         item = rng.choice(items[family])
+        if family == "word" and random_words and rng.random() < random_words:
+            item = random_word(rng, _heldout_words())
         phrasing = 0 if rng.random() < 0.5 else rng.randrange(len(PHRASINGS[family]))
         user, answer = question(family, item, phrasing)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return messages
+
+
+@lru_cache(maxsize=1)
+def _heldout_words() -> frozenset:
+    return frozenset(splits().heldout["word"])
 
 
 def heldout_prompts(per_family: int = 100, seed: int = 0) -> list[dict]:
@@ -367,9 +385,9 @@ def tie_embeddings(model):
     return tied
 
 
-def finetune(model, tokenizer, ic, log_fn=None) -> dict:
+def finetune(model, tokenizer, ic, log_fn=None, random_words: float = 0.0) -> dict:
     """Train `model` in place on `ic.steps` batches of random training chats (ic: a train.TrainConfig,
-    see `instruct_config`); returns the log."""
+    see `instruct_config`; random_words: see `training_chat`); returns the log."""
     from .train import balance_loss, layer_load, lr_at, make_optimizer
 
     torch.manual_seed(ic.seed)
@@ -384,7 +402,7 @@ def finetune(model, tokenizer, ic, log_fn=None) -> dict:
         lr = lr_at(step, ic)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets, mask = make_batch(tokenizer, [training_chat(rng) for _ in range(ic.batch_size)])
+        inputs, targets, mask = make_batch(tokenizer, [training_chat(rng, random_words=random_words) for _ in range(ic.batch_size)])
         ce, routers = masked_loss(model, inputs, targets, mask)
         aux = balance_loss(routers, cfg.num_experts_per_tok)
         loss = ce + ic.aux_loss_coef * aux
@@ -423,6 +441,8 @@ def _parse_args(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-per-family", type=int, default=100)
+    p.add_argument("--random-words", type=float, default=0.0, metavar="P",
+                   help="share of word-family turns with a random string of letters as the word (default 0)")
     p.add_argument("--family-weights", default=None, metavar="S,W,L",
                    help=f"how often each family is drawn (default {','.join(map(str, FAMILY_WEIGHTS))})")
     p.add_argument("--tie-embeddings", action="store_true",
@@ -456,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"aux {entry['aux_loss']:.4f} | {time.time() - start:.0f} s", flush=True)
 
     start = time.time()
-    log = finetune(model, tokenizer, ic, log_fn=show)
+    log = finetune(model, tokenizer, ic, log_fn=show, random_words=args.random_words)
     seconds = time.time() - start
     result = evaluate(model, tokenizer, heldout_prompts(args.eval_per_family))
     print("held-out greedy accuracy: " + ", ".join(f"{f} {a:.3f}" for f, a in result["accuracy"].items()))
