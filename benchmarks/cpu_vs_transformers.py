@@ -48,7 +48,7 @@ from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference import generate as generate_module
 from mixtral_edu.inference.decode import FastDecoder
 from mixtral_edu.inference.generate import generate
-from mixtral_edu.inference.cpu import to_column_major_
+from mixtral_edu.inference.cpu import DecodeThreads, to_column_major_
 from mixtral_edu.params import count_parameters
 
 ISSUE_CONFIG = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=8, top_k=2, intermediate=1024,
@@ -213,21 +213,12 @@ def best_decode(decode, model, prompt, n: int, repeats: int) -> tuple[float, lis
     return max(s.tokens_per_s() for s, _ in runs), runs[-1][1]
 
 
-class FixedThreads:
-    """Stands in for generate's `DecodeThreads`: the thread count as set, whatever else runs."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def tick(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def fixed_threads(*args, **kwargs) -> DecodeThreads:
+    """Stands in for generate's `DecodeThreads`: with nothing to sample, the thread count stays as set."""
+    return DecodeThreads(*args, **kwargs, sample=lambda: None)
 
 
-def opt_in_runs(ours, cfg: MixtralConfig, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: float,
-                bound: float) -> None:
+def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: float, bound: float) -> None:
     """Decode through each opt-in path; print tokens/s, the ratio to transformers and to the bound."""
     n = args.new_tokens
 
@@ -261,7 +252,7 @@ def busy_runs(ours, hf, prompt: torch.Tensor, args, quiet_ours: float, quiet_hf:
         tps_ours, _ = best_decode(decode_ours, ours, prompt, n, r)
         tps_hf, _ = best_decode(decode_hf, hf, prompt, n, r)
         real = generate_module.DecodeThreads
-        generate_module.DecodeThreads = FixedThreads
+        generate_module.DecodeThreads = fixed_threads
         try:
             tps_fixed, _ = best_decode(decode_ours, ours, prompt, n, r)
         finally:
@@ -346,7 +337,7 @@ def main(argv=None) -> int:
         return 1
     print(f"greedy tokens identical ({len(ids_ours)} tokens)")
     if args.opt_in:
-        opt_in_runs(ours, cfg, prompt, args, ids_hf, best_hf, bound)
+        opt_in_runs(ours, prompt, args, ids_hf, best_hf, bound)
     if args.busy:
         busy_runs(ours, hf, prompt, args, best_ours, best_hf)
     return 0

@@ -3,20 +3,11 @@
 import pytest
 import torch
 
-from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference import cpu
 from mixtral_edu.inference.cpu import DecodeThreads, free_cores, is_column_major, use_cpu_layout_
 from mixtral_edu.inference.generate import generate
-from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.weights import load_model, save_model
-
-
-def tiny(**overrides):
-    cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=64, **overrides)
-    torch.manual_seed(0)
-    model = Mixtral(cfg).eval()
-    model.init_weights(std=0.1)
-    return model
+from tiny_models import random_tiny as tiny
 
 
 def test_load_model_on_the_cpu_stores_lm_head_column_major_and_nothing_else(tmp_path):

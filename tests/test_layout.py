@@ -12,14 +12,7 @@ from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.inference.offload import OffloadedExperts, offload_experts
 from mixtral_edu.inference.quant import Int8Experts, quantize_model
 from mixtral_edu.analysis.routing import trace_routing
-
-
-def tiny(**overrides):
-    cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2, max_position_embeddings=64, **overrides)
-    torch.manual_seed(0)
-    model = Mixtral(cfg).eval()
-    model.init_weights(std=0.1)
-    return model
+from tiny_models import random_tiny as tiny
 
 
 def test_column_major_is_the_same_matrix_stored_transposed():

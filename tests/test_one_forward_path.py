@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from mixtral_edu.analysis.routing import record_routing, trace_routing
-from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference.decode import FastDecoder
 from mixtral_edu.inference.generate import generate
 from mixtral_edu.inference.offload import offload_experts
 from mixtral_edu.inference.quant import quantize_model
 from mixtral_edu.inference.split import split_by_layers
 from mixtral_edu.model.mixtral import Mixtral
+from tiny_models import random_tiny
 
 PROMPT = [5, 17, 3, 99, 42, 8]
 NEW = 6
@@ -22,11 +22,7 @@ LAYERS = 3
 
 
 def tiny_model() -> Mixtral:
-    cfg = MixtralConfig.tiny(vocab_size=128, num_hidden_layers=LAYERS, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = Mixtral(cfg).eval()
-    model.init_weights(std=0.08)
-    return model
+    return random_tiny(num_hidden_layers=LAYERS, std=0.08)
 
 
 def variant(name: str) -> Mixtral:

@@ -2,8 +2,7 @@
 
 Decoding one token multiplies every weight matrix W `[out, in]` by a single vector x, so a step
 is bound by how fast the weights stream from memory (the model's FLOPs are negligible). What
-`load_model` and `generate` do on a CPU, each measured to win on an Intel Xeon and an AMD EPYC
-(benchmarks/README.md has the runs):
+`load_model` and `generate` do on a CPU (benchmarks/README.md has the runs):
 
 1. `use_cpu_layout_` stores lm_head column-major: W keeps its shape `[out, in]`, but W.T
    `[in, out]` is the contiguous tensor (`column_major`). Only the strides change, so names,
@@ -16,7 +15,7 @@ is bound by how fast the weights stream from memory (the model's FLOPs are negli
    much CPU time other processes took (/proc/stat minus this process's own time) and uses only
    the cores they leave free. With a busy process beside it on 2 cores, 2 threads wait for each
    other at every product (28-40 tokens/s measured on the Xeon, against 102 quiet); 1 thread kept
-   58. Where /proc/stat is missing (macOS, Windows) the thread count is left alone.
+   58 (measured on the Xeon only). Where /proc/stat is missing (macOS, Windows) the thread count is left alone.
 
 Opt-in, because it wins on one CPU and loses on another: `to_column_major_(model)` stores every
 matrix column-major and computes a single vector's product as a weighted sum of the rows of W.T,
@@ -86,13 +85,13 @@ def _cpu_seconds() -> Optional[tuple[float, float]]:
             lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
     except OSError:
         return None
+    if not lines:
+        return None
     busy = 0
     for fields in lines:
         if usable is None or int(fields[0][3:]) in usable:
             jiffies = [int(v) for v in fields[1:]]
             busy += sum(jiffies) - jiffies[3] - (jiffies[4] if len(jiffies) > 4 else 0)   # minus idle, iowait
-    if not lines:
-        return None
     own = os.times()
     return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
