@@ -130,6 +130,29 @@ def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
         assert torch.equal(a, b), name
 
 
+def test_scratch_model_has_tied_random_rows_of_one_length_and_takes_overrides():
+    from mixtral_edu.training.instruct import scratch_model
+
+    model = scratch_model(0, row_norm=3.0, hidden_size=32, num_hidden_layers=1)
+    weight = model.embed_tokens.weight
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
+    assert model.config.tie_word_embeddings and model.lm_head.weight is weight
+    torch.testing.assert_close(weight.norm(dim=1), torch.full((32000,), 3.0))
+    assert torch.equal(weight, scratch_model(0, row_norm=3.0, hidden_size=32, num_hidden_layers=1).embed_tokens.weight)
+    assert not torch.equal(weight, scratch_model(1, row_norm=3.0, hidden_size=32, num_hidden_layers=1).embed_tokens.weight)
+
+
+def test_frozen_embedding_does_not_move_in_finetuning_and_the_rest_does():
+    from mixtral_edu.training.instruct import finetune, freeze_embeddings, instruct_config, scratch_model
+
+    model = freeze_embeddings(scratch_model(0, num_hidden_layers=1))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    finetune(model, TOK, instruct_config(steps=2, batch_size=2, warmup_steps=1, log_every=1))
+    after = dict(model.named_parameters())
+    assert torch.equal(after["embed_tokens.weight"], before["embed_tokens.weight"])
+    assert not torch.equal(after["layers.0.self_attn.q_proj.weight"], before["layers.0.self_attn.q_proj.weight"])
+
+
 # ----------------------------------------------------------------------------- the checkpoint
 @pytest.fixture(scope="module")
 def model():

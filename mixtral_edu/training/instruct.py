@@ -385,6 +385,38 @@ def tie_embeddings(model):
     return tied
 
 
+def scratch_model(seed: int, row_norm: float = 3.0, **overrides):
+    """A new, untrained Mixtral (`MixtralConfig.tiny(**overrides)`, output layer tied to the embedding)
+    whose embedding rows are random directions of one length, `row_norm` (about the mean row length
+    of tiny-mixtral's embedding, 2.9).
+
+    Why: random directions in the hidden space are far apart (the nearest other row of a 64-wide
+    table of 32000 has a cosine of about 0.5), so a copy only has to point the last hidden state at
+    the right row; a trained table can pack pieces much closer (tiny-mixtral's nearest neighbours
+    sit at a cosine of 0.99).
+    """
+    from ..config import MixtralConfig
+    from ..model.mixtral import Mixtral
+
+    torch.manual_seed(seed)
+    model = Mixtral(MixtralConfig.tiny(**{**overrides, "tie_word_embeddings": True}))
+    with torch.no_grad():
+        weight = model.embed_tokens.weight
+        weight.copy_(F.normalize(torch.randn_like(weight), dim=1) * row_norm)
+    return model
+
+
+def freeze_embeddings(model):
+    """Stop training the embedding (with tied weights, the output layer too), in place.
+
+    Why: a row that is never a target only ever gets pushed down by the softmax, so a held-out word
+    that is one piece (▁rib) becomes a piece the model cannot say; frozen, every row keeps the
+    geometry the base model learnt, and a copy learnt on the training words applies to all of them.
+    """
+    model.embed_tokens.weight.requires_grad_(False)
+    return model
+
+
 def finetune(model, tokenizer, ic, log_fn=None, random_words: float = 0.0) -> dict:
     """Train `model` in place on `ic.steps` batches of random training chats (ic: a train.TrainConfig,
     see `instruct_config`; random_words: see `training_chat`); returns the log."""
@@ -447,6 +479,12 @@ def _parse_args(argv):
                    help=f"how often each family is drawn (default {','.join(map(str, FAMILY_WEIGHTS))})")
     p.add_argument("--tie-embeddings", action="store_true",
                    help="share one matrix between the embedding and the output layer (see tie_embeddings)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start from random weights (scratch_model) instead of --base; implies a tied output layer")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --from-scratch: a MixtralConfig.tiny field, e.g. --set hidden_size=128 (repeatable)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep the embedding (and a tied output layer) as loaded: see freeze_embeddings")
     return p.parse_args(argv)
 
 
@@ -462,9 +500,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global FAMILY_WEIGHTS
     if args.family_weights:
         FAMILY_WEIGHTS = tuple(float(w) for w in args.family_weights.split(","))
-    model = load_model(base, progress=False).float()
-    if args.tie_embeddings:
+    if args.from_scratch:
+        from .train import _parse_value
+
+        overrides = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}
+        model, base = scratch_model(args.seed, **overrides), Path("scratch")
+    else:
+        model = load_model(base, progress=False).float()
+    if args.tie_embeddings and not args.from_scratch:
         model = tie_embeddings(model)
+    if args.freeze_embeddings:
+        freeze_embeddings(model)
     ic = instruct_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, seed=args.seed, log_every=args.log_every)
     sp = splits()
