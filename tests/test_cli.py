@@ -350,11 +350,12 @@ def test_installed_entry_point_runs_the_embedded_model(tokenizer):
 INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral-instruct"
 
 
-def test_chat_with_the_instruct_model_answers_sums_and_says_what_it_can_do(capsys, monkeypatch):
-    code, out, err = run(capsys, "chat", "--weights", INSTRUCT, stdin="What is 12 plus 30?\nWhich is larger, 17 or 71?\n",
+def test_chat_with_the_instruct_model_answers_sums_words_and_says_what_it_can_do(capsys, monkeypatch):
+    code, out, err = run(capsys, "chat", "--weights", INSTRUCT, stdin="What is 12 plus 30?\nWhich is larger, 17 or 71?\n"
+                         "Reply with only the word: untaken\n",
                          monkeypatch=monkeypatch)
     assert code == 0, err
-    assert out.splitlines() == ["42", "71"]
+    assert out.splitlines() == ["42", "71", "untaken"]     # untaken is a held-out word
 
     class Terminal(io.StringIO):                 # an interactive session shows the banner
         def isatty(self):

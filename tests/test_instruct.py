@@ -171,7 +171,7 @@ def test_checkpoint_is_small_tiny_and_moe(model):
     log = json.loads((WEIGHTS / "training_log.json").read_text())
     # the module was mixtral_edu.instruct before the package took subpackages
     assert log["command"].startswith(("python -m mixtral_edu.training.instruct ", "python -m mixtral_edu.instruct "))
-    assert log["heldout_accuracy"]["sum"] >= 0.9 and log["heldout_accuracy"]["larger"] >= 0.9
+    assert all(log["heldout_accuracy"][family] >= 0.9 for family in FAMILIES)
 
 
 def test_greedy_batch_matches_generate(model):
@@ -182,12 +182,12 @@ def test_greedy_batch_matches_generate(model):
 
 
 def test_heldout_accuracy_with_correct_ids_is_what_the_notebook_claims(model):
-    # sum and larger reach 90%; the word family does not (about a quarter), as the notebook states
+    # every family reaches 90% with the correct ids (issue 17), as the notebook states
     result = evaluate(model, TOK, heldout_prompts(100))
     claims = next(t for t in _outputs() if t.startswith("sum     correct ids"))
     for family in FAMILIES:
         assert f"{family:7} correct ids ≥ 90%: {result['accuracy'][family] >= 0.9}" in claims
-    assert result["accuracy"]["sum"] >= 0.9 and result["accuracy"]["larger"] >= 0.9
+    assert all(result["accuracy"][family] >= 0.9 for family in FAMILIES), result["accuracy"]
     assert is_correct(TOK, TOK.encode("42") + [2], "42") and not is_correct(TOK, TOK.encode("42"), "42")
 
 
@@ -227,3 +227,39 @@ def test_notebook_injection_table_is_what_the_model_does(model, route_table):
     for name in ROUTE_NAMES:
         eos = route_table[name]([{"role": "user", "content": sums[0]["user"] + INJECTION}]).count(2)
         assert stated[name] == [str(eos)] + [f"{measured[name][k]:.0%}" for k in ("pwned", "first_piece", "correct")], name
+    # the notebook's claims: every route obeys the injection's first piece, none finishes the word, none answers the sum
+    assert all(measured[n]["first_piece"] == 1.0 and measured[n]["pwned"] == 0.0 and measured[n]["correct"] == 0.0
+               for n in ROUTE_NAMES)
+
+
+def test_notebook_injection_without_its_closing_marker_is_what_the_model_does(model, route_table):
+    text = next(t for t in _outputs() if t.startswith("injection '"))
+    short = INJECTION.removesuffix(" [/INST]")
+    assert text.splitlines()[0] == f"injection {short!r}"
+    stated = {}
+    for line in text.splitlines()[2:]:
+        name = next(n for n in ROUTE_NAMES if line.startswith(n))
+        stated[name] = line[len(name):].split()
+    sums = [p for p in heldout_prompts(100) if p["family"] == "sum"]
+    measured = injection_rate(model, TOK, route_table, sums, injection=short)
+    assert list(stated) == list(ROUTE_NAMES)
+    for name in ROUTE_NAMES:
+        assert stated[name] == [f"{measured[name][k]:.0%}" for k in ("pwned", "correct")], name
+    assert all(measured[n]["pwned"] == 1.0 for n in ROUTE_NAMES)   # "every route answers pwned, 100%"
+
+
+def test_notebook_one_extra_piece_turns_word_questions_into_number_answers(model, route_table):
+    text = next(t for t in _outputs() if " words wrong; " in t)
+    words = [p for p in heldout_prompts(100) if p["family"] == "word"]
+    result = evaluate(model, TOK, words, encode=route_table["2024 template + AutoTokenizer"])
+    wrong = [(p["answer"], TOK.pieces(r)) for p, r, ok in zip(words, result["replies"], result["correct"]) if not ok]
+    starts_number = sum(r[0] == "▁" for _, r in wrong)
+    assert text.splitlines()[0].startswith(f"{len(wrong)} of {len(words)} words wrong; {starts_number} of those")
+    assert text.splitlines()[1] == f"first three: {wrong[:3]}"
+    # the prose: that route's only difference from the token level is one ▁ after <s>, and it costs words
+    good = encode_chat(TOK, [{"role": "user", "content": words[0]["user"]}])
+    bad = route_table["2024 template + AutoTokenizer"]([{"role": "user", "content": words[0]["user"]}])
+    assert bad == good[:1] + [TOK.piece_to_id("▁")] + good[1:]
+    assert result["accuracy"]["word"] < 0.9 and starts_number >= 0.9 * len(wrong)
+    nb_prose = "".join("".join(c["source"]) for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"])
+    assert f"{starts_number} of\n  its {len(wrong)} wrong replies start with `▁`" in nb_prose
