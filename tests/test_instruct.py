@@ -263,3 +263,18 @@ def test_notebook_one_extra_piece_turns_word_questions_into_number_answers(model
     assert result["accuracy"]["word"] < 0.9 and starts_number >= 0.9 * len(wrong)
     nb_prose = "".join("".join(c["source"]) for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"])
     assert f"{starts_number} of\n  its {len(wrong)} wrong replies start with `▁`" in nb_prose
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--from-scratch", "--set", "bogus=1"], "bogus"),
+    (["--from-scratch", "--set", "hidden_size=abc"], "hidden_size"),
+    (["--set", "hidden_size=128"], "--from-scratch"),
+])
+def test_training_command_refuses_a_bad_set_in_one_line_before_any_work(argv, names, tmp_path, capsys):
+    from mixtral_edu.training.instruct import main
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--steps", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and names in err
+    assert not out.exists()

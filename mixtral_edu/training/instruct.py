@@ -1,7 +1,8 @@
 """A tiny instruct model: synthetic conversations, a loss on the assistant's tokens, greedy checks.
 
-The shipped `data/tiny-mixtral` continues text; it follows no instructions. This module fine-tunes
-it on synthetic chats, encoded exactly as Mixtral-Instruct v1 was trained (`chat.encode_chat`:
+The shipped `data/tiny-mixtral` continues text; it follows no instructions. This module trains a
+tiny Mixtral (from scratch, or from a checkpoint such as tiny-mixtral) on synthetic chats,
+encoded exactly as Mixtral-Instruct v1 was trained (`chat.encode_chat`:
 BOS, `[INST] user [/INST]`, answer, EOS id 2 after every answer), so that it answers three kinds
 of question with checkable answers:
 
@@ -25,9 +26,14 @@ capacity the model has. The optimiser and the learning-rate schedule are `train.
 no loss mask. Only the positions in the mask go through the 32000-way output layer, which is
 most of the cost of a step.
 
-Command line (the shipped model; see data/README.md for the time it took):
+The shipped model starts from random weights whose embedding rows are random directions that are
+never trained (`scratch_model`, `freeze_embeddings`): a held-out word of one piece is never a
+target, and a trained row that is never a target drifts where the model cannot say it.
 
-    python -m mixtral_edu.training.instruct --out data/tiny-mixtral-instruct --steps 3000 --seed 0 --threads 1 --tie-embeddings
+Command line (the shipped model; see data/README.md for the time it took and what else was tried):
+
+    python -m mixtral_edu.training.instruct --out data/tiny-mixtral-instruct --from-scratch --freeze-embeddings \
+        --set hidden_size=128 --set num_attention_heads=8 --set num_key_value_heads=4 --steps 4000 --seed 0 --threads 1
 """
 
 from __future__ import annotations
@@ -462,8 +468,8 @@ def finetune(model, tokenizer, ic, log_fn=None, random_words: float = 0.0) -> di
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mixtral_edu.training.instruct",
-                                description="Fine-tune the tiny Mixtral on synthetic instruction chats "
-                                            "(sum, word, larger) and save it with its tokenizer.")
+                                description="Train a tiny Mixtral (from a checkpoint or from scratch) on synthetic "
+                                            "instruction chats (sum, word, larger) and save it with its tokenizer.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--base", default=None, help="checkpoint to start from (default: data/tiny-mixtral)")
     p.add_argument("--steps", type=int, default=3000)
@@ -491,6 +497,10 @@ def _parse_args(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
+    if args.set and not args.from_scratch:
+        print("error: --set changes the architecture of a model made --from-scratch; "
+              "a --base checkpoint keeps its own config.json", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     from ..weights.load import load_model
     from ..weights.save import save_model
@@ -502,8 +512,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.family_weights:
         FAMILY_WEIGHTS = tuple(float(w) for w in args.family_weights.split(","))
     if args.from_scratch:
-        from .train import _parse_value
+        from .train import _parse_value, model_config_from_args
 
+        try:
+            model_config_from_args(None, args.set)          # one clear line for a bad --set, before any work
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         overrides = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}
         model, base = scratch_model(args.seed, **overrides), Path("scratch")
     else:
