@@ -131,21 +131,25 @@ def test_tie_embeddings_shares_one_matrix_and_keeps_the_rest():
 
 
 def test_scratch_model_has_tied_random_rows_of_one_length_and_takes_overrides():
+    from mixtral_edu.config import MixtralConfig
     from mixtral_edu.training.instruct import scratch_model
 
-    model = scratch_model(0, row_norm=3.0, hidden_size=32, num_hidden_layers=1)
+    cfg = MixtralConfig.tiny(hidden_size=32, num_hidden_layers=1)
+    model = scratch_model(0, cfg, row_norm=3.0)
     weight = model.embed_tokens.weight
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
     assert model.config.tie_word_embeddings and model.lm_head.weight is weight
     torch.testing.assert_close(weight.norm(dim=1), torch.full((32000,), 3.0))
-    assert torch.equal(weight, scratch_model(0, row_norm=3.0, hidden_size=32, num_hidden_layers=1).embed_tokens.weight)
-    assert not torch.equal(weight, scratch_model(1, row_norm=3.0, hidden_size=32, num_hidden_layers=1).embed_tokens.weight)
+    assert torch.equal(weight, scratch_model(0, cfg, row_norm=3.0).embed_tokens.weight)
+    assert not torch.equal(weight, scratch_model(1, cfg, row_norm=3.0).embed_tokens.weight)
 
 
 def test_frozen_embedding_does_not_move_in_finetuning_and_the_rest_does():
     from mixtral_edu.training.instruct import finetune, freeze_embeddings, instruct_config, scratch_model
 
-    model = freeze_embeddings(scratch_model(0, num_hidden_layers=1))
+    from mixtral_edu.config import MixtralConfig
+
+    model = freeze_embeddings(scratch_model(0, MixtralConfig.tiny(num_hidden_layers=1)))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     finetune(model, TOK, instruct_config(steps=2, batch_size=2, warmup_steps=1, log_every=1))
     after = dict(model.named_parameters())
@@ -197,10 +201,11 @@ def _outputs():
     return ["".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
 
 
-def _table(header_start):
+def _table(header_start, header_lines=1):
+    """{route: the cells of its row} of the notebook output that starts with `header_start`."""
     text = next(t for t in _outputs() if t.startswith(header_start))
     rows = {}
-    for line in text.splitlines()[1:]:
+    for line in text.splitlines()[header_lines:]:
         name = next(n for n in ROUTE_NAMES if line.startswith(n))
         rows[name] = line[len(name):].split()
     assert list(rows) == list(ROUTE_NAMES)
@@ -233,16 +238,10 @@ def test_notebook_injection_table_is_what_the_model_does(model, route_table):
 
 
 def test_notebook_injection_without_its_closing_marker_is_what_the_model_does(model, route_table):
-    text = next(t for t in _outputs() if t.startswith("injection '"))
     short = INJECTION.removesuffix(" [/INST]")
-    assert text.splitlines()[0] == f"injection {short!r}"
-    stated = {}
-    for line in text.splitlines()[2:]:
-        name = next(n for n in ROUTE_NAMES if line.startswith(n))
-        stated[name] = line[len(name):].split()
+    stated = _table(f"injection {short!r}\n", header_lines=2)
     sums = [p for p in heldout_prompts(100) if p["family"] == "sum"]
     measured = injection_rate(model, TOK, route_table, sums, injection=short)
-    assert list(stated) == list(ROUTE_NAMES)
     for name in ROUTE_NAMES:
         assert stated[name] == [f"{measured[name][k]:.0%}" for k in ("pwned", "correct")], name
     assert all(measured[n]["pwned"] == 1.0 for n in ROUTE_NAMES)   # "every route answers pwned, 100%"

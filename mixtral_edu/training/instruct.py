@@ -391,10 +391,10 @@ def tie_embeddings(model):
     return tied
 
 
-def scratch_model(seed: int, row_norm: float = 3.0, **overrides):
-    """A new, untrained Mixtral (`MixtralConfig.tiny(**overrides)`, output layer tied to the embedding)
-    whose embedding rows are random directions of one length, `row_norm` (about the mean row length
-    of tiny-mixtral's embedding, 2.9).
+def scratch_model(seed: int, cfg=None, row_norm: float = 3.0):
+    """A new, untrained Mixtral of `cfg` (default `MixtralConfig.tiny()`), its output layer tied to the
+    embedding, whose embedding rows are random directions of one length, `row_norm` (about the mean
+    row length of tiny-mixtral's embedding, 2.9).
 
     Why: random directions are far apart (the nearest other row of a 64-wide table of 32000 has a
     cosine of about 0.49, of a 128-wide one about 0.36), so a copy only has to point the last hidden
@@ -406,7 +406,7 @@ def scratch_model(seed: int, row_norm: float = 3.0, **overrides):
     from ..model.mixtral import Mixtral
 
     torch.manual_seed(seed)
-    model = Mixtral(MixtralConfig.tiny(**{**overrides, "tie_word_embeddings": True}))
+    model = Mixtral(dataclasses.replace(cfg or MixtralConfig.tiny(), tie_word_embeddings=True))
     with torch.no_grad():
         weight = model.embed_tokens.weight
         weight.copy_(F.normalize(torch.randn_like(weight), dim=1) * row_norm)
@@ -418,7 +418,7 @@ def freeze_embeddings(model):
 
     Why: a row that is never a target only ever gets pushed down by the softmax, so a held-out word
     that is one piece (▁rib) becomes a piece the model cannot say; frozen, every row keeps the
-    geometry the base model learnt, and a copy learnt on the training words applies to all of them.
+    geometry it started with, and a copy learnt on the training words applies to all of them.
     """
     model.embed_tokens.weight.requires_grad_(False)
     return model
@@ -512,15 +512,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.family_weights:
         FAMILY_WEIGHTS = tuple(float(w) for w in args.family_weights.split(","))
     if args.from_scratch:
-        from .train import _parse_value, model_config_from_args
+        from .train import model_config_from_args
 
         try:
-            model_config_from_args(None, args.set)          # one clear line for a bad --set, before any work
+            cfg = model_config_from_args(None, args.set)    # one clear line for a bad --set, before any work
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        overrides = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}
-        model, base = scratch_model(args.seed, **overrides), Path("scratch")
+        model, base = scratch_model(args.seed, cfg), Path("scratch")
     else:
         model = load_model(base, progress=False).float()
     if args.tie_embeddings and not args.from_scratch:
