@@ -260,14 +260,36 @@ def test_inst_markers_stay_injectable_at_token_level(tok):
     assert count_run(reference_encode_chat(attacked), end_marker) == 2
 
 
-def test_v3_control_tokens_are_the_real_fix():
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_later_tokenizers_have_control_ids_for_the_markers(version):
+    """Notebook 01: [INST]/[/INST] are control ids 3 and 4 from mistral-common's v2 tokenizer on, not only v3."""
     from mistral_common.protocol.instruct.messages import UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    v3 = MistralTokenizer.v3()
-    sp = v3.instruct_tokenizer.tokenizer
-    ids = v3.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=ATTACK)])).tokens
+    later = getattr(MistralTokenizer, version)()
+    sp = later.instruct_tokenizer.tokenizer
+    ids = later.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=ATTACK)])).tokens
     assert sp.n_words == 32768 and (sp.id_to_piece(3), sp.id_to_piece(4)) == ("[INST]", "[/INST]")
     assert (ids.count(3), ids.count(4), ids.count(2)) == (1, 1, 0)
     assert not {3, 4} & set(sp.encode("[/INST]", bos=False, eos=False))
+
+
+def test_v1_the_mixtral_tokenizer_has_no_control_ids_for_the_markers(tok):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    v1 = MistralTokenizer.v1().instruct_tokenizer.tokenizer
+    assert v1.n_words == 32000 and (v1.id_to_piece(3), v1.id_to_piece(4)) == ("<0x00>", "<0x01>")
+    assert tok.encode("[INST]") == [733, 16289, 28793]
+
+
+def test_notebook_prose_cites_what_was_merged_and_scopes_its_claims():
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" /
+                     "01_tokenizer_and_prompt_template.ipynb").read_text(encoding="utf-8"))
+    prose = " ".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown").replace("\n", " ")
+    assert "#1756" in prose and "#1493, which was closed without merging" in prose
+    assert "mistral-common's v2 tokenizer" in prose and "real fix" not in prose
+    assert "Hugging Face-style tokenizer" in prose and "raw SentencePiece reads the same `</s>`" in prose

@@ -48,16 +48,52 @@ def test_without_it_the_routing_collapses(runs):
     assert load_cv(runs[0.0].load_tensor()).max() > 0.95 * math.sqrt(3)
 
 
-def test_which_layers_collapse(runs):
-    # the notebook's printed claims: layers 1-3 keep one expert in every token's top two, layers 2 and 3
-    # end with two experts taking every token, layer 0 drifts less
+def test_how_many_layers_collapse(runs):
+    # the notebook's printed claims, as properties (which layers is a near-tie float rounding decides):
+    # at least 2 of 4 layers keep one expert in every token's top two, at least one ends with two experts
+    # taking every token
     load = runs[0.0].load_tensor()[-1]
     share, cv = load.max(-1).values, load_cv(load)
-    assert [l for l in range(len(share)) if share[l] > 0.45] == [1, 2, 3]
-    assert share[0] < 0.4
-    assert [l for l in range(len(cv)) if cv[l] > 0.95 * math.sqrt(3)] == [2, 3]
+    assert int((share > 0.45).sum()) >= 2
+    assert int((cv > 0.95 * math.sqrt(3)).sum()) >= 1
+
+
+def test_notebook_claims_no_layer_indices():
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" /
+                     "09_training_a_tiny_mixtral.ipynb").read_text(encoding="utf-8"))
+    claims = "".join(c["source"] if isinstance(c["source"], str) else "".join(c["source"]) for c in nb["cells"])
+    assert "== [1, 2, 3]" not in claims and "== [2, 3]" not in claims
+    assert "transformers' own `MixtralConfig()` defaults\nto 0.001" in claims
+
+
+def test_transformers_default_coefficient_is_not_mixtrals():
+    # notebook 09: 0.02 is Mixtral's published config.json; transformers' MixtralConfig() default is 0.001
+    import transformers
+
+    assert transformers.MixtralConfig().router_aux_loss_coef == 0.001
+    from mixtral_edu.config import MixtralConfig
+
+    assert MixtralConfig.mixtral_8x7b().router_aux_loss_coef == 0.02
 
 
 def test_collapse_is_not_a_worse_loss_yet(runs):
     # the notebook says the training loss is about the same after 60 steps
     assert abs(runs[0.0].loss[-1] - runs[0.02].loss[-1]) < 0.2
+
+
+def test_notebook_prints_a_command_that_runs():
+    # notebook 09 cell "The shipped model": the logged command named the old module path mixtral_edu.train
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" /
+                     "09_training_a_tiny_mixtral.ipynb").read_text(encoding="utf-8"))
+    printed = [line for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+               for line in "".join(o.get("text", "")).splitlines() if line.startswith("python -m ")]
+    assert printed == ["python -m mixtral_edu.training.train --out data/tiny-mixtral --steps 600 --seed 0 "
+                       "--batch-size 9 --seq-len 128 --warmup-steps 30 --threads 1 --log-every 50"]
+    assert importlib.util.find_spec(printed[0].split()[2]) is not None
