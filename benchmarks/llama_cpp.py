@@ -51,7 +51,7 @@ TINY = REPO / "data" / "tiny-mixtral"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
                "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
-TARGETS = ["llama-bench"]
+TARGETS = ["llama-bench", "llama-quantize"]   # llama-quantize: the K-quant GGUF files (gguf_vs_llama_cpp.py)
 # Pure-Python modules the converter and the bindings import that may be missing from the venv;
 # installed with `pip install --target` into the cache, never into the venv.
 PY_DEPS = {"diskcache": "diskcache", "requests": "requests", "yaml": "pyyaml", "tqdm": "tqdm",
@@ -185,7 +185,7 @@ def built(cache: Cache) -> Optional[dict]:
         return None
     if {k: stamp.get(k) for k in ("pin", "cmake_flags", "targets")} != build_record(cache):
         return None
-    if not (cache.bin / "llama-bench").exists() or not (cache.bin / "libllama.so").exists():
+    if not all((cache.bin / t).exists() for t in TARGETS) or not (cache.bin / "libllama.so").exists():
         return None
     return stamp
 

@@ -65,6 +65,8 @@ def weights_folder(args) -> Path:
     if args.weights is not None and not args.weights.strip():
         raise CLIError("--weights is empty; give a checkpoint folder, or leave --weights out for the default model")
     folder = Path(args.weights) if args.weights is not None else default_weights_dir()
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
+        return folder                                     # a GGUF file, streamed (inference/gguf_stream.py)
     if not folder.is_dir():
         hint = "" if args.weights is not None else " (the default model; pass --weights DIR or set MIXTRAL_EDU_WEIGHTS)"
         raise CLIError(f"weights folder {folder} not found{hint}")
@@ -82,7 +84,8 @@ def load(args):
     folder = weights_folder(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(folder, device=device, dtype=dtype, progress=sys.stderr.isatty(),
-                       ignore_memory_check=getattr(args, "ignore_memory_check", False))
+                       ignore_memory_check=getattr(args, "ignore_memory_check", False),
+                       memory_budget=getattr(args, "memory_budget", None))
     own = folder / "tokenizer.model"
     tokenizer = Tokenizer(own) if own.is_file() else Tokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -572,16 +575,27 @@ def _version() -> str:
         return __version__
 
 
+def _budget(text: str) -> int:
+    from .inference.gguf_stream import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     weights_opt = Parser(add_help=False)
     weights_opt.add_argument("--weights", metavar="DIR",
-                             help="checkpoint folder (Hugging Face or Mistral layout); default: $MIXTRAL_EDU_WEIGHTS, "
+                             help="checkpoint folder (Hugging Face or Mistral layout) or .gguf file; default: $MIXTRAL_EDU_WEIGHTS, "
                                   "else the embedded tiny model data/tiny-mixtral")
     model_opts = Parser(add_help=False, parents=[weights_opt])
     model_opts.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, mps, ...")
     model_opts.add_argument("--dtype", choices=DTYPES, help="weights dtype; default: the checkpoint's")
     model_opts.add_argument("--ignore-memory-check", action="store_true",
                             help="load even when the weights look too big for the device's free memory")
+    model_opts.add_argument("--memory-budget", type=_budget, metavar="SIZE",
+                            help="a GGUF file: memory its dequantized weights may hold, e.g. 5GB or 4.5GiB "
+                                 "(default: half the free memory)")
     raw = argparse.RawDescriptionHelpFormatter
 
     parser = Parser(

@@ -213,8 +213,11 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
                *, progress: bool = True, ignore_memory_check: bool = False,
                layers_per_device: Optional[Sequence[int]] = None,
                on_layer_loaded: Optional[Callable[[int, torch.nn.Module], None]] = None,
-               allow_non_finite: bool = False) -> Mixtral:
+               allow_non_finite: bool = False, memory_budget: Optional[int] = None) -> Mixtral:
     """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
+
+    A `.gguf` file is not loaded but streamed (`inference/gguf_stream.py`): on the CPU, in float32,
+    its dequantized weights bounded by `memory_budget` bytes (default: half the free memory).
 
     device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
         A list of devices splits the model by layers (`layer_split.split_by_layers`): each layer's
@@ -237,6 +240,11 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     from tqdm.auto import tqdm
 
     folder = Path(path)
+    if folder.suffix.lower() == ".gguf":
+        from ..inference.gguf_stream import load_gguf
+        if torch.device(device) != torch.device("cpu") or dtype not in (None, torch.float32):
+            raise ValueError(f"{folder}: a GGUF file streams on the CPU in float32 only (got {device}, {dtype})")
+        return load_gguf(folder, memory_budget=memory_budget)
     layout = detect_layout(folder)
     cfg = read_config(folder)
     files, tensors_of = weight_files(folder, layout)

@@ -1,0 +1,289 @@
+"""GGUF: dequantization against the gguf package, the reader, the streamed model, and bad files.
+
+The files are written here with the gguf package's writer, laid out as llama.cpp's converter lays
+out a Mixtral (tests/gguf_files.py). The independent side is always the gguf package: its reader and
+its numpy `dequantize`; llama.cpp's own logits are compared in benchmarks/gguf_vs_llama_cpp.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gguf
+from gguf import GGMLQuantizationType as T
+
+from gguf_files import random_blocks, reference_state, write_gguf
+from tiny_models import random_tiny
+from mixtral_edu.analysis.routing import trace_routing
+from mixtral_edu.cli import main
+from mixtral_edu.inference.generate import generate
+from mixtral_edu.inference.gguf_stream import BudgetError, DequantCache, StreamedExperts, load_gguf, minimum_budget
+from mixtral_edu.model.mixtral import Mixtral
+from mixtral_edu.weights import load_model
+from mixtral_edu.weights.gguf_file import GGUFError, GGUFFile, our_name, permute_qk, unpermute_qk
+from mixtral_edu.weights.gguf_quants import BLOCKS, dequantize
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 415, 5565, 302, 11508]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- dequantization
+@pytest.mark.parametrize("qtype", sorted(BLOCKS))
+def test_dequantize_equals_gguf_package(qtype):
+    """Every type, element for element (bit for bit), on random blocks with finite float16 scales."""
+    rng = np.random.default_rng(list(BLOCKS).index(qtype))
+    if qtype in ("F32", "F16", "BF16"):
+        values = rng.standard_normal(999).astype(np.float32)
+        raw = {"F32": values, "F16": values.astype(np.float16),
+               "BF16": (values.view(np.uint32) >> 16).astype(np.uint16)}[qtype].view(np.uint8)
+    else:
+        raw = random_blocks(qtype, 333, rng).reshape(-1)
+    ref = gguf.quants.dequantize(raw[None], T[qtype]).reshape(-1).astype(np.float32)
+    ours = dequantize(torch.from_numpy(raw.copy()), qtype, chunk_blocks=100)     # several chunks
+    assert ours.dtype == torch.float32 and ours.shape == (ref.size,)
+    assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))
+
+
+def test_dequantize_refuses_partial_blocks_and_unknown_types():
+    with pytest.raises(ValueError, match="whole 144-byte blocks"):
+        dequantize(torch.zeros(145, dtype=torch.uint8), "Q4_K")
+    with pytest.raises(ValueError, match="cannot dequantize GGML type IQ2_XXS"):
+        dequantize(torch.zeros(66, dtype=torch.uint8), "IQ2_XXS")
+
+
+# ----------------------------------------------------------------------------- names and permutation
+def test_names_of_both_layouts():
+    assert our_name("token_embd.weight") == ("embed_tokens.weight", None)
+    assert our_name("blk.3.attn_q.weight") == ("layers.3.self_attn.q_proj.weight", None)
+    assert our_name("blk.3.ffn_gate_inp.weight") == ("layers.3.block_sparse_moe.gate.weight", None)
+    assert our_name("blk.0.ffn_down_exps.weight") == ("layers.0.block_sparse_moe.experts.w2", None)
+    assert our_name("blk.0.ffn_up.7.weight") == ("layers.0.block_sparse_moe.experts.w3", 7)
+    assert our_name("output.weight") == ("lm_head.weight", None)
+    for bad in ("blk.0.ffn_gate.weight", "blk.x.attn_q.weight", "rope_freqs.weight", "blk.0.attn_qkv.weight"):
+        with pytest.raises(KeyError):
+            our_name(bad)
+
+
+def test_unpermute_inverts_the_converters_permutation():
+    from gguf_files import permute
+    w = torch.randn(8 * 16, 12)
+    converted = torch.from_numpy(permute(w.numpy(), 8))
+    assert not torch.equal(converted, w)
+    assert torch.equal(unpermute_qk(converted, 8), w)
+    assert torch.equal(permute_qk(w, 8), converted)
+
+
+# ----------------------------------------------------------------------------- files
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(REPO / "data" / "tiny-mixtral", progress=False)
+
+
+@pytest.fixture(scope="module")
+def files(tiny, tmp_path_factory):
+    """The tiny model as GGUF: F32, F16 and Q8_0 merged, Q8_0 with one tensor per expert, Q4_0."""
+    d = tmp_path_factory.mktemp("gguf")
+    return {name: write_gguf(tiny, d / f"tiny-{name}.gguf", qtype, merged=merged)
+            for name, qtype, merged in (("F32", "F32", True), ("F16", "F16", True), ("Q8_0", "Q8_0", True),
+                                        ("Q8_0-per-expert", "Q8_0", False), ("Q4_0", "Q4_0", True))}
+
+
+@pytest.fixture(scope="module")
+def kquant_files(tmp_path_factory):
+    """A random model whose rows hold whole 256-weight super-blocks, in every K-quant (random blocks)."""
+    model = random_tiny(vocab_size=32000, hidden_size=256, intermediate_size=256, head_dim=64)
+    d = tmp_path_factory.mktemp("gguf-k")
+    return {q: write_gguf(model, d / f"k-{q}.gguf", q, seed=i)
+            for i, q in enumerate(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))}
+
+
+def reference_model(path: Path) -> Mixtral:
+    """A plain in-memory float32 Mixtral holding the weights the gguf package dequantizes from `path`."""
+    f = GGUFFile(path, check_tokenizer=False)
+    model = Mixtral(f.config).eval()
+    model.load_state_dict(reference_state(path, f.config), strict=False)     # rotary tables are not weights
+    f.close()
+    return model
+
+
+def test_config_and_weights_from_the_file(tiny, files):
+    f = GGUFFile(files["F32"])
+    assert f.config == tiny.config                      # metadata -> the same MixtralConfig
+    for name, value in tiny.state_dict().items():
+        if name.startswith("rotary_emb"):
+            continue
+        if name.endswith(("w1", "w2", "w3")):
+            got = torch.stack([f.read(name, j) for j in range(f.config.num_local_experts)])
+        else:
+            got = f.read(name)
+        assert torch.equal(got, value), name            # F32: the very weights, q/k permuted back
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "Q8_0", "Q8_0-per-expert", "Q4_0"])
+def test_streamed_model_equals_float32_model_with_the_same_weights(files, name):
+    """(a) of the issue: ours streamed vs a plain float32 model of the gguf package's dequantized weights.
+    The same operations on the same float32 values, so the logits agree to float rounding (1e-5)."""
+    streamed = load_gguf(files[name], memory_budget=2 ** 30)
+    ref = reference_model(files[name])
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids), ref(ids), rtol=0, atol=1e-5)
+    assert generate(streamed, PROMPT, 8) == generate(ref, PROMPT, 8)
+    a, b = trace_routing(streamed, PROMPT), trace_routing(ref, PROMPT)
+    assert torch.equal(a.expert_ids, b.expert_ids)
+
+
+def test_both_layouts_give_the_same_model(files):
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        merged = load_gguf(files["Q8_0"], memory_budget=2 ** 30)(ids)
+        per_expert = load_gguf(files["Q8_0-per-expert"], memory_budget=2 ** 30)(ids)
+    assert torch.equal(merged, per_expert)
+
+
+def test_f32_file_runs_the_checkpoints_model(tiny, files):
+    """The F32 file holds the checkpoint's weights, so greedy tokens and routing are the checkpoint's."""
+    streamed = load_gguf(files["F32"], memory_budget=2 ** 30)
+    assert generate(streamed, PROMPT, 12) == generate(tiny, PROMPT, 12)
+    assert torch.equal(trace_routing(streamed, PROMPT).expert_ids, trace_routing(tiny, PROMPT).expert_ids)
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_models_equal_float32_model(kquant_files, qtype):
+    streamed = load_gguf(kquant_files[qtype], memory_budget=2 ** 30)
+    assert set(GGUFFile(kquant_files[qtype]).type_counts()) == {qtype, "F32"}
+    ref = reference_model(kquant_files[qtype])
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = streamed(ids)
+        torch.testing.assert_close(out, ref(ids), rtol=1e-5, atol=1e-5 * float(out.abs().max()))
+
+
+# ----------------------------------------------------------------------------- streaming
+def test_only_chosen_experts_are_dequantized(files):
+    """Loading dequantizes no expert and no attention matrix; a forward dequantizes only chosen experts."""
+    model = load_gguf(files["Q8_0"], memory_budget=2 ** 30)
+    cache = model.gguf_cache
+    assert cache.stats.misses == 0 and not cache.entries
+    trace = trace_routing(model, PROMPT[:3])
+    chosen = {(layer, e) for layer in range(model.config.num_hidden_layers)
+              for e in trace.expert_ids[layer].reshape(-1).tolist()}
+    read = {key for key in cache.entries if isinstance(key, tuple)}
+    assert read == chosen and len(chosen) < 8 * model.config.num_hidden_layers
+
+
+def test_budget_bounds_the_cache_and_lru_evicts(files):
+    f = GGUFFile(files["Q8_0"])
+    per_expert = StreamedExperts(f, 0, DequantCache(0)).nbytes
+    budget = minimum_budget(f) + per_expert          # room for attention + two experts at most
+    model = load_gguf(files["Q8_0"], memory_budget=budget)
+    ref = reference_model(files["Q8_0"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([PROMPT])), ref(torch.tensor([PROMPT])), rtol=0, atol=1e-5)
+    cache = model.gguf_cache
+    assert cache.used <= cache.budget and cache.stats.evictions > 0
+    with pytest.raises(BudgetError, match="too small"):
+        load_gguf(files["Q8_0"], memory_budget=minimum_budget(f) - 1)
+
+
+def test_dequant_cache_lru_order():
+    cache = DequantCache(budget=30)
+    for key in "abc":
+        cache.get(key, lambda k=key: k, 10)
+    cache.get("a", lambda: "never", 10)                # hit: a is now most recent
+    cache.get("d", lambda: "d", 10)                    # evicts b, the least recent
+    assert list(cache.entries) == ["c", "a", "d"] and cache.stats.hits == 1 and cache.stats.evictions == 1
+    assert cache.get("huge", lambda: "x", 31) == "x" and "huge" not in cache.entries
+
+
+# ----------------------------------------------------------------------------- bad files
+def _one_line_error(path, capsys, budget="1GB"):
+    """`mixtral-edu generate` on `path`: one error line, exit status 1."""
+    capsys.readouterr()
+    status = main(["generate", "--weights", str(path), "--memory-budget", budget, "--max-new-tokens", "1", "hi"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("mixtral-edu: error: "), lines
+    return lines[0]
+
+
+def test_truncated_file(files, tmp_path, capsys):
+    data = files["Q8_0"].read_bytes()
+    for cut in (len(data) - 1000, 100):                # inside the tensors, inside the metadata
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match="truncated"):
+            GGUFFile(bad)
+    assert "truncated" in _one_line_error(bad, capsys)
+
+
+def _patch_type(path: Path, tensor: str, type_number: int, out: Path) -> Path:
+    """Rewrite the GGML type of `tensor` in the tensor-info record (name, n_dims, dims, type, offset)."""
+    data = bytearray(path.read_bytes())
+    name = tensor.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_number)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_unknown_and_unsupported_quant_types(files, tmp_path, capsys):
+    unknown = _patch_type(files["Q8_0"], "blk.0.attn_v.weight", 250, tmp_path / "unknown.gguf")
+    with pytest.raises(GGUFError, match="type number 250"):
+        GGUFFile(unknown)
+    assert "type number 250" in _one_line_error(unknown, capsys)
+    # a type the gguf package knows but we do not dequantize (same block size 32 as Q8_0 would not
+    # keep the byte count; IQ4_NL has 32 weights in 18 bytes, like Q4_0)
+    iq = _patch_type(files["Q4_0"], "blk.0.attn_v.weight", int(T.IQ4_NL), tmp_path / "iq.gguf")
+    with pytest.raises(GGUFError, match="IQ4_NL, which mixtral-edu cannot dequantize"):
+        GGUFFile(iq)
+
+
+def test_not_mixtral(tiny, tmp_path, capsys):
+    qwen = write_gguf(tiny, tmp_path / "qwen.gguf", "F32", arch="qwen2")
+    with pytest.raises(GGUFError, match="architecture 'qwen2', not Mixtral"):
+        GGUFFile(qwen)
+    assert "not Mixtral" in _one_line_error(qwen, capsys)
+    dense = tmp_path / "dense.gguf"
+    writer = gguf.GGUFWriter(str(dense), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(GGUFError, match="'llama' without experts, not Mixtral"):
+        GGUFFile(dense)
+    pieces = [f"p{i}" for i in range(32000)]
+    other_vocab = write_gguf(tiny, tmp_path / "vocab.gguf", "F32", pieces=pieces)
+    with pytest.raises(GGUFError, match="vocabulary is not Mixtral's"):
+        GGUFFile(other_vocab)
+
+
+def test_mismatched_shapes(tiny, tmp_path, capsys):
+    from gguf_files import gguf_tensors
+    state = {k: v.numpy() for k, v in tiny.state_dict().items()}
+    tensors = gguf_tensors(state, tiny.config)
+    tensors["blk.1.attn_v.weight"] = tensors["blk.1.attn_v.weight"][:16]
+    bad = write_gguf(tiny, tmp_path / "shape.gguf", "F32", tensors=tensors)
+    with pytest.raises(GGUFError, match=r"blk.1.attn_v.weight: shape \[16, 64\] .* implies \[32, 64\]"):
+        GGUFFile(bad)
+    assert "shape" in _one_line_error(bad, capsys)
+    del tensors["blk.1.attn_v.weight"]
+    missing = write_gguf(tiny, tmp_path / "missing.gguf", "F32", tensors=tensors)
+    with pytest.raises(GGUFError, match="lacks 1 tensor"):
+        GGUFFile(missing)
+
+
+def test_budget_too_small_on_the_command_line(files, capsys):
+    assert "too small" in _one_line_error(files["Q8_0"], capsys, budget="1MB")
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFFile(bad)
