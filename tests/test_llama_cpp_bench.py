@@ -82,6 +82,8 @@ def test_a_build_counts_only_with_this_pin_and_these_flags(tmp_path):
     (cache.bin / "libllama.so").write_text("")
     assert bench.built(cache) is None                                   # no stamp: an unfinished build
     cache.stamp.write_text(json.dumps(dict(bench.build_record(cache), seconds=1200.0, cpu="x")))
+    assert bench.built(cache) is None                                   # llama-quantize not built yet
+    (cache.bin / "llama-quantize").write_text("")
     assert bench.built(cache)["seconds"] == 1200.0
     cache.stamp.write_text(json.dumps(dict(bench.build_record(cache), cmake_flags=["-DGGML_NATIVE=OFF"],
                                            seconds=1.0, cpu="x")))
