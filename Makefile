@@ -9,19 +9,25 @@ PORT ?= 8888
 # JupyterLab refuses to run as root without --allow-root.
 ROOT_FLAG := $(shell [ "$$(id -u)" = "0" ] && echo --allow-root)
 
-.PHONY: lab test unit notebooks notebooks-other-cpu install clean
+.PHONY: lab test unit unit-other-cpu notebooks notebooks-other-cpu install lock lock-check preflight clean
 
+# Which torch build (tools/install.py): auto = the CPU-only build on Linux without an NVIDIA GPU, PyPI's elsewhere;
+# TORCH=pypi for PyPI's (on Linux the CUDA build), TORCH=cpu to insist on the CPU-only one.
+TORCH ?= auto
+
+# The lock and its tests are written for Python 3.11 (any 3.11.x): stop at once, in one line, on another.
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: mixtral-edu needs Python 3.11, and '$(PYTHON)' is $$($(PYTHON) --version 2>&1 || echo missing): install 3.11 (Debian/Ubuntu: apt-get install python3.11 python3.11-venv; macOS: brew install python@3.11) and run make PYTHON=python3.11 ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# The lock is complete (every transitive package pinned), so install it with --no-deps:
-# nothing unpinned sneaks in, and fschat's serving stack is not needed to import its templates.
+# The lock pins every package for every platform (uv's universal resolution of requirements.in; `make lock`),
+# so it is installed with --no-deps and then `pip check`ed: nothing unpinned sneaks in and nothing is missing.
 # JupyterLab's settings for this project (one kernel, no news pop-up) are copied into the venv: see jupyter/README.md.
-$(STAMP): $(PY) requirements.lock pyproject.toml jupyter/jupyter_server_config.json jupyter/overrides.json
+$(STAMP): $(PY) requirements.lock pyproject.toml tools/install.py jupyter/jupyter_server_config.json jupyter/overrides.json
 	@echo "[1/4] pip"
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	@echo "[2/4] the pinned packages of requirements.lock (about 1.6 GB in .venv, mostly PyTorch's CPU build)"
-	$(PY) -m pip install --no-deps --progress-bar on -r requirements.lock
+	@echo "[2/4] the pinned packages of requirements.lock for this platform (README: sizes and times per platform)"
+	$(PY) tools/install.py --torch $(TORCH)
 	@echo "[3/4] the mixtral_edu package itself, editable (changes to mixtral_edu/ apply without reinstalling)"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@echo "[4/4] the Jupyter kernel \"Python (mixtral-edu)\" and JupyterLab's settings"
@@ -43,6 +49,22 @@ lab: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Re-resolve requirements.lock from requirements.in for every platform, keeping the current pins where they still
+# fit (add --upgrade to move them). Needs PyPI.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile requirements.in --universal --python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
+	$(PY) tools/environment_yml.py
+
+# Resolve the locked set as Linux x86-64/aarch64, macOS 14 on Apple silicon and Windows would, against PyPI with
+# this machine's pip configuration ignored, and fail if any platform needs a package the lock lacks. Needs PyPI
+# (about a minute on a cold cache), so it is not part of the offline `make test`; CI runs it.
+lock-check: $(STAMP)
+	$(PY) tools/check_lock.py
+
+# make test's browser tests need Chromium: say so in the first second, not after ten minutes.
+preflight:
+	@$(PYTHON) tools/preflight.py
+
 # Notebooks run twice. First as a learner runs them. Then under another numeric environment, which changes
 # floating-point rounding the way another CPU does (Intel vs AMD vs Apple kernels, 1 vs 2 threads) without
 # changing any claim: MKL limited to its SSE4.2 kernels, ATen's generic ("default") CPU kernels instead of
@@ -58,8 +80,14 @@ notebooks: $(STAMP)
 notebooks-other-cpu: $(STAMP)
 	$(OTHER_CPU) $(NBVAL)
 
-test: $(STAMP)
+# The unit tests run twice, like the notebooks: a result that depends on the CPU's rounding fails here first.
+unit-other-cpu: $(STAMP)
+	$(OTHER_CPU) $(PY) -m pytest -q tests
+
+test: preflight $(STAMP)
 	$(PY) -m pytest -q tests
+	@echo "Unit tests again, under another numeric environment ($(OTHER_CPU)):"
+	$(OTHER_CPU) $(PY) -m pytest -q tests
 	$(NBVAL)
 	@echo "Notebooks again, under another numeric environment ($(OTHER_CPU)):"
 	$(OTHER_CPU) $(NBVAL)

@@ -7,10 +7,14 @@ notebooks; the environment variable MIXTRAL_EDU_WEIGHTS points them at another f
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
+# A clone (or `make install`'s editable install) has data/ beside the package; a plain `pip install .` puts the
+# tiny models under <prefix>/share/mixtral-edu (pyproject.toml's data-files) and has no corpus.
+_INSTALLED = Path(sys.prefix) / "share" / "mixtral-edu"
+DATA_DIR = REPO_ROOT / "data" if (REPO_ROOT / "data" / "tiny-mixtral").is_dir() else _INSTALLED
 TINY_MODEL_DIR = DATA_DIR / "tiny-mixtral"
 
 

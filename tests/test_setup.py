@@ -1,7 +1,9 @@
 """The set-up promises: the lock pins the whole set, conda's file agrees, and `make lab` serves."""
 
 import json
+import importlib.util
 import os
+import platform
 import re
 import signal
 import socket
@@ -21,35 +23,67 @@ REQUIRED = ["torch", "numpy", "matplotlib", "safetensors", "sentencepiece", "pro
             "pytest", "hypothesis"]
 
 
-def _pins(lines):
-    pins = {}
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", line)
-        assert match, f"not an exact pin: {line!r}"
-        pins[match.group(1).lower().replace("_", "-")] = match.group(2)
-    return pins
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def lock_pins():
-    return _pins((ROOT / "requirements.lock").read_text().splitlines())
+check_lock = _load_tool("check_lock")
+install = _load_tool("install")
+HERE = {"sys_platform": sys.platform, "platform_machine": platform.machine(), "platform_system": platform.system(),
+        "os_name": os.name, "python_full_version": platform.python_version(), "python_version": "3.11",
+        "implementation_name": sys.implementation.name, "platform_python_implementation": platform.python_implementation(),
+        "platform_release": "", "platform_version": "", "implementation_version": platform.python_version()}
+
+
+def lock_pins(env=None):
+    """name -> version for the lock's lines that apply on `env` (this machine by default)."""
+    return check_lock.expected(ROOT / "requirements.lock", env or HERE)
 
 
 def test_lock_pins_the_required_set_exactly():
     pins = lock_pins()
     for name in REQUIRED:
         assert name in pins, f"{name} missing from requirements.lock"
-    assert pins["torch"] == "2.13.0"  # any other torch pulls a several-GB CUDA build here
+    assert pins["torch"] == "2.13.0"  # the tested release
     major, minor = (int(x) for x in pins["numpy"].split(".")[:2])
     assert (major, minor) < (2, 4)  # mistral-common needs numpy < 2.4
+    assert all(marker is None or ";" not in marker for _, _, marker in check_lock.lock_lines(ROOT / "requirements.lock"))
+
+
+def test_lock_markers_pick_each_platforms_own_packages():
+    """What the issue found missing per platform is in the lock, under the right platform's marker."""
+    linux, mac, windows = (target[1] for target in (check_lock.TARGETS[0], check_lock.TARGETS[3], check_lock.TARGETS[4]))
+    assert {"nvidia-cudnn-cu13", "triton", "aiohttp"} <= set(lock_pins(linux))
+    assert "appnope" in lock_pins(mac) and not any(n.startswith("nvidia-") for n in lock_pins(mac))
+    assert {"pywinpty", "colorama"} <= set(lock_pins(windows)) and "appnope" not in lock_pins(windows)
+    # soupsieve 4.1.3 needs Python >= 3.11.5: older 3.11s (Debian 12 has 3.11.2) get a release that runs there
+    old = dict(linux, python_full_version="3.11.2")
+    assert lock_pins(old)["soupsieve"] != lock_pins(linux)["soupsieve"]
+
+
+def test_only_torch_needs_the_cuda_stack():
+    """The CPU route (tools/install.py --torch cpu) drops the CUDA packages: safe only if nothing but torch,
+    or another CUDA package, needs them. uv's annotations in the lock say who needs what."""
+    text = (ROOT / "requirements.lock").read_text()
+    blocks = re.findall(r"^([A-Za-z0-9_.\-]+)==\S+.*\n((?:    #.*\n)*)", text, re.M)
+    cuda = {name for name, _ in blocks if install.CUDA_STACK.match(f"{name}==")}
+    assert {"triton", "nvidia-cudnn-cu13", "cuda-toolkit"} <= cuda
+    for name, annotation in blocks:
+        if name in cuda:
+            needed_by = set(re.findall(r"#\s+(?:via\s+)?([A-Za-z0-9_.\-]+)\s*$", annotation, re.M)) - {"via"}
+            assert needed_by and needed_by <= cuda | {"torch"}, f"{name} is needed by {needed_by - cuda - {'torch'}}"
 
 
 def test_lock_matches_this_environment():
-    """Every pinned package is installed at its pinned version (nothing drifted)."""
+    """Every package the lock pins for this machine is installed at its pinned version (nothing drifted)."""
     from importlib.metadata import version, PackageNotFoundError
+    cpu_route = "+cpu" in version("torch")
     for name, pinned in lock_pins().items():
+        if cpu_route and install.CUDA_STACK.match(f"{name}=="):
+            continue                                   # the CPU-only torch needs none of them (test above)
         try:
             have = version(name)
         except PackageNotFoundError:
@@ -62,7 +96,10 @@ def test_environment_yml_agrees_with_lock():
     deps = env["dependencies"]
     assert "python=3.11" in deps
     pip_list = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
-    assert _pins(pip_list) == lock_pins()
+    lines = [line for line in pip_list if not line.startswith("-")]
+    locked = [f"{n}=={v}" + (f" ; {m}" if m else "") for n, v, m in check_lock.lock_lines(ROOT / "requirements.lock")]
+    assert [" ".join(line.split()) for line in lines] == [" ".join(line.split()) for line in locked]
+    assert "-e ." in pip_list                          # the package itself, editable, as make install does
 
 
 def test_ci_runs_the_readme_test_command():
