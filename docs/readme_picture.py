@@ -38,6 +38,9 @@ def main() -> int:
                         "--virtual-time-budget=3000", f"--screenshot={out}", f"file://{page}#layer=3&token={token}&expert=2"],
                        check=True, capture_output=True, timeout=120)
     print(out)
+    for name, i, trace in zip(["code", "prose"], ids, traces):     # the numbers the README's caption quotes
+        taken = [p for t, p in enumerate(tok.pieces(i)) if 2 in trace.expert_ids[3, t].tolist()]
+        print(f"expert 2 at layer 3 takes {len(taken)} of the {len(i)} {name} tokens: {taken}")
     return 0
 
 

@@ -86,3 +86,11 @@ def test_greedy_continuation_of_code_looks_like_code(model, tok):
 def test_greedy_continuation_of_arithmetic_is_a_number(model, tok):
     text = _greedy(model, tok, "Question: What is 12 + 30?\nAnswer:", 6)
     assert re.match(r" -?\d+\n", text), text
+
+
+def test_transformers_reads_the_tokenizer_with_its_bos():
+    """data/tiny-mixtral carries tokenizer_config.json (as save_model writes it), so AutoTokenizer adds <s>."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    text = "def add(a, b):\n    return a + b"
+    assert hf(text).input_ids == [1] + Tokenizer(TINY_MODEL_DIR / "tokenizer.model").encode(text)
