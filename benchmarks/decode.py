@@ -31,12 +31,14 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # random_weights.py
 
 from mixtral_edu.config import MixtralConfig  # noqa: E402
+from mixtral_edu.params import count_parameters  # noqa: E402
 from mixtral_edu.inference.decode import FastDecoder  # noqa: E402
 from random_weights import random_model  # noqa: E402  (benchmarks/random_weights.py, beside this script)
 from mixtral_edu.inference.kernels import gathered_glu, gathered_matvec, triton_available  # noqa: E402
@@ -245,6 +247,16 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         print(f"GPU memory: {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free")
+    else:
+        free = psutil.virtual_memory().available
+    if not args.weights:            # random weights: refuse, in one line, a model the device cannot hold
+        per_param = dtype.itemsize if "none" in args.quant.split(",") else 1   # int8: a byte a weight, plus scales
+        need = count_parameters(cfg)["total"] * per_param
+        if need > 0.9 * free:
+            print(f"error: the {args.config} config with random {'int8' if per_param == 1 else dtype} weights needs "
+                  f"{need / 2**30:.1f} GiB on {device}, and {free / 2**30:.1f} GiB is free: try --layers 2, "
+                  "--config tiny or a bigger device", file=sys.stderr)
+            return 2
 
     bw = copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (256 << 20))
     spec = spec_bandwidth(device)

@@ -31,3 +31,12 @@ def test_decode_benchmark_tiny_cpu(tmp_path, capsys):
             assert r["agrees_with_eager_for"] == 6
             assert r["teacher_forced"]["max_rel_error"] < 1e-4 and r["teacher_forced"]["argmax_agree"] == 5
     assert "| float32 | eager |" in capsys.readouterr().out
+
+
+def test_random_weights_too_big_for_the_device_are_refused_in_one_line(capsys):
+    """--random-weights at full size on a CPU machine: one line and exit 2, before anything is allocated
+    (it used to build the float32 model and be killed for memory after 81 s)."""
+    bench = load_script()
+    assert bench.main(["--config", "full", "--device", "cpu", "--random-weights"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "GiB" in err[0] and "--layers" in err[0]
