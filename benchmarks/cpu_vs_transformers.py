@@ -206,6 +206,29 @@ def decode_fast(decoder: FastDecoder, prompt: torch.Tensor, n: int) -> tuple[Sta
     return stamps, ids
 
 
+# Two greedy continuations computed in different summation orders (other kernels, compiled or not) may part at a
+# near-tie, where the top two logits are closer than float32 rounding can separate. The prefill check above shows
+# the logits of the two models differ by about 1e-6 here; a tie within NEAR_TIE (100x that) is not a wrong token.
+NEAR_TIE = 1e-4
+
+
+@torch.no_grad()
+def token_agreement(model, prompt: torch.Tensor, ids: list[int], ids_ref: list[int]) -> tuple[bool, str]:
+    """Do `ids` follow `ids_ref`? Where they part, our eager logits on the reference prefix must be a near-tie."""
+    if ids == ids_ref:
+        return True, "tokens identical"
+    p = next((i for i, (a, b) in enumerate(zip(ids, ids_ref)) if a != b), min(len(ids), len(ids_ref)))
+    if p == min(len(ids), len(ids_ref)):
+        return False, f"TOKENS DIFFER from transformers': {len(ids)} against {len(ids_ref)} tokens"
+    logits = model(torch.cat([prompt, torch.tensor([ids_ref[:p]], dtype=prompt.dtype)], dim=1))[0, -1].float()
+    gap = abs(float(logits[ids_ref[p]] - logits[ids[p]]))
+    if gap <= NEAR_TIE:
+        return True, (f"tokens identical up to a near-tie at token {p} (tokens {ids[p]} and {ids_ref[p]}: logits "
+                      f"{gap:.1e} apart, within {NEAR_TIE:.0e})")
+    return False, (f"TOKENS DIFFER from transformers' at token {p}: ours {ids[p:p + 8]}, transformers "
+                   f"{ids_ref[p:p + 8]} (logits {gap:.1e} apart)")
+
+
 def best_decode(decode, model, prompt, n: int, repeats: int) -> tuple[float, list[int]]:
     """Best tokens/s of `repeats` decodes after a short warm-up, and the last run's ids."""
     decode(model, prompt, 2)
@@ -223,8 +246,7 @@ def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: fl
     n = args.new_tokens
 
     def report(name: str, tps: float, ids: Optional[list[int]], extra: str = "") -> None:
-        same = "tokens not compared" if ids is None else (
-            "tokens identical" if ids == ids_hf else "TOKENS DIFFER from transformers'")
+        same = "tokens not compared" if ids is None else token_agreement(ours, prompt, ids, ids_hf)[1]
         print(f"opt-in {name}: {tps:.1f} tok/s, {tps / best_hf:.2f}x transformers, {tps / bound:.0%} of the "
               f"bound; {same}{extra}")
 
@@ -329,13 +351,11 @@ def main(argv=None) -> int:
           f"{bandwidth / 1e9:.1f} GB/s -> at most {bound:.1f} tok/s; ours at {best_ours / bound:.0%} of it, "
           f"transformers at {best_hf / bound:.0%}")
 
-    if ids_ours != ids_hf:
-        first = next(i for i, (a, b) in enumerate(zip(ids_ours, ids_hf)) if a != b) \
-            if any(a != b for a, b in zip(ids_ours, ids_hf)) else min(len(ids_ours), len(ids_hf))
-        print(f"FAIL: greedy tokens differ from new token {first} on: ours {ids_ours[first:first + 8]}, "
-              f"transformers {ids_hf[first:first + 8]}")
+    agree, how = token_agreement(ours, prompt, ids_ours, ids_hf)
+    if not agree:
+        print(f"FAIL: greedy {how}")
         return 1
-    print(f"greedy tokens identical ({len(ids_ours)} tokens)")
+    print(f"greedy {how} ({len(ids_ours)} tokens)")
     if args.opt_in:
         opt_in_runs(ours, prompt, args, ids_hf, best_hf, bound)
     if args.busy:
