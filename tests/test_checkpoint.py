@@ -230,3 +230,16 @@ def test_refusal_for_mixtral_8x7b_on_64_gib(tmp_path, monkeypatch):
     from mixtral_edu.weights import CheckpointError
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not safetensors \(0 bytes"):
         load_model(tmp_path, ignore_memory_check=True, device="meta", progress=False)   # the override goes on
+
+
+@pytest.mark.parametrize("layout", ["hf", "mistral", "mistral-pt"])
+def test_saved_files_are_readable_by_others_as_the_umask_allows(tmp_path, layout):
+    """A checkpoint is for sharing: every file gets the mode open() would give it (safetensors writes 0600)."""
+    import os
+    import stat
+    model = Mixtral(MixtralConfig.tiny(vocab_size=128, num_hidden_layers=1))
+    names = save_model(model, tmp_path) if layout == "hf" else save_mistral(model, tmp_path, layout=layout, num_files=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -167,11 +167,19 @@ def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names:
     try:
         names = write(staging)
         for name in names:
+            _readable(staging / name)
             _fsync(staging / name)
         _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return names
+
+
+def _readable(path: Path) -> None:
+    """Give a written file the mode a plain `open(path, "w")` would: safetensors creates its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @torch.no_grad()
