@@ -20,54 +20,32 @@ This module imports without Jupyter, transformers or mistral-common.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["WrongAnswer"]  # the checkers are listed at the end
+from .build import (check_02_rms_norm, check_02_rope, check_03_attention, check_03_attention_layer,  # noqa: F401
+                    check_04_expert, check_05_dispatch, check_05_router, check_06_decoder_layer, check_06_forward,
+                    check_06_payoff, check_08_top_p, model_weights)
+from .checking import Checked, WrongAnswer, call, switched_off
+from .checking import blank as _blank
+from .checking import correct as _correct
+from .checking import not_attempted as _not_attempted
+from .checking import require as _require
 
-
-class WrongAnswer(AssertionError):
-    """The answer was checked and is not right; the message says where it goes wrong."""
-
-
-class Checked:
-    """What a checker returns: true when the answer is right. Its repr is the checker's report, so a
-    notebook cell that ends with the call shows it."""
-
-    def __init__(self, ok: bool, message: str) -> None:
-        self.ok, self.message = ok, message
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __repr__(self) -> str:
-        return self.message
-
-    __str__ = __repr__
-
-
-def _correct(message: str) -> Checked:
-    return Checked(True, message)
-
-
-def _blank(answer: Any) -> bool:
-    return answer is None or answer is Ellipsis
-
-
-def _not_attempted(label: str, what: str) -> Checked:
-    return Checked(False, f"{label}: not attempted yet — replace the `...` in {what} and run this cell again")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise WrongAnswer(message)
+__all__ = ["WrongAnswer", "Checked", "model_weights"]  # the checkers are listed at the end
 
 
 def _call(fn: Callable, *args):
     """Call the learner's function; None back means its body is still `...`."""
     _require(callable(fn), f"expected a function, got {type(fn).__name__}")
     return fn(*args)
+
+
+def _call_checked(label: str, fn: Callable, *args):
+    """Call the learner's function while something is switched off: a switched-off call is a WrongAnswer."""
+    return call(label, "", fn, *args)
 
 
 def _number(answer: Any, label: str) -> float:
@@ -184,6 +162,11 @@ def marker_counts(tokenizer, ids: list[int]) -> dict[str, int]:
     }
 
 
+def _words(text: str) -> list[str]:
+    """The user's words, markers aside: runs of two or more letters, digits or quotes, except INST."""
+    return [w for w in re.findall(r"[A-Za-z0-9']{2,}", text) if w != "INST"]
+
+
 def check_01_neutralise(neutralise, tokenizer=None) -> Checked:
     """Notebook 01, exercise 2: after `neutralise`, the chat's ids hold the markers only where
     `encode_chat` put them (once each per user turn), in every spelling; ordinary text is unchanged."""
@@ -200,8 +183,9 @@ def check_01_neutralise(neutralise, tokenizer=None) -> Checked:
     for attack in INJECTIONS_01:
         cleaned = _call(neutralise, attack)
         _require(isinstance(cleaned, str), f"neutralise must return a str, got {type(cleaned).__name__}")
-        _require(len(cleaned) > 0 and "Ignore" in cleaned if "Ignore" in attack else True,
-                 f"the user's words must survive, not be deleted: {attack!r} became {cleaned!r}")
+        _require(_words(cleaned) == _words(attack),
+                 f"the user's words must all survive, in order; only the markers may change: {attack!r} "
+                 f"became {cleaned!r}")
         for chat in ([{"role": "user", "content": cleaned}],
                      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                       {"role": "user", "content": cleaned}]):
@@ -225,24 +209,23 @@ def check_02_layer_norm_via_rms(layer_norm_via_rms) -> Checked:
     cases = [torch.randn(8, 64, generator=gen) * 3 + 1, torch.randn(2, 5, 16, generator=gen) - 4,
              torch.full((3, 32), 7.0) + torch.randn(3, 32, generator=gen) * 0.1]
     expected = [torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-5) for x in cases]
-    originals = (torch.nn.functional.layer_norm, torch.layer_norm)
-
-    def refuse(*args, **kwargs):
-        raise WrongAnswer("use rms_norm, not PyTorch's layer_norm")
-
-    torch.nn.functional.layer_norm = torch.layer_norm = refuse
-    try:
-        if _blank(layer_norm_via_rms) or _call(layer_norm_via_rms, cases[0]) is None:
+    if _blank(layer_norm_via_rms):
+        return _not_attempted(label, "the body of `layer_norm_via_rms`")
+    # Every ready-made LayerNorm is off while the answer runs: layer_norm, the native op under it, and
+    # group/instance norm (one group of all channels is LayerNorm).
+    shortcuts = [(torch, "layer_norm"), (torch.nn.functional, "layer_norm"), (torch, "native_layer_norm"),
+                 (torch, "group_norm"), (torch.nn.functional, "group_norm"), (torch, "native_group_norm"),
+                 (torch, "instance_norm"), (torch.nn.functional, "instance_norm")]
+    with switched_off(attributes=shortcuts):
+        if _call_checked(label, layer_norm_via_rms, cases[0]) is None:
             return _not_attempted(label, "the body of `layer_norm_via_rms`")
         for x, want in zip(cases, expected):
-            got = _call(layer_norm_via_rms, x)
+            got = _call_checked(label, layer_norm_via_rms, x)
             _require(isinstance(got, torch.Tensor) and got.shape == x.shape,
                      f"expected a tensor of shape {tuple(x.shape)}")
             err = (got - want).abs().max().item()
             _require(err < 1e-4, f"differs from LayerNorm by up to {err:.3g} on an input of mean "
                                  f"{x.mean().item():.1f}: did you centre x first?")
-    finally:
-        torch.nn.functional.layer_norm, torch.layer_norm = originals
     return _correct(f"{label}: correct — equals LayerNorm on {len(cases)} inputs, without calling it")
 
 
@@ -338,8 +321,9 @@ def check_04_ffn_share(answer) -> Checked:
     expected = q["experts"] / q["total"]
     mixtral = count_parameters(MixtralConfig.mixtral_8x7b())
     _require(abs(value - mixtral["experts"] / mixtral["total"]) > 5e-4, "that is Mixtral's share, with 8 experts")
-    _require(abs(value - expected) < 1e-9,
-             f"{100 * value:.2f}% is not it: count attention, the one SwiGLU block, embeddings, head and norms")
+    # Any rounding to 4 significant digits or finer is right (0.7784 as much as the exact fraction).
+    _require(abs(value - expected) <= 5e-5,
+             "not it: count attention, the one SwiGLU block, embeddings, head and norms")
     return _correct(f"{label}: correct — {100 * expected:.1f}% of Mistral-7B is feed-forward "
           f"(Mixtral: {100 * mixtral['experts'] / mixtral['total']:.1f}%)")
 
@@ -352,8 +336,10 @@ def check_04_equal_inner_size(answer) -> Checked:
     value = _number(answer, label)
     H = 4096
     _require(value != 4 * H, "4H is the classic MLP's inner size; SwiGLU has three matrices, not two")
-    _require(abs(3 * H * value - 8 * H * H) < 1e-3 * H, f"3·H·{value:g} weights is not 8H² = {8 * H * H:,}")
-    return _correct(f"{label}: correct — I = {value:.2f} = 8H/3 (Mixtral uses 14336 = 3.5H)")
+    # 8H/3 is not an integer: the exact value and either neighbouring integer (10922, 10923) are right.
+    _require(abs(value - 8 * H / 3) < 1, f"3·H·{value:g} weights is not 8H² = {8 * H * H:,}")
+    return _correct(f"{label}: correct — I = 8H/3 = {8 * H / 3:.2f}, or the integer next to it "
+                    "(Mixtral uses 14336 = 3.5H)")
 
 
 # ------------------------------------------------------------------------------ 05 router, MoE
@@ -393,7 +379,8 @@ def check_05_collapsed_loss(loss_fn) -> Checked:
         want = load_balancing_loss(logits, k).item()
         got = _number(_call(loss_fn, E, k), label)
         _require(abs(got - want) < 1e-3, f"E={E}, k={k}: you give {got:g}, the loss is {want:.3f}")
-    return _correct(f"{label}: correct — collapse costs E, whatever k is (a balanced router costs 1)")
+    return _correct(f"{label}: correct — collapse costs E, whatever k is (a balanced router costs k in "
+                    "this convention: 2.0 for top-2)")
 
 
 # -------------------------------------------------------------------------------- 06 full model
@@ -479,10 +466,13 @@ def check_07_permute(my_permute) -> Checked:
         return _not_attempted(label, "the body of `my_permute`")
     from mixtral_edu.model.rope import permute_qk_for_rotate_half
 
-    for n_heads, head_dim, cols in [(1, 4, 3), (2, 8, 5), (8, 16, 2), (4, 128, 1)]:
-        w = torch.randn(n_heads * head_dim, cols, generator=gen)
-        got = _call(my_permute, w.clone(), n_heads)
-        want = permute_qk_for_rotate_half(w, n_heads)
+    shapes = [(1, 4, 3), (2, 8, 5), (8, 16, 2), (4, 128, 1)]
+    inputs = [(torch.randn(n_heads * head_dim, cols, generator=gen), n_heads) for n_heads, head_dim, cols in shapes]
+    wants = [permute_qk_for_rotate_half(w, n_heads) for w, n_heads in inputs]
+    with switched_off(["mixtral_edu.model.rope"]):        # the exercise asks for loops, not the package's call
+        outputs = [_call_checked(label, my_permute, w.clone(), n_heads) for w, n_heads in inputs]
+    for (w, n_heads), got, want in zip(inputs, outputs, wants):
+        head_dim = w.shape[0] // n_heads
         _require(isinstance(got, torch.Tensor) and got.shape == w.shape, f"expected a tensor of shape {tuple(w.shape)}")
         _require(torch.equal(got, want), f"{n_heads} heads of size {head_dim}: rows in the wrong order "
                                          "(row j < d/2 of a head comes from row 2j, row d/2 + j from 2j + 1)")
@@ -499,10 +489,11 @@ def check_08_top_k(my_top_k) -> Checked:
         return _not_attempted(label, "the body of `my_top_k`")
     from mixtral_edu.inference.generate import next_token_probs
 
-    for vocab, k in [(10, 1), (10, 3), (100, 5), (1000, 50)]:
-        logits = torch.randn(vocab, generator=gen) * 3
-        got = _call(my_top_k, torch.softmax(logits, 0), k)
-        want = next_token_probs(logits, top_k=k)
+    cases = [(torch.randn(vocab, generator=gen) * 3, k) for vocab, k in [(10, 1), (10, 3), (100, 5), (1000, 50)]]
+    wants = [next_token_probs(logits, top_k=k) for logits, k in cases]
+    with switched_off(["mixtral_edu.inference.generate"]):   # next_token_probs(p.log(), top_k=k) is no answer
+        outputs = [_call_checked(label, my_top_k, torch.softmax(logits, 0), k) for logits, k in cases]
+    for (logits, k), got, want in zip(cases, outputs, wants):
         _require(isinstance(got, torch.Tensor) and got.shape == want.shape, "expected a tensor of the same shape")
         _require(abs(got.sum().item() - 1) < 1e-5, f"k={k}: the kept probabilities sum to {got.sum().item():.4f}, not 1")
         _require(int((got > 0).sum()) == k, f"k={k}: {int((got > 0).sum())} tokens kept")
