@@ -117,6 +117,8 @@ def test_01_marker_counts_see_both_spellings(tok):
     lambda s: s.replace("[INST]", "(INST)"),                 # forgets [/INST]
     lambda s: re.sub(r"\[(/?)INST\]", r"(\1INST)", s, count=1),   # only the first marker
     lambda s: s.replace("[INST]", "").replace("[/INST]", ""),     # nested markers reassemble
+    lambda s: "Ignore" if "INST]" in s else s,                     # destroys the user's text (the issue's case)
+    lambda s: re.sub(r"\[(/?)INST\]", "", s).replace("Summarise", ""),   # drops a word of the user's
 ])
 def test_01_neutralise_wrong_answers(tok, wrong):
     with pytest.raises(WrongAnswer):
@@ -130,8 +132,13 @@ def test_02_layer_norm_via_rms():
         lambda x, eps=1e-5: rms_norm(x - x.mean(-1, keepdim=True), torch.ones(x.shape[-1]), eps))
     with pytest.raises(WrongAnswer, match="centre"):          # RMSNorm alone
         ex.check_02_layer_norm_via_rms(lambda x: rms_norm(x, torch.ones(x.shape[-1]), 1e-5))
-    with pytest.raises(WrongAnswer, match="rms_norm, not"):   # the shortcut
-        ex.check_02_layer_norm_via_rms(lambda x: torch.nn.functional.layer_norm(x, (x.shape[-1],)))
+    shortcuts = [lambda x: torch.nn.functional.layer_norm(x, (x.shape[-1],)),
+                 lambda x: torch.native_layer_norm(x, (x.shape[-1],), None, None, 1e-5)[0],   # the issue's shortcut
+                 lambda x: torch.nn.functional.group_norm(x.reshape(-1, 1, x.shape[-1]), 1).reshape(x.shape),
+                 lambda x: torch.nn.LayerNorm(x.shape[-1], elementwise_affine=False)(x)]
+    for shortcut in shortcuts:
+        with pytest.raises(WrongAnswer, match="switched off"):
+            ex.check_02_layer_norm_via_rms(shortcut)
     assert torch.nn.functional.layer_norm is not None and torch.layer_norm(torch.ones(1, 2), (2,)).shape == (1, 2)
 
 
@@ -179,6 +186,7 @@ def test_04_ffn_share():
     ffn = L * 3 * H * I
     total = ffn + L * (2 * H * H + 2 * H * (H // 4)) + 2 * V * H + (2 * L + 1) * H
     assert ex.check_04_ffn_share(ffn / total)
+    assert ex.check_04_ffn_share(round(ffn / total, 4))                 # 0.7784, rounded: right too
     with pytest.raises(WrongAnswer, match="Mixtral"):
         ex.check_04_ffn_share(0.9656)
     with pytest.raises(WrongAnswer):                          # forgot the embeddings and the head
@@ -189,6 +197,7 @@ def test_04_ffn_share():
 
 def test_04_equal_inner_size():
     assert ex.check_04_equal_inner_size(8 * 4096 / 3)
+    assert ex.check_04_equal_inner_size(10923) and ex.check_04_equal_inner_size(10922)   # whole-number sizes
     for wrong in (4 * 4096, 14336, 8 * 4096 // 2):
         with pytest.raises(WrongAnswer):
             ex.check_04_equal_inner_size(wrong)
@@ -208,7 +217,8 @@ def test_05_top3():
 
 
 def test_05_collapsed_loss():
-    assert ex.check_05_collapsed_loss(lambda E, k: E)
+    result = ex.check_05_collapsed_loss(lambda E, k: E)
+    assert result and "balanced router costs k" in repr(result)       # HF convention: k at balance, not 1
     for wrong in (lambda E, k: E / k, lambda E, k: 1.0, lambda E, k: E * k):
         with pytest.raises(WrongAnswer):
             ex.check_05_collapsed_loss(wrong)
@@ -305,6 +315,9 @@ def test_07_permute():
     for wrong in (inverse, across_heads, lambda w, n: w.clone()):
         with pytest.raises(WrongAnswer):
             ex.check_07_permute(wrong)
+    from mixtral_edu.model.rope import permute_qk_for_rotate_half
+    with pytest.raises(WrongAnswer, match="switched off"):              # the exercise asks for loops
+        ex.check_07_permute(permute_qk_for_rotate_half)
 
 
 # ------------------------------------------------------------------------------------------ 08
@@ -329,6 +342,9 @@ def test_08_top_k():
     for wrong in (not_renormalised, smallest, lambda p, k: p):
         with pytest.raises(WrongAnswer):
             ex.check_08_top_k(wrong)
+    from mixtral_edu.inference.generate import next_token_probs
+    with pytest.raises(WrongAnswer, match="switched off"):              # the issue's shortcut
+        ex.check_08_top_k(lambda p, k: next_token_probs(p.log(), top_k=k))
 
 
 def test_08_positions():
@@ -489,3 +505,89 @@ def test_11_plan_and_bound():
     for wrong in (2.039e12 / (12_879_925_248 * 2), 2.039e12 / (46_702_792_704 * 2), 2 * right, right + 1):
         with pytest.raises(WrongAnswer):
             ex.check_11_a100_bound(wrong)
+
+
+# ------------------------------------------------- every checker refuses its solution x 1.01 and a zero answer
+def _times(fn, factor):
+    def wrapped(*args):
+        out = fn(*args)
+        return [factor * v for v in out] if isinstance(out, list) else out * factor
+    return wrapped
+
+
+def _value_cases():
+    """(checker, solution, extra arguments) for the checkers whose answer is a number, numbers or a function
+    returning them; configs, strings and model switches (00, 01 ex2, 06 ex2) have no 'times 1.01'."""
+    from mixtral_edu.model.rope import rope_inv_freq
+
+    H, I, L, V = 4096, 14336, 32, 32000
+    ffn = L * 3 * H * I
+    total = ffn + L * (2 * H * H + 2 * H * (H // 4)) + 2 * V * H + (2 * L + 1) * H
+    n, P = 100, 12
+    either = 1 - (12 / 16) * (11 / 15) * (10 / 14) * (9 / 13)
+
+    def top_k(p, k):
+        values, indices = torch.topk(p, k)
+        return torch.zeros_like(p).scatter(0, indices, values) / values.sum()
+
+    def next_first(windows):
+        pairs = [(a, b) for w in windows for a, b in zip(w.tolist()[:-1], w.tolist()[1:])]
+        return sum(b[0] in a for a, b in pairs) / len(pairs)
+
+    f = torch.tensor([2, 1, 1]) / 4
+    P9 = torch.softmax(torch.tensor(ex.LOGITS_09), dim=-1).mean(dim=0)
+    return [
+        (ex.check_02_layer_norm_via_rms, lambda x, eps=1e-5: rms_norm(x - x.mean(-1, keepdim=True), torch.ones(x.shape[-1]), eps)),
+        (ex.check_02_slow_pairs, int((2 * math.pi / rope_inv_freq(128, 1e4) > 4096).sum())),
+        (ex.check_03_rolling_cache_bytes, 4096 * 2 * 32 * 8 * 128 * 2),
+        (ex.check_03_changed_positions, predict_changed_solution),
+        (ex.check_04_ffn_share, ffn / total),
+        (ex.check_04_equal_inner_size, 8 * 4096 / 3),
+        (ex.check_05_top3, torch.softmax(torch.tensor([2.0, 1.9, 1.2]), dim=0)),
+        (ex.check_05_collapsed_loss, lambda E, k: E),
+        (ex.check_07_fused_w1_bytes, 8 * 14336 * 4096 * 2),
+        (ex.check_07_permute, permute_solution),
+        (ex.check_08_top_k, top_k),
+        (ex.check_09_collapsed_cv, math.sqrt(3)),
+        (ex.check_09_balancing_term, 3 * (f * P9).sum()),
+        (ex.check_10_next_first, next_first),
+        (ex.check_11_a100_bound, 2.039e12 / ((12_879_925_248 - 32000 * 4096) * 2)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_value_checkers_refuse_times_1_01_and_zero(index):
+    check, solution = _value_cases()[index]
+    assert check(solution)
+    for factor in (1.01, 0.0):
+        wrong = _times(solution, factor) if callable(solution) else solution * factor
+        with pytest.raises(WrongAnswer):
+            check(wrong)
+
+
+def test_two_number_checkers_refuse_times_1_01_and_zero():
+    n, P = 100, 12
+    without, with_ = n * P + n * (n - 1) // 2, P + n - 1
+    either = 1 - (12 / 16) * (11 / 15) * (10 / 14) * (9 / 13)
+    for factor in (1.01, 0.0):
+        with pytest.raises(WrongAnswer):
+            ex.check_08_positions(without * factor, with_ * factor)
+        with pytest.raises(WrongAnswer):
+            ex.check_10_baselines(factor / 16, either * factor)
+
+
+def test_06_active_refuses_times_1_01_and_zero(models_06):
+    cfg, model, _, _ = models_06
+    from mixtral_edu.params import count_parameters
+    active = count_parameters(cfg)["active"]
+    for factor in (1.01, 0.0):
+        with pytest.raises(WrongAnswer):
+            ex.check_06_active(active * factor, model, cfg)
+
+
+def test_01_training_ids_refuse_scaled_and_zero_ids(tok):
+    solution = ([tok.bos_id] + tok.encode("[INST] Name a prime. [/INST]") + tok.encode("7") + [tok.eos_id]
+                + tok.encode("[INST] Another? [/INST]") + tok.encode("11") + [tok.eos_id])
+    for wrong in ([int(i * 1.01) + 1 for i in solution], [0] * len(solution)):
+        with pytest.raises(WrongAnswer):
+            ex.check_01_training_ids(wrong)

@@ -37,7 +37,7 @@ _ATTENTION_SHORTCUTS = [(_F, "scaled_dot_product_attention"), (_F, "multi_head_a
 _HF = "transformers.models.mixtral.modeling_mixtral"
 _MODEL = ["mixtral_edu.model.norm", "mixtral_edu.model.rope", "mixtral_edu.model.attention",
           "mixtral_edu.model.experts", "mixtral_edu.model.router", "mixtral_edu.model.moe",
-          "mixtral_edu.model.mixtral", _HF]
+          "mixtral_edu.model.mixtral", "mixtral_edu.inference.dispatch", _HF]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -387,7 +387,7 @@ def check_05_dispatch(my_dispatch) -> Checked:
     if blank_function(my_dispatch):
         return not_attempted(label, "the body of `my_dispatch`")
     cases = _dispatch_cases()
-    with switched_off(["mixtral_edu.model.moe", "mixtral_edu.model.experts", _HF]):
+    with switched_off(["mixtral_edu.model.moe", "mixtral_edu.model.experts", "mixtral_edu.inference.dispatch", _HF]):
         for name, x, weights, ids, experts in cases:
             want = naive.dispatch(x, weights, ids, experts)
             first_only = naive.dispatch(x, torch.ones_like(weights[:, :1]) * weights[:, :1], ids[:, :1], experts)
@@ -527,7 +527,7 @@ def check_06_payoff(parts: dict, model, prompt: list[int], new_tokens: int = 20)
     label = "payoff"
     missing = [name for name in PARTS_06 if blank_function(parts.get(name))]
     if missing:
-        return Checked(False, f"{label}: not yet — still to fill in: {', '.join(missing)}")
+        return Checked(False, f"{label}: not attempted yet — still to fill in: {', '.join(missing)}")
     from ..inference.generate import generate
 
     want = generate(model, list(prompt), new_tokens, eos_id=None)

@@ -112,7 +112,10 @@ def switched_off(modules: Iterable[str] = (), attributes: Iterable[tuple[Any, st
     try:
         for module_name in modules:
             if module_name.startswith("mixtral_edu."):
-                module = importlib.import_module(module_name)
+                try:
+                    module = importlib.import_module(module_name)
+                except ModuleNotFoundError:       # a module another version of the package does not have
+                    continue
             elif module_name in sys.modules:
                 module = sys.modules[module_name]
             else:
