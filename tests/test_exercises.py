@@ -228,18 +228,11 @@ def test_05_collapsed_loss():
 
 @pytest.fixture(scope="module")
 def models_06():
-    transformers = pytest.importorskip("transformers")
-    from mixtral_edu.weights.keys import to_hf_state_dict
-    from mixtral_edu.weights import load_hf_state_dict
-    from mixtral_edu.model.mixtral import Mixtral
+    pytest.importorskip("transformers")
+    from hf_pair import hf_and_ours
 
     cfg = MixtralConfig.tiny()
-    hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
-    hf_cfg.initializer_range = 0.08
-    torch.manual_seed(0)
-    reference = transformers.MixtralForCausalLM(hf_cfg).eval()
-    model = Mixtral(cfg).eval()
-    load_hf_state_dict(model, reference.state_dict())
+    reference, model = hf_and_ours(cfg, 0.08)
     input_ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     return cfg, model, reference, input_ids
 

@@ -42,20 +42,15 @@ def test_attention_router_expert_and_top_p_equal_the_package_and_torch():
 
 
 def test_the_naive_model_equals_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from hf_pair import hf_and_ours
+
     from mixtral_edu.config import MixtralConfig
     from mixtral_edu.course.build import model_weights
-    from mixtral_edu.model.mixtral import Mixtral
-    from mixtral_edu.weights import load_hf_state_dict
 
     cfg = MixtralConfig.tiny(vocab_size=64, num_hidden_layers=2, hidden_size=32, intermediate_size=24, head_dim=8,
                              max_position_embeddings=32)
-    hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
-    hf_cfg.initializer_range = 0.1
-    torch.manual_seed(0)
-    reference = transformers.MixtralForCausalLM(hf_cfg).eval()
-    model = Mixtral(cfg).eval()
-    load_hf_state_dict(model, reference.state_dict())
+    reference, model = hf_and_ours(cfg, 0.1)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
     caches = [{} for _ in range(cfg.num_hidden_layers)]
     with torch.no_grad():
