@@ -10,8 +10,16 @@ as zeros.
 
 from __future__ import annotations
 
+import collections
+import functools
+import io
 import json
+import pickle
+import struct
+import zlib
 from pathlib import Path
+
+import torch
 
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.weights.check import expected_tensors
@@ -85,3 +93,124 @@ def linked_copy(source: Path, target: Path) -> Path:
     for path in source.iterdir():
         (target / path.name).symlink_to(path)
     return target
+
+
+# ----------------------------------------------------------------------------- Mistral's original .pt release
+def write_sparse_pt(folder: Path, cfg: MixtralConfig = None, files: int = 1, suffix: str = ".pth") -> Path:
+    """Mistral's original layout of `cfg` (8x7B by default): params.json + consolidated.NN.pth, sparse.
+
+    Experts fused per layer as `layers.{i}.block_sparse_moe.w{1,2,3}` `[E * I, H]`; whole layers spread
+    over `files` files. Each file is what torch.save writes (a zip of stored members, data 64-byte
+    aligned) with every storage a hole: 93.4 GB long for the 8x7B, no data blocks written.
+    """
+    cfg = cfg or MixtralConfig.mixtral_8x7b()
+    folder.mkdir(parents=True, exist_ok=True)
+    params = cfg.to_params_json()
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    parts = [[] for _ in range(files)]
+    for key, shape in expected_tensors(cfg, "mistral-pt").items():
+        layer = key.split(".")[1] if key.startswith("layers.") else None
+        index = (int(layer) * files // cfg.num_hidden_layers if layer is not None
+                 else 0 if key == "tok_embeddings.weight" else files - 1)
+        parts[index].append((key, shape))
+    for i, tensors in enumerate(parts):
+        write_torch_zip(folder / f"consolidated.{i:02d}{suffix}", tensors)
+    return folder
+
+
+class _Storage:
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, shape):
+        self.storage, self.shape = storage, tuple(shape)
+
+
+class _TorchPickler(pickle.Pickler):
+    """Pickles _Tensor records exactly as torch.save pickles bf16 tensors (the same globals and ids)."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Tensor):
+            stride = [1] * len(obj.shape)
+            for d in range(len(obj.shape) - 2, -1, -1):
+                stride[d] = stride[d + 1] * obj.shape[d + 1]
+            return torch._utils._rebuild_tensor_v2, (obj.storage, 0, obj.shape, tuple(stride), False,
+                                                     collections.OrderedDict())
+        return NotImplemented
+
+
+def write_torch_zip(path: Path, tensors: list, zeros: bool = False) -> None:
+    """A torch.save-format file of bf16 `tensors` [(key, shape)] whose storages read as zeros (holes).
+
+    zeros=False leaves holes (sparse); the member CRCs are those of zero bytes either way.
+    """
+    storages = [_Storage(str(i), _numel(shape)) for i, (_, shape) in enumerate(tensors)]
+    state = {key: _Tensor(s, shape) for (key, shape), s in zip(tensors, storages)}
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump(state)
+    name = path.stem
+    members = [(f"{name}/data.pkl", buffer.getvalue()), (f"{name}/byteorder", b"little")]
+    members += [(f"{name}/data/{s.key}", 2 * s.numel) for s in storages]
+    members += [(f"{name}/version", b"3\n")]
+    central = []
+    with open(path, "wb") as f:
+        for member, data in members:
+            size = data if isinstance(data, int) else len(data)
+            crc = _crc32_of_zeros(size) if isinstance(data, int) else zlib.crc32(data)
+            offset, raw_name = f.tell(), member.encode()
+            pad = -(offset + 30 + len(raw_name) + 4) % 64          # data 64-byte aligned, as torch.save does
+            extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+            f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, crc, size, size,
+                                len(raw_name), len(extra)) + raw_name + extra)
+            if isinstance(data, int):
+                f.seek(size, 1)                                   # a hole
+                if zeros:
+                    f.seek(-size, 1)
+                    f.write(bytes(size))
+            else:
+                f.write(data)
+            central.append((raw_name, crc, size, offset))
+        _write_central_directory(f, central)
+
+
+def _write_central_directory(f, central: list) -> None:
+    start = f.tell()
+    for raw_name, crc, size, offset in central:
+        extra = struct.pack("<HHQ", 1, 8, offset) if offset >= 0xFFFFFFFF else b""
+        f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, size, size,
+                            len(raw_name), len(extra), 0, 0, 0, 0, min(offset, 0xFFFFFFFF)) + raw_name + extra)
+    end = f.tell()
+    n, size = len(central), end - start
+    f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, size, start))   # zip64 end record
+    f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))                                     # its locator
+    f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, size, min(start, 0xFFFFFFFF), 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _crc32_of_zeros(n: int) -> int:
+    """zlib.crc32(bytes(n)) in about 32 steps: crc32 continued over zero bytes is affine in the running
+    value, so the map for 2m bytes is the map for m bytes applied twice (square and multiply)."""
+    def table(run):             # an affine map on 32-bit values, kept as its value at 0 and at each bit
+        return [run(0)] + [run(1 << b) for b in range(32)]
+
+    def apply(t, value):
+        out = t[0]
+        for b in range(32):
+            if value >> b & 1:
+                out ^= t[b + 1] ^ t[0]
+        return out
+
+    step, result = table(lambda c: zlib.crc32(b"\0", c)), table(lambda c: c)
+    while n:
+        if n & 1:
+            result = table(lambda c, r=result, s=step: apply(s, apply(r, c)))
+        step = table(lambda c, s=step: apply(s, apply(s, c)))
+        n >>= 1
+    return apply(result, 0)

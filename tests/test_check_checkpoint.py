@@ -90,7 +90,7 @@ def test_each_damage_is_named(full, tmp_path):
          r"1 tensor\(s\) the config needs are missing: model\.norm\.weight"),
         ("extra", dict(shard=18, tensors=last + [("model.layers.32.input_layernorm.weight", (4096,))]),
          r"the config has no place for: model\.layers\.32\.input_layernorm\.weight"),
-        ("dtype", dict(shard=18, tensors=last, dtype="F16"), r"one float dtype.*BF16 \(e\.g\..*F16 \(e\.g\."),
+        ("dtype", dict(shard=18, tensors=last, dtype="F16"), r"one float dtype.*bfloat16 \(e\.g\..*float16 \(e\.g\."),
         ("total", dict(index_total=93_405_585_407), r"metadata\.total_size is 93405585407 but the shards hold 93405585408"),
     ]:
         folder = _variant(full, tmp_path / name, **kwargs)

@@ -3,7 +3,7 @@
 import pytest
 
 from mixtral_edu.cli import main, parse_gpus
-from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf
+from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf, write_sparse_pt
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,11 @@ def test_gpu_lists():
     assert parse_gpus("2x80GB") == [80e9, 80e9]
     assert parse_gpus("80GB,40") == [80e9, 40e9]
     assert parse_gpus("1x24GiB") == [24 * 2 ** 30]
+
+
+def test_mistrals_pth_layout_is_checked_and_planned(capsys, tmp_path):
+    folder = write_sparse_pt(tmp_path / "Mixtral-8x7B-v0.1-Instruct")
+    code, out, err = run(capsys, "check", folder, "--gpus", "2x80GB")
+    assert code == 0, err
+    assert out.startswith(f"OK  {folder}: mistral-pt layout, 1 weight file, 323 tensors in bfloat16, 93.41 GB")
+    assert "plan for the GPUs given: 2x80GB" in out and "reading the weights: 93.41 GB at" in out

@@ -14,7 +14,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from mixtral_edu.inference.placement import host_free_bytes
-from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf
+from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf, write_sparse_pt
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK = NOTEBOOKS / "11_full_weight_gpu_inference.ipynb"
@@ -68,3 +68,12 @@ def test_only_notebook_11_follows_the_weights_variable():
         code = "".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
                        if c["cell_type"] == "code")
         assert "default_weights_dir" not in code and "MIXTRAL_EDU_WEIGHTS" not in code, path.name
+
+
+def test_mistrals_single_pth_layout_gets_past_the_check(monkeypatch, tmp_path):
+    """The original release (one 93 GB consolidated.00.pth) is checked from its pickle and planned like the rest."""
+    folder = write_sparse_pt(tmp_path / "Mixtral-8x7B-v0.1-Instruct")
+    error, printed = _run_until_error(monkeypatch, folder)
+    assert "mistral-pt layout, 1 weight file, 323 tensors in bfloat16, 93.41 GB" in printed
+    assert "93.41 GB in 1 file," in printed
+    assert "no CUDA GPU is visible, and this machine's memory cannot hold" in error
