@@ -516,9 +516,6 @@ def _value_cases():
     H, I, L, V = 4096, 14336, 32, 32000
     ffn = L * 3 * H * I
     total = ffn + L * (2 * H * H + 2 * H * (H // 4)) + 2 * V * H + (2 * L + 1) * H
-    n, P = 100, 12
-    either = 1 - (12 / 16) * (11 / 15) * (10 / 14) * (9 / 13)
-
     def top_k(p, k):
         values, indices = torch.topk(p, k)
         return torch.zeros_like(p).scatter(0, indices, values) / values.sum()
@@ -530,7 +527,8 @@ def _value_cases():
     f = torch.tensor([2, 1, 1]) / 4
     P9 = torch.softmax(torch.tensor(ex.LOGITS_09), dim=-1).mean(dim=0)
     return [
-        (ex.check_02_layer_norm_via_rms, lambda x, eps=1e-5: rms_norm(x - x.mean(-1, keepdim=True), torch.ones(x.shape[-1]), eps)),
+        (ex.check_02_layer_norm_via_rms,
+         lambda x, eps=1e-5: rms_norm(x - x.mean(-1, keepdim=True), torch.ones(x.shape[-1]), eps)),
         (ex.check_02_slow_pairs, int((2 * math.pi / rope_inv_freq(128, 1e4) > 4096).sum())),
         (ex.check_03_rolling_cache_bytes, 4096 * 2 * 32 * 8 * 128 * 2),
         (ex.check_03_changed_positions, predict_changed_solution),
@@ -584,3 +582,29 @@ def test_01_training_ids_refuse_scaled_and_zero_ids(tok):
     for wrong in ([int(i * 1.01) + 1 for i in solution], [0] * len(solution)):
         with pytest.raises(WrongAnswer):
             ex.check_01_training_ids(wrong)
+
+
+def test_value_answers_computed_by_the_package_are_refused(monkeypatch):
+    """09 ex2, 10 ex1, 11 ex2 take numbers; a cell that computes them with the package's own function is
+    found in the kernel's input history and refused (the issue's shortcuts)."""
+    from mixtral_edu.course import checking
+
+    logits = torch.tensor(ex.LOGITS_09)
+    history = {"09": "from mixtral_edu.training.losses import load_balancing_loss\nmine = load_balancing_loss(logits, 1)",
+               "10": "my_first, my_either = random_repetition_baselines(16, 4)",
+               "11": "answer_2 = bandwidth_bound_tokens_per_s(MixtralConfig.mixtral_8x7b(), 2.039e12)"}
+    from mixtral_edu.analysis.routing import random_repetition_baselines
+    from mixtral_edu.inference.placement import bandwidth_bound_tokens_per_s
+    from mixtral_edu.training.losses import load_balancing_loss
+    first, either = random_repetition_baselines(16, 4)
+    calls = {"09": lambda: ex.check_09_balancing_term(load_balancing_loss(logits, 1)),
+             "10": lambda: ex.check_10_baselines(first, either),
+             "11": lambda: ex.check_11_a100_bound(bandwidth_bound_tokens_per_s(MixtralConfig.mixtral_8x7b(), 2.039e12))}
+    for number, cell in history.items():
+        assert calls[number]()                                   # without a history (no IPython) it is a number
+        monkeypatch.setattr(checking, "input_history", lambda cell=cell: ["x = 1", cell])
+        with pytest.raises(WrongAnswer, match="the package's own computation"):
+            calls[number]()
+    monkeypatch.setattr(checking, "input_history", lambda: ["import math", "my_first = 1 / 16\nmy_either = 0.7"])
+    with pytest.raises(WrongAnswer, match="first or second"):     # an honest wrong answer gets the usual hint
+        ex.check_10_baselines(1 / 16, 0.7)

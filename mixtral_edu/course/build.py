@@ -88,7 +88,9 @@ def check_02_rms_norm(my_rms_norm) -> Checked:
     ]
     report = _run(label, my_rms_norm, cases, naive.rms_norm, ["mixtral_edu.model.norm", _HF], _NORM_SHORTCUTS,
                   wrongs, what="my_rms_norm")
-    return report if report is not None else correct(f"{label}: correct — {len(cases)} cases (one token, large mean, tiny rows) "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} cases (one token, large mean, tiny rows) "
                              "agree with the naive reference, without PyTorch's or the package's norm")
 
 
@@ -121,7 +123,9 @@ def check_02_rope(my_rope) -> Checked:
          _backwards),
     ]
     report = _run(label, my_rope, cases, naive.rope, ["mixtral_edu.model.rope", _HF], (), wrongs, what="my_rope")
-    return report if report is not None else correct(f"{label}: correct — {len(cases)} cases (positions past a cache start, one token, "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} cases (positions past a cache start, one token, "
                              "one pair) agree with the naive rotation, without the package's RoPE")
 
 
@@ -175,7 +179,9 @@ def check_03_attention(my_attention) -> Checked:
     ]
     report = _run(label, my_attention, cases, naive.attention, ["mixtral_edu.model.attention", _HF],
                   _ATTENTION_SHORTCUTS, wrongs, what="my_attention")
-    return report if report is not None else correct(f"{label}: correct — {len(cases)} cases (prefill, decode after a cache, uneven "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} cases (prefill, decode after a cache, uneven "
                              "chunks, 3 queries per key head, one key head) agree with the naive loops, without "
                              "scaled_dot_product_attention or the package's attention")
 
@@ -304,7 +310,9 @@ def check_04_expert(my_expert) -> Checked:
     wrongs = [(h, f) for h, f in wrongs if f is not None]
     report = _run(label, my_expert, cases, naive.expert, ["mixtral_edu.model.experts", _HF], (), wrongs,
                   what="my_expert")
-    return report if report is not None else correct(f"{label}: correct — {len(cases)} cases (one token, I above and below H) agree "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} cases (one token, I above and below H) agree "
                              "with the naive loop, without the package's expert")
 
 
@@ -447,7 +455,9 @@ def check_06_decoder_layer(my_decoder_layer) -> Checked:
                          lambda i: (xs[i].clone(), layer, cfg, caches["learner"]),
                          lambda i: naive.decoder_layer(xs[i], layer, cfg, caches["reference"]), wrongs,
                          what="my_decoder_layer")
-    return report if report is not None else correct(f"{label}: correct — a prefill and two later chunks through one cache agree with the "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — a prefill and two later chunks through one cache agree with the "
                              "naive layer, with the package's layer, attention, experts and router switched off")
 
 
@@ -484,7 +494,9 @@ def check_06_forward(my_forward) -> Checked:
                          lambda i: naive.forward(ids[i], weights, cfg, caches["reference"]),
                          [("the final RMSNorm (`weights.norm`) before lm_head is missing", without_final_norm)],
                          what="my_forward")
-    return report if report is not None else correct(f"{label}: correct — a prefill and two later chunks agree with the naive model "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — a prefill and two later chunks agree with the naive model "
                              f"({cfg.num_hidden_layers} layers, random weights)")
 
 
@@ -578,5 +590,7 @@ def check_08_top_p(my_top_p) -> Checked:
               ("the kept probabilities must be renormalised to sum to 1",
                lambda p_, top: naive.top_p(p_, top) * p_[naive.top_p(p_, top) > 0].sum())]
     report = _run(label, my_top_p, cases, naive.top_p, ["mixtral_edu.inference.generate"], (), wrongs, what="my_top_p")
-    return report if report is not None else correct(f"{label}: correct — {len(cases)} cases agree with the reference, without "
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} cases agree with the reference, without "
                              "next_token_probs")

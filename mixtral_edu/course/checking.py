@@ -13,6 +13,7 @@ before the check (`from mixtral_edu.model.norm import rms_norm`) is switched off
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import inspect
 import sys
@@ -181,3 +182,30 @@ def compare(label: str, case: str, got: Any, want: torch.Tensor, tol: float, dia
         if wrong is not None and tuple(wrong.shape) == tuple(want.shape) and relative_error(got, wrong) <= tol:
             raise WrongAnswer(f"{label}, case '{case}': {hint}")
     raise WrongAnswer(f"{label}, case '{case}': off by up to {err:.1%} of the output's largest value")
+
+
+# ------------------------------------------------------------------ answers given as values
+def input_history() -> list[str]:
+    """The source of every cell run so far in this IPython kernel (empty outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return []
+    shell = get_ipython()
+    return list(shell.user_ns.get("In", [])) if shell is not None else []
+
+
+_ASSIGN = re.compile(r"(?<![=!<>])=(?!=)")          # an assignment's "=", not ==, <=, >= or !=
+
+
+def refuse_shortcut_in_history(label: str, variables: list[str], functions: list[str], history=None) -> None:
+    """A value answer cannot switch anything off: instead, refuse it when a cell that assigns one of
+    `variables` calls one of `functions` (the package's own computation of the answer)."""
+    cells = input_history() if history is None else history
+    for cell in cells:
+        targets = [_ASSIGN.split(line)[0] for line in cell.splitlines() if _ASSIGN.search(line)]
+        assigns = any(re.search(rf"\b{re.escape(v)}\b", t) for t in targets for v in variables)
+        called = [f for f in functions if re.search(rf"\b{re.escape(f)}\s*\(", cell)]
+        if assigns and called:
+            raise WrongAnswer(f"{label}: the answer calls {called[0]}, the package's own computation of it: "
+                              "work it out yourself")

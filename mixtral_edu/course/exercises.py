@@ -25,8 +25,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .build import check_02_rms_norm, check_02_rope, check_04_expert, model_weights  # noqa: F401
-from .checking import Checked, WrongAnswer, call, switched_off
+from .build import (check_02_rms_norm, check_02_rope, check_03_attention, check_03_attention_layer,  # noqa: F401
+                    check_04_expert, check_05_dispatch, check_05_router, check_06_decoder_layer, check_06_forward,
+                    check_06_payoff, check_08_top_p, model_weights)
+from .checking import Checked, WrongAnswer, call, refuse_shortcut_in_history, switched_off
 from .checking import blank as _blank
 from .checking import correct as _correct
 from .checking import not_attempted as _not_attempted
@@ -540,6 +542,7 @@ def check_09_balancing_term(answer) -> Checked:
     label = "exercise 2"
     if _blank(answer):
         return _not_attempted(label, "`mine = ...`")
+    refuse_shortcut_in_history(label, ["mine"], ["load_balancing_loss", "load_balancing_loss_func", "balance_loss"])
     from mixtral_edu.training.losses import load_balancing_loss
 
     logits = torch.tensor(LOGITS_09)
@@ -557,6 +560,7 @@ def check_10_baselines(my_first, my_either) -> Checked:
     label = "exercise 1"
     if _blank(my_first) or _blank(my_either):
         return _not_attempted(label, "`my_first = ...` and `my_either = ...`")
+    refuse_shortcut_in_history(label, ["my_first", "my_either"], ["random_repetition_baselines"])
     from mixtral_edu.analysis.routing import random_repetition_baselines
 
     first, either = _number(my_first, label), _number(my_either, label)
@@ -625,6 +629,7 @@ def check_11_a100_bound(answer) -> Checked:
     label = "exercise 2"
     if _blank(answer):
         return _not_attempted(label, "`answer_2 = ...`")
+    refuse_shortcut_in_history(label, ["answer_2"], ["bandwidth_bound_tokens_per_s"])
     from mixtral_edu.config import MixtralConfig
     from mixtral_edu.inference.placement import bandwidth_bound_tokens_per_s
 
