@@ -419,3 +419,35 @@ def test_model_weights_follow_the_model(tiny_trained):
         ours = naive.forward(ids, w, cfg, [{} for _ in range(cfg.num_hidden_layers)])
         package = tiny_trained(ids)
     assert (ours - package).abs().max() < 1e-4
+
+
+def sol_hit_rates(expert_ids, slots):
+    rates = []
+    for layer in expert_ids.tolist():
+        cache, hits, uses = [], 0, 0
+        for token in layer:
+            for e in token:
+                uses += 1
+                if e in cache:
+                    hits += 1
+                    cache.remove(e)
+                elif len(cache) == slots:
+                    del cache[0]
+                cache.append(e)
+        rates.append(hits / uses)
+    return torch.tensor(rates)
+
+
+def test_expert_cache_checker():
+    check = build.check_11_cache_hit_rates
+    assert check(sol_hit_rates)
+    for factor in (1.01, 0.0):
+        with pytest.raises(WrongAnswer):
+            check(scaled(sol_hit_rates, factor))
+    with pytest.raises(WrongAnswer, match="LRU"):
+        check(build._fifo_hit_rates)
+    with pytest.raises(WrongAnswer, match="own cache"):
+        check(lambda ids, slots: sol_hit_rates(ids.reshape(1, -1, ids.shape[-1]), slots).expand(ids.shape[0]))
+    with pytest.raises(WrongAnswer):                          # counts the first choice only
+        check(lambda ids, slots: sol_hit_rates(ids[..., :1], slots))
+    assert not check(_blank_rope)

@@ -558,7 +558,7 @@ def check_06_payoff(parts: dict, model, prompt: list[int], new_tokens: int = 20)
         first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         raise WrongAnswer(f"{label}: your model agrees for {first} token(s), then picks another one; check each "
                           "part's exercise, then how my_forward passes the caches from step to step")
-    return correct(f"{label}: your Mixtral, every part written by you, runs the trained model's weights and picks "
+    return correct(f"{label}: correct — your Mixtral, every part written by you, runs the trained model's weights and picks "
                    f"the same {new_tokens} greedy tokens as the package's model")
 
 
@@ -594,3 +594,45 @@ def check_08_top_p(my_top_p) -> Checked:
         return report
     return correct(f"{label}: correct — {len(cases)} cases agree with the reference, without "
                              "next_token_probs")
+
+
+# ------------------------------------------------------------------------------ 11 expert cache
+def _fifo_hit_rates(expert_ids, slots):
+    """A mistake, for the hint: first in, first out (a hit does not make an expert recent)."""
+    rates = []
+    for layer in expert_ids.tolist():
+        cache, hits, uses = [], 0, 0
+        for token in layer:
+            for expert in token:
+                uses += 1
+                if expert in cache:
+                    hits += 1
+                    continue
+                if len(cache) == slots:
+                    cache.pop(0)
+                cache.append(expert)
+        rates.append(hits / uses)
+    return torch.tensor(rates, dtype=torch.float64)
+
+
+def check_11_cache_hit_rates(my_hit_rates) -> Checked:
+    """`my_hit_rates(expert_ids, slots)`: expert_ids `[L, T, k]` -> hit rate per layer `[L]` of a
+    least-recently-used cache of `slots` experts per layer (empty at first; first choice looked up first)."""
+    label = "build: expert cache hit rate"
+    g = _gen(110)
+    trace = torch.stack([torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)]) for _ in range(3)])
+    skewed = torch.stack([torch.stack([torch.tensor([int(torch.randint(0, 3, (1,), generator=g)), 3 + t % 5])
+                                       for t in range(25)]) for _ in range(2)])
+    same = torch.tensor([[[4, 6]] * 10, [[1, 2]] * 10])
+    cases = [("3 layers, 4 slots of 8 experts", (trace, 4)), ("skewed routing, 3 slots", (skewed, 3)),
+             ("one slot, top-2", (trace, 1)), ("as many slots as experts", (trace, 8)),
+             ("every token picks the same two experts", (same, 2)), ("one token", (trace[:, :1], 2))]
+    wrongs = [("a hit must make the expert the most recently used (that is LRU, not first-in first-out)", _fifo_hit_rates),
+              ("each layer has its own cache", lambda ids, slots: naive.cache_hit_rates(
+                  ids.reshape(1, -1, ids.shape[-1]), slots).expand(ids.shape[0]))]
+    report = _run(label, my_hit_rates, cases, naive.cache_hit_rates, ["mixtral_edu.inference.offload"], (), wrongs,
+                  tol=1e-6, what="my_hit_rates")
+    if report is not None:
+        return report
+    return correct(f"{label}: correct — {len(cases)} traces (one slot, all experts cached, one token, every token on "
+                   "the same experts) give the reference's hit rates, without the package's cache")

@@ -154,3 +154,23 @@ def top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
         out[i] = float(probs[i])
         mass += float(probs[i])
     return (out / out.sum()).to(probs.dtype)
+
+
+def cache_hit_rates(expert_ids: torch.Tensor, slots: int) -> torch.Tensor:
+    """expert_ids `[L, T, k]` (a routing trace) -> hit rate per layer `[L]` of an LRU cache of `slots`
+    experts per layer, empty at the start; each token's k experts are looked up first choice first."""
+    rates = []
+    for layer in expert_ids.tolist():
+        cache: list[int] = []               # least recently used first
+        hits = uses = 0
+        for token in layer:
+            for expert in token:
+                uses += 1
+                if expert in cache:
+                    hits += 1
+                    cache.remove(expert)
+                elif len(cache) == slots:
+                    cache.pop(0)
+                cache.append(expert)
+        rates.append(hits / uses)
+    return torch.tensor(rates, dtype=torch.float64)
