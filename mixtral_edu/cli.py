@@ -61,11 +61,12 @@ def check_device(name: str):
 def weights_folder(args) -> Path:
     """The folder named by --weights, else the default one; CLIError when it is not a folder."""
     from .assets import default_weights_dir
+    from .weights.gguf_file import is_gguf
 
     if args.weights is not None and not args.weights.strip():
         raise CLIError("--weights is empty; give a checkpoint folder, or leave --weights out for the default model")
     folder = Path(args.weights) if args.weights is not None else default_weights_dir()
-    if folder.suffix.lower() == ".gguf" and folder.is_file():
+    if folder.is_file() and is_gguf(folder):
         return folder                                     # a GGUF file, streamed (inference/gguf_stream.py)
     if not folder.is_dir():
         hint = "" if args.weights is not None else " (the default model; pass --weights DIR or set MIXTRAL_EDU_WEIGHTS)"

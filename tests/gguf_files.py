@@ -20,6 +20,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from mixtral_edu.config import MixtralConfig
+from mixtral_edu.weights.gguf_save import add_mixtral_metadata
 
 QUANTIZABLE = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16"}
 # byte offsets of the float16 scales (d, dmin, m) inside one block of each type
@@ -87,31 +88,6 @@ def type_of(name: str, qtype: str, cfg: MixtralConfig) -> str:
     return qtype if cfg.hidden_size % size == 0 and cfg.intermediate_size % size == 0 else "Q8_0"
 
 
-def add_metadata(writer, cfg: MixtralConfig, pieces: list, name: str = "tiny") -> None:
-    """The key/values convert_hf_to_gguf.py writes for a Mixtral (architecture llama, with experts)."""
-    writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_expert_count(cfg.num_local_experts)
-    writer.add_expert_used_count(cfg.num_experts_per_tok)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * len(pieces))
-    writer.add_token_types([1] * len(pieces))
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
-
-
 def write_gguf(model, path: Path, qtype: str = "F32", merged: bool = True, seed: int = 0,
                pieces: list | None = None, arch: str = "llama", tensors: dict | None = None) -> Path:
     """Write `model` (a Mixtral) as a GGUF file of `qtype` (norms and routers F32, as the converter does)."""
@@ -124,7 +100,7 @@ def write_gguf(model, path: Path, qtype: str = "F32", merged: bool = True, seed:
         pieces = tok.pieces(range(tok.vocab_size))
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), arch)
-    add_metadata(writer, cfg, pieces)
+    add_mixtral_metadata(writer, cfg, pieces, name="tiny")
     for name, w in (tensors or gguf_tensors(state, cfg, merged)).items():
         t = type_of(name, qtype, cfg)
         data = encode(np.ascontiguousarray(w), t, rng)

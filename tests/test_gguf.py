@@ -139,6 +139,22 @@ def test_streamed_model_equals_float32_model_with_the_same_weights(files, name):
     assert torch.equal(a.expert_ids, b.expert_ids)
 
 
+def test_save_gguf_writes_what_the_converter_writes(tiny, files, tmp_path):
+    """save_gguf (the package's) against the test writer, which permutes with its own numpy copy of the
+    converter's code: the same weights; the F32 file loads back to the checkpoint's very logits."""
+    from mixtral_edu.weights.gguf_save import save_gguf
+    for qtype in ("F32", "Q8_0"):
+        ours = save_gguf(tiny, tmp_path / f"saved-{qtype}.gguf", qtype)
+        a, b = reference_state(ours, tiny.config), reference_state(files[qtype], tiny.config)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        ids = torch.tensor([PROMPT])
+        assert torch.equal(load_gguf(tmp_path / "saved-F32.gguf", 2 ** 30)(ids), reference_model(files["F32"])(ids))
+    with pytest.raises(ValueError, match="not 'Q4_K'"):
+        save_gguf(tiny, tmp_path / "x.gguf", "Q4_K")
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_both_layouts_give_the_same_model(files):
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
@@ -171,6 +187,8 @@ def test_only_chosen_experts_are_dequantized(files):
     model = load_gguf(files["Q8_0"], memory_budget=2 ** 30)
     cache = model.gguf_cache
     assert cache.stats.misses == 0 and not cache.entries
+    # inference only: no autograd graph may keep dequantized matrices alive after they were used
+    assert not any(p.requires_grad for p in model.parameters())
     trace = trace_routing(model, PROMPT[:3])
     chosen = {(layer, e) for layer in range(model.config.num_hidden_layers)
               for e in trace.expert_ids[layer].reshape(-1).tolist()}
@@ -280,6 +298,14 @@ def test_mismatched_shapes(tiny, tmp_path, capsys):
 
 def test_budget_too_small_on_the_command_line(files, capsys):
     assert "too small" in _one_line_error(files["Q8_0"], capsys, budget="1MB")
+
+
+def test_an_ollama_blob_without_suffix_is_recognised(files, tmp_path, capsys):
+    """Ollama stores the GGUF as models/blobs/sha256-<digest>, no suffix: the magic bytes say what it is."""
+    blob = tmp_path / "sha256-0123abcd"
+    blob.write_bytes(files["Q8_0"].read_bytes())
+    assert main(["route", "--weights", str(blob), "--out", str(tmp_path / "route"), "The capital of France"]) == 0
+    assert (tmp_path / "route" / "explorer.html").is_file()
 
 
 def test_not_a_gguf_file(tmp_path):

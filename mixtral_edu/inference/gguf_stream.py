@@ -201,12 +201,12 @@ def load_gguf(path, memory_budget: Optional[int] = None, check_tokenizer: bool =
         model = Mixtral(cfg)
     for module in (model.embed_tokens, model.norm, model.lm_head):
         module.to_empty(device="cpu")
-    model.embed_tokens.weight.copy_(file.read("embed_tokens.weight"))
+    file.read("embed_tokens.weight", out=model.embed_tokens.weight)       # dequantized in place, no copy
     model.norm.weight.copy_(file.read("norm.weight"))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     else:
-        model.lm_head.weight.copy_(file.read("lm_head.weight"))
+        file.read("lm_head.weight", out=model.lm_head.weight)
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -222,5 +222,8 @@ def load_gguf(path, memory_budget: Optional[int] = None, check_tokenizer: bool =
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"load_gguf left {left[:4]} unfilled")       # a bug here, not a bad file
+    # Inference only: with a parameter needing gradients, autograd would keep every dequantized matrix
+    # of a forward alive for the backward pass, whatever the budget says.
+    model.requires_grad_(False)
     model.gguf_file, model.gguf_cache = file, cache
     return model.eval()

@@ -72,6 +72,18 @@ class Matrix:
         return int(np.prod(self.shape))
 
 
+def is_gguf(path) -> bool:
+    """True for a file named *.gguf or starting with GGUF's magic (Ollama's blobs have no suffix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def our_name(gguf_name: str) -> tuple[str, Optional[int]]:
     """A GGUF tensor name -> (our parameter name, expert j or None); merged experts -> name "...w1" with None.
 
@@ -130,7 +142,9 @@ class GGUFFile:
         if check_tokenizer:
             check_vocabulary(fields, self.config, self.path)
         with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # writable view, never written
+            # read-only and shared: a private (copy-on-write) map of a 28 GB file would be charged
+            # against the machine's commit limit, and refused where RAM is smaller than the file
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     # ------------------------------------------------------------------ opening
     def _parse(self) -> tuple[dict, dict]:
@@ -208,7 +222,9 @@ class GGUFFile:
     # ------------------------------------------------------------------ reading
     def raw(self, m: Matrix) -> torch.Tensor:
         """The bytes of `m` as a uint8 tensor viewing the memory map (no copy)."""
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=m.nbytes, offset=m.offset)
+        with warnings.catch_warnings():           # torch warns that the map is read-only: it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._map, dtype=torch.uint8, count=m.nbytes, offset=m.offset)
 
     def release(self, m: Matrix) -> None:
         """Drop `m`'s pages from this process (they stay in the OS's file cache, not in our RSS)."""

@@ -32,6 +32,7 @@ from ..model.rope import RotaryEmbedding
 from ..params import weight_bytes_per_device
 from .convert import mistral_to_hf_tensors
 from .errors import CheckpointError
+from .gguf_file import is_gguf
 from .keys import hf_to_ours_key, is_stacked_expert, ours_to_hf_key, split_fused_experts
 from .layouts import LAYOUT_NAMES, PathLike, checkpoint_dtype, detect_layout, read_config, weight_files
 
@@ -240,7 +241,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     from tqdm.auto import tqdm
 
     folder = Path(path)
-    if folder.suffix.lower() == ".gguf":
+    if is_gguf(folder):
         from ..inference.gguf_stream import load_gguf
         if torch.device(device) != torch.device("cpu") or dtype not in (None, torch.float32):
             raise ValueError(f"{folder}: a GGUF file streams on the CPU in float32 only (got {device}, {dtype})")
