@@ -99,3 +99,52 @@ def test_command_line_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and "not found" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+def test_four_gloo_processes_pass_and_report_their_memory():
+    report = ep.check(TINY_MODEL_DIR, nproc=4, max_new_tokens=2)
+    assert report.passed and report.nproc == 4 and report.dtype == torch.float32
+    assert report.tolerance == ep.logit_tolerance(torch.float32, max(float(r.abs().max()) for r in report.reference_logits))
+    assert all(r["peak_rss"] > 0 and r["peak_rss"] >= r["rss_at_start"] for r in report.results)
+    assert any(line.startswith("peak resident memory per rank: ") for line in ep.report_lines(report))
+
+
+@pytest.mark.parametrize("layout", ["hf", "mistral-pt"])
+def test_the_streamed_reference_is_the_one_process_model(tmp_path, layout):
+    """One decoder layer at a time, read from the files (both families of layouts), gives the model's logits."""
+    from mixtral_edu.weights import load_model, save_mistral
+
+    model = load_model(TINY_MODEL_DIR, progress=False)
+    folder = TINY_MODEL_DIR
+    if layout == "mistral-pt":
+        save_mistral(model, tmp_path / "pt", layout="mistral-pt", num_files=2)
+        folder = tmp_path / "pt"
+    sequences = [[1, 415, 5398, 28723], [1, 28705, 28770]]
+    streamed = ep.streamed_logits(folder, sequences)
+    for ids, logits in zip(sequences, streamed):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]))[0]
+        # float32 rounding only: load_model stores lm_head column-major on the CPU (another summation order)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_the_collective_timeout_grows_with_what_a_rank_reads(monkeypatch):
+    big = MixtralConfig.mixtral_8x7b()
+    two = ep.collective_timeout(big, torch.bfloat16, 2).total_seconds()
+    assert abs(two - (120 + (45_097_156_608 / 2 + 1_605_636_096) * 2 / 100e6)) < 1e-6      # 603 s
+    assert ep.collective_timeout(big, torch.bfloat16, 8).total_seconds() < two
+    assert ep.collective_timeout(big, torch.float32, 2).total_seconds() > two
+    tiny = ep.collective_timeout(MixtralConfig.from_hf_config(TINY_MODEL_DIR / "config.json"), torch.float32, 2)
+    assert 120 < tiny.total_seconds() < 121
+    seen = {}
+    monkeypatch.setattr(ep, "spawn", lambda n, fn, job, timeout: seen.update(timeout=timeout) or [])
+    monkeypatch.setattr(ep, "compare_with_single_process", lambda job, results, model: None)
+    ep.check(TINY_MODEL_DIR, nproc=2)
+    assert seen["timeout"] == tiny
+
+
+def test_the_tolerance_follows_the_dtype():
+    assert ep.logit_tolerance(torch.float32, 13.0) == 32 * 2 ** -23 * 13.0
+    assert ep.logit_tolerance(torch.bfloat16, 13.0) == 32 * 2 ** -7 * 13.0
+    assert ep.logit_tolerance(torch.float32, 0.1) == 32 * 2 ** -23        # small logits: absolute floor

@@ -24,6 +24,12 @@ loads just mean uneven split sizes; a rank can send, or receive, no rows at all.
 inference: `dist.all_to_all_single` has no backward, so training through it would need the
 differentiable collectives of `torch.distributed.nn`.
 
+`--check` compares with the one-process model without loading a second full model: the
+reference holds one decoder layer at a time (`streamed_logits`), and the tolerance follows from the
+dtype the ranks ran in (`logit_tolerance`; the check runs in float32 unless told otherwise). The
+collectives' timeout grows with the bytes a rank must read before its first collective
+(`collective_timeout`), since the slowest loader sets when the others hear from it.
+
 The same code runs on gloo (CPU processes) and NCCL (one GPU per rank):
 
     python -m mixtral_edu.parallel.expert_parallel --check --nproc 2 --weights data/tiny-mixtral
@@ -53,10 +59,16 @@ from ..model.experts import Experts
 from ..model.moe import SparseMoeBlock, dispatch_grouped
 from ..model.router import route
 
-#: The check passes when no logit differs by more than this (float32 logits of order 10 carry
-#: rounding of ~1e-6; a wrong expert or a lost token changes them by 0.1 or more).
+#: float32 logits of order 10 carry rounding of ~1e-6; a wrong expert or a lost token changes them by 0.1
+#: or more. The check itself derives its tolerance from the run's dtype: `logit_tolerance`.
 LOGIT_TOLERANCE = 1e-4
+#: Tolerance in units of the dtype's rounding (eps x the largest |logit|). Measured on the tiny model in
+#: float32: 2 and 4 ranks differ from one process by 7.6e-6 at |logit| 13, i.e. 5 units; the one-process
+#: model's own grouped vs gathered dispatch, 8.1e-6. 32 units leaves 6x room.
+LOGIT_UNITS = 32
 TIMEOUT = datetime.timedelta(seconds=120)
+#: A slow network disk: the timeout must outlast the slowest rank's read of its share of the weights.
+MIN_READ_BYTES_PER_S = 100e6
 DEFAULT_PROMPTS = (
     "In the beginning God created the heaven and the earth.",
     "def add(a, b):\n    return a + b\n",
@@ -293,39 +305,71 @@ def _gloo_loopback() -> None:
             os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
-def _spawned(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    """Entry point of each spawned process: join the group, run fn(*args), save its result."""
-    torch.set_num_threads(1)          # N processes share the machine's cores
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
+def collective_timeout(cfg, dtype: torch.dtype, world_size: int) -> datetime.timedelta:
+    """How long a rank waits in a collective: TIMEOUT plus its share of the weights read at
+    MIN_READ_BYTES_PER_S (ranks load at their own pace; the first MoE layer waits for the slowest).
+    Mixtral-8x7B in bf16 over 2 ranks: 48.3 GB -> 120 + 483 s."""
+    from ..params import count_parameters
+
+    counts = count_parameters(cfg)
+    share = (counts["experts"] / world_size + counts["total"] - counts["experts"]) * dtype.itemsize
+    return TIMEOUT + datetime.timedelta(seconds=share / MIN_READ_BYTES_PER_S)
+
+
+def rss_bytes() -> tuple[Optional[int], Optional[int]]:
+    """(resident bytes now, peak resident bytes so far) of this process; None where unknown."""
     try:
+        import psutil
+        now = int(psutil.Process().memory_info().rss)
+    except ImportError:
+        now = None
+    try:
+        import resource
+    except ImportError:                                   # Windows
+        return now, None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return now, peak * (1 if sys.platform == "darwin" else 1024)     # bytes on macOS, KiB on Linux
+
+
+def _spawned(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str,
+             timeout: datetime.timedelta) -> None:
+    """Entry point of each spawned process: join the group, run fn(*args), save its result (a dict
+    result also gets "rss_at_start" and "peak_rss", bytes)."""
+    torch.set_num_threads(1)          # N processes share the machine's cores
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        at_start, _ = rss_bytes()
         result = fn(*args)
+        if isinstance(result, dict):
+            result.update(rss_at_start=at_start, peak_rss=rss_bytes()[1])
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def spawn(nproc: int, fn: Callable, *args) -> list:
+def spawn(nproc: int, fn: Callable, *args, timeout: datetime.timedelta = TIMEOUT) -> list:
     """Run `fn(*args)` in `nproc` new CPU processes joined in one gloo group; return their results by rank.
 
     fn must be importable (a module-level function of a package, not one defined in a notebook).
     The rendezvous store lives in this process on a port the OS picks, so parallel runs never
-    collide; gloo stays on the loopback interface. Raises if any process fails.
+    collide; gloo stays on the loopback interface. timeout: of every collective (see
+    collective_timeout). Raises if any process fails.
     """
     import torch.multiprocessing as mp
 
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     _gloo_loopback()
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="expert-parallel-") as out_dir:
-        mp.start_processes(_spawned, args=(nproc, store.port, fn, args, out_dir), nprocs=nproc,
+        mp.start_processes(_spawned, args=(nproc, store.port, fn, args, out_dir, timeout), nprocs=nproc,
                            join=True, start_method="spawn")
         # our own files, written just now by our own processes: full unpickling is safe
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
-def init_from_torchrun() -> tuple[str, torch.device]:
+def init_from_torchrun(timeout: datetime.timedelta = TIMEOUT) -> tuple[str, torch.device]:
     """Join the group torchrun set up (env://): NCCL and this rank's GPU when CUDA is there, else gloo."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -333,7 +377,7 @@ def init_from_torchrun() -> tuple[str, torch.device]:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    dist.init_process_group(backend, timeout=timeout)
     return backend, device
 
 
@@ -401,7 +445,12 @@ def moe_layer_worker(block: SparseMoeBlock, inputs: Sequence[torch.Tensor]) -> d
 # ===================================================================== the check against one process
 @dataclass
 class CheckReport:
-    """The expert-parallel run beside the one-process model, prompt by prompt (one per rank)."""
+    """The expert-parallel run beside the one-process model, prompt by prompt (one per rank).
+
+    reference_logits: the one-process logits `[T, vocab]` of each rank's prompt; reference_tokens: its
+    greedy choice after the prompt and after each token the rank generated (teacher-forced);
+    tolerance: `logit_tolerance` of the run's dtype at the largest reference |logit|.
+    """
 
     nproc: int
     max_logit_diff: float
@@ -409,10 +458,72 @@ class CheckReport:
     results: list[dict] = field(repr=False)
     reference_logits: list[torch.Tensor] = field(repr=False)
     reference_tokens: list[list[int]] = field(repr=False)
+    tolerance: float = LOGIT_TOLERANCE
+    dtype: torch.dtype = torch.float32
 
     @property
     def passed(self) -> bool:
-        return self.max_logit_diff <= LOGIT_TOLERANCE and self.tokens_agree
+        return self.max_logit_diff <= self.tolerance and self.tokens_agree
+
+
+def logit_tolerance(dtype: torch.dtype, largest_logit: float) -> float:
+    """LOGIT_UNITS units of `dtype`'s rounding at the largest |logit|: float32 at 13 -> 5.0e-5, bfloat16
+    at 13 -> 3.2 (bf16 logits of 10 are 0.06 apart; a bf16 check can only catch gross faults, hence the
+    float32 default of --check)."""
+    return LOGIT_UNITS * torch.finfo(dtype).eps * max(1.0, largest_logit)
+
+
+@torch.no_grad()
+def streamed_logits(path, sequences: Sequence[Sequence[int]], dtype: Optional[torch.dtype] = None,
+                    device="cpu") -> list[torch.Tensor]:
+    """The one-process model's logits, float32 `[T, vocab]` per sequence, one decoder layer in memory at a time.
+
+    The reference for `--check` on real weights: the embeddings, final norm and lm_head stay (0.5 GB
+    for the 8x7B in bf16); each decoder layer is read (weights.partial), run on every sequence, and
+    dropped. The same modules in the same order as `Mixtral.forward`, so no second full model is needed.
+    """
+    from ..model.mixtral import Mixtral
+    from ..model.rope import RotaryEmbedding
+    from ..weights.keys import is_stacked_expert
+    from ..weights.layouts import checkpoint_dtype, detect_layout, read_config, weight_files
+    from ..weights.partial import missing, read_into
+
+    cfg = read_config(path)
+    layout = detect_layout(path)
+    dtype = dtype or checkpoint_dtype(Path(path), layout, weight_files(Path(path), layout)[0])
+    with torch.device("meta"):
+        model = Mixtral(cfg).to(dtype)
+
+    def fill(modules: dict) -> None:
+        """Storage for `modules` {prefix: module} on `device`, filled from the checkpoint."""
+        params = {}
+        for prefix, module in modules.items():
+            module.to_empty(device=device)
+            params.update(module.named_parameters(prefix=prefix))
+        needed = set()
+        for name, p in params.items():
+            needed |= {(name, j) for j in range(p.shape[0])} if is_stacked_expert(name) else {(name, None)}
+
+        def target(name: str, expert: Optional[int]) -> Optional[torch.Tensor]:
+            if name not in params:
+                return None
+            return params[name] if expert is None else params[name][expert]
+        missing(needed, read_into(path, target), path)
+
+    ends = {"embed_tokens": model.embed_tokens, "norm": model.norm, "lm_head": model.lm_head}
+    if cfg.tie_word_embeddings:
+        del ends["lm_head"]
+    fill(ends)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device, dtype)
+    hidden = [model.embed_tokens(torch.tensor([list(ids)], device=device)) for ids in sequences]
+    for i, layer in enumerate(model.layers):
+        fill({f"layers.{i}": layer})
+        for j, h in enumerate(hidden):
+            hidden[j] = layer(h, *rope(0, h.shape[1]))[0]
+        layer.to("meta")                                    # its storage goes
+    return [model.lm_head(model.norm(h))[0].float().cpu() for h in hidden]
 
 
 def default_prompts(weights, nproc: int, texts: Optional[Sequence[str]] = None) -> list[list[int]]:
@@ -425,43 +536,68 @@ def default_prompts(weights, nproc: int, texts: Optional[Sequence[str]] = None) 
     return [[tok.bos_id] + tok.encode(texts[r % len(texts)]) for r in range(nproc)]
 
 
-def compare_with_single_process(job: RunJob, results: list[dict], model: Optional[nn.Module] = None) -> CheckReport:
-    """Run each rank's prompt through the ordinary one-process model and compare logits and greedy tokens.
+def run_dtype(job: RunJob) -> torch.dtype:
+    """The dtype the ranks compute in: the shared model's, else job.dtype, else the checkpoint's."""
+    from ..weights.layouts import checkpoint_dtype, detect_layout, weight_files
 
-    model: the one-process Mixtral (default: loaded from job.weights with weights.load_model).
+    if job.model is not None:
+        return next(job.model.parameters()).dtype
+    if job.dtype is not None:
+        return job.dtype
+    layout = detect_layout(job.weights)
+    return checkpoint_dtype(Path(job.weights), layout, weight_files(Path(job.weights), layout)[0])
+
+
+def compare_with_single_process(job: RunJob, results: list[dict], model: Optional[nn.Module] = None,
+                                device="cpu") -> CheckReport:
+    """Each rank's prompt and greedy tokens through the one-process model: logits and choices compared.
+
+    model: a one-process Mixtral already in memory; None streams the checkpoint one layer at a time
+    (`streamed_logits`, on `device`), in the dtype the ranks ran in. One forward per rank of its prompt
+    plus the tokens it generated: the logits over the prompt must agree within `logit_tolerance`, and
+    each generated token must be the reference's greedy choice, or tie with it within that tolerance.
     """
-    from ..weights.load import load_model
-    from ..inference.generate import generate
-
+    dtype = run_dtype(job)
+    sequences = [r["prompt"] + r["new_tokens"][:-1] for r in results]
     if model is None:
-        model = load_model(job.weights, dtype=job.dtype, progress=False)
-    ref_logits, ref_tokens, diff, agree = [], [], 0.0, True
-    for result in results:
+        reference = streamed_logits(job.weights, sequences, dtype, device)
+    else:
         with torch.no_grad():
-            logits = model(torch.tensor([result["prompt"]]))[0].float()
-        tokens = generate(model, result["prompt"], job.max_new_tokens, eos_id=None)
-        diff = max(diff, float((logits - result["logits"]).abs().max()))
-        agree = agree and tokens == result["new_tokens"]
-        ref_logits.append(logits)
-        ref_tokens.append(tokens)
-    return CheckReport(len(results), diff, agree, results, ref_logits, ref_tokens)
+            reference = [model(torch.tensor([s], device=next(model.parameters()).device))[0].float().cpu()
+                         for s in sequences]
+    tolerance = logit_tolerance(dtype, max(float(ref.abs().max()) for ref in reference))
+    ref_logits, ref_tokens, diff, agree = [], [], 0.0, True
+    for result, ref in zip(results, reference):
+        n = len(result["prompt"])
+        diff = max(diff, float((ref[:n] - result["logits"]).abs().max()))
+        chosen = ref[n - 1:]                                     # [new tokens, vocab]
+        for row, token in zip(chosen, result["new_tokens"]):
+            agree = agree and bool(row[token] >= row.max() - tolerance)
+        ref_logits.append(ref[:n])
+        ref_tokens.append(chosen.argmax(dim=-1).tolist()[:len(result["new_tokens"])])
+    return CheckReport(len(results), diff, agree, results, ref_logits, ref_tokens, tolerance, dtype)
 
 
 def check(weights, nproc: int = 2, prompts: Optional[Sequence[str]] = None, max_new_tokens: int = 8,
-          model: Optional[nn.Module] = None, share_model: bool = False) -> CheckReport:
+          model: Optional[nn.Module] = None, share_model: bool = False,
+          dtype: Optional[torch.dtype] = torch.float32) -> CheckReport:
     """Spawn `nproc` gloo processes, run one prompt per rank expert-parallel, compare with one process.
 
     prompts: texts, rank r takes prompts[r % len] (default: DEFAULT_PROMPTS); model: the one-process
-    reference if already loaded; share_model: hand that model to the ranks to shard (see RunJob)
-    instead of loading the checkpoint in each of them.
+    reference if already loaded (else streamed from the checkpoint); share_model: hand that model to
+    the ranks to shard (see RunJob) instead of each rank reading its part of the checkpoint. dtype: of
+    the ranks' weights (float32 by default: the tightest tolerance; None keeps the checkpoint's).
     """
-    job = RunJob(str(weights), default_prompts(weights, nproc, prompts), max_new_tokens)
+    from ..weights.layouts import read_config
+
+    job = RunJob(str(weights), default_prompts(weights, nproc, prompts), max_new_tokens, dtype=dtype)
     _check_job(job)
     if share_model:
         if model is None:
             raise ValueError("share_model=True needs the loaded model")
         job.model = model
-    return compare_with_single_process(job, spawn(nproc, run_worker, job), model)
+    timeout = collective_timeout(read_config(weights), run_dtype(job), nproc)
+    return compare_with_single_process(job, spawn(nproc, run_worker, job, timeout=timeout), model)
 
 
 def _check_job(job: RunJob) -> None:
@@ -479,12 +615,16 @@ def _check_job(job: RunJob) -> None:
 def report_lines(report: CheckReport) -> list[str]:
     lines = [f"expert parallel on {report.nproc} processes vs one process, {len(report.results)} prompts "
              f"({', '.join(str(len(r['prompt'])) for r in report.results)} tokens)",
-             f"largest logit difference: {report.max_logit_diff:.3g} (tolerance {LOGIT_TOLERANCE:g})",
+             f"largest logit difference: {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}: "
+             f"{LOGIT_UNITS} x {str(report.dtype).removeprefix('torch.')} eps x the largest |logit|)",
              f"greedy tokens agree: {report.tokens_agree}"]
     sent = sum(rec.bytes_sent for r in report.results for layer in r["prefill"] for rec in layer)
     tokens = sum(len(r["prompt"]) for r in report.results)
     layers = len(report.results[0]["prefill"])
     lines.append(f"prefill: {sent / (tokens * layers):.1f} bytes sent per token per layer (both directions)")
+    peaks = [r.get("peak_rss") for r in report.results]
+    if all(p is not None for p in peaks):
+        lines.append("peak resident memory per rank: " + ", ".join(f"{p / 2**20:.0f} MiB" for p in peaks))
     lines.append("PASS" if report.passed else "FAIL")
     return lines
 
@@ -501,12 +641,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat the option for more; rank r takes prompt r, cycling)")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="weights' dtype on the ranks (default: float32 with --check, for a tight tolerance; "
+                        "else the checkpoint's)")
     return p
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..assets import default_weights_dir
     from ..weights.errors import CheckpointError
+    from ..weights.layouts import read_config
 
     args = _parser().parse_args(argv)
     weights = str(args.weights or default_weights_dir())
@@ -518,16 +665,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        job = RunJob(weights, default_prompts(weights, nproc, args.prompt), args.max_new_tokens)
+        dtype = _DTYPES[args.dtype] if args.dtype else (torch.float32 if args.check else None)
+        job = RunJob(weights, default_prompts(weights, nproc, args.prompt), args.max_new_tokens, dtype=dtype)
         _check_job(job)
+        timeout = collective_timeout(read_config(weights), run_dtype(job), nproc)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    device = "cpu"
     if under_torchrun:
-        init_from_torchrun()
+        _, rank_device = init_from_torchrun(timeout)
+        device = rank_device if rank_device.type == "cuda" else "cpu"     # rank 0 streams the reference there
         try:
+            at_start = rss_bytes()[0]
             result = run_worker(job)
+            result.update(rss_at_start=at_start, peak_rss=rss_bytes()[1])
             gathered = [None] * nproc if dist.get_rank() == 0 else None
             dist.gather_object(result, gathered, dst=0)
             if dist.get_rank() != 0:
@@ -536,7 +689,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             dist.destroy_process_group()
     else:
-        results = spawn(nproc, run_worker, job)
+        results = spawn(nproc, run_worker, job, timeout=timeout)
 
     from ..tokenizer import Tokenizer
     tok_file = Path(weights) / "tokenizer.model"
@@ -545,7 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rank {r['rank']}: {tok.decode(r['prompt'][1:])!r} -> {tok.decode(r['new_tokens'])!r}")
     if not args.check:
         return 0
-    report = compare_with_single_process(job, results)
+    report = compare_with_single_process(job, results, device=device)
     print("\n".join(report_lines(report)))
     return 0 if report.passed else 1
 
