@@ -148,3 +148,13 @@ def test_the_tolerance_follows_the_dtype():
     assert ep.logit_tolerance(torch.float32, 13.0) == 32 * 2 ** -23 * 13.0
     assert ep.logit_tolerance(torch.bfloat16, 13.0) == 32 * 2 ** -7 * 13.0
     assert ep.logit_tolerance(torch.float32, 0.1) == 32 * 2 ** -23        # small logits: absolute floor
+
+
+def test_peak_memory_is_this_programs_own():
+    """A spawned rank's peak must not start from its parent's: Linux's VmHWM does not, ru_maxrss does."""
+    big = torch.ones(64 * 2**20 // 4)                     # 64 MiB touched
+    now, peak = ep.rss_bytes()
+    assert peak >= now > big.numel() * 4
+    if sys.platform == "linux":
+        hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        assert abs(peak - hwm) < 4 * 2**20

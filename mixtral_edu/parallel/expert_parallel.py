@@ -317,18 +317,29 @@ def collective_timeout(cfg, dtype: torch.dtype, world_size: int) -> datetime.tim
 
 
 def rss_bytes() -> tuple[Optional[int], Optional[int]]:
-    """(resident bytes now, peak resident bytes so far) of this process; None where unknown."""
+    """(resident bytes now, peak resident bytes of this process) where the system says; else None.
+
+    The peak is Linux's VmHWM, which starts afresh with each program; getrusage's ru_maxrss does not
+    (a spawned child starts from its parent's peak), so it is only the fallback (macOS).
+    """
     try:
         import psutil
         now = int(psutil.Process().memory_info().rss)
     except ImportError:
         now = None
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return now, int(line.split()[1]) * 1024           # kB
+    except OSError:
+        pass
+    try:
         import resource
     except ImportError:                                   # Windows
         return now, None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return now, peak * (1 if sys.platform == "darwin" else 1024)     # bytes on macOS, KiB on Linux
+    return now, peak * (1 if sys.platform == "darwin" else 1024)
 
 
 def _spawned(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str,
