@@ -8,8 +8,8 @@ tokenizer.model, README.md or generation_config.json are ignored:
     "mistral"      params.json + consolidated.safetensors      (interleaved RoPE q/k rows)
     "mistral-pt"   params.json + consolidated.00.pt ... (or .pth): the original release, experts
                    fused per layer. Each file holds whole tensors (transformers' converter merges
-                   the files' dicts, it does not concatenate slices); read only with
-                   torch.load(weights_only=True, mmap=True), so nothing but tensors is unpickled.
+                   the files' dicts, it does not concatenate slices); read by pt_header.py, which
+                   unpickles nothing but tensor records and maps one tensor at a time.
 
 An index must name shards that exist and hold exactly the tensors it promises, each a plain file
 name inside the folder; config and index files are read only if they are small regular files.
@@ -92,26 +92,15 @@ def read_config(path: PathLike) -> MixtralConfig:
 
 
 def pt_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of one original-release .pt file, memory-mapped, tensors only (no arbitrary unpickling).
-
-    The file's mapping lives until its last tensor is used: peak memory is the model plus one file.
+    """(key, tensor) of one original-release .pt/.pth file, in file order, nothing unpickled but tensor
+    records (pt_header.py). Each tensor maps only its own bytes and is unmapped once the caller lets go
+    of it, so the 93 GB single-file release stays about one tensor resident, on any host.
     """
+    from .pt_header import pt_file_tensors
+
     if not file.is_file():
         raise CheckpointError(f"{file}: not a regular file")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"{file}: not a readable weights-only torch file ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
-    if not all(isinstance(k, str) for k in state):
-        bad = next(k for k in state if not isinstance(k, str))
-        raise CheckpointError(f"{file}: key {bad!r} is a {type(bad).__name__}, not a tensor name")
-    for key in sorted(state):
-        value = state.pop(key)
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{file}: entry {key} is a {type(value).__name__}, not a tensor")
-        yield key, value
+    yield from pt_file_tensors(file)
 
 
 def hf_shards(folder: Path) -> list[tuple[Path, Optional[list[str]]]]:

@@ -23,9 +23,12 @@ import io
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import Iterator, NamedTuple, Union
+
+import torch
 
 from .errors import CheckpointError
 
@@ -118,17 +121,23 @@ def read_pt_header(path: Union[str, os.PathLike]) -> dict[str, TensorInfo]:
     """{name: TensorInfo} of a torch.save'd dict of tensors in `path`, its data unread.
 
     Checks, from the zip directory and the pickle alone: one data.pkl, every storage a stored
-    (uncompressed) member of exactly numel * element-size bytes that lies inside the file, every
+    (uncompressed) member of exactly numel * element size bytes that lies inside the file, every
     tensor inside its storage. Raises CheckpointError naming the file and the problem.
     """
+    return _read_header(path)[0]
+
+
+def _read_header(path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """(tensors, {storage key: byte offset of its data in the file})."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: not a zip-format torch file, or truncated (its directory at the end "
-                              f"is unreadable: {err}); files from torch < 1.6 are not read") from None
+        raise CheckpointError(f"{path}: not a readable weights-only torch file (not a zip archive, or truncated: "
+                              f"its directory at the end is unreadable: {err}; files from torch < 1.6 are not read)"
+                              ) from None
     with archive:
         members = {info.filename: info for info in archive.infolist()}
         pickles = [name for name in members if name == "data.pkl" or name.endswith("/data.pkl")]
@@ -143,17 +152,22 @@ def read_pt_header(path: Union[str, os.PathLike]) -> dict[str, TensorInfo]:
             state = _MetadataUnpickler(io.BytesIO(raw)).load()
         except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
                 IndexError, KeyError, OSError) as err:
-            raise CheckpointError(f"{path}: its pickle is not a plain dict of tensors ({err})") from None
+            raise CheckpointError(f"{path}: not a readable weights-only torch file (its pickle is not a plain "
+                                  f"dict of tensors: {err})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(state).__name__}")
         for key, value in state.items():
-            if not isinstance(key, str) or not isinstance(value, TensorInfo):
-                raise CheckpointError(f"{path}: entry {key!r:.60} is a {type(value).__name__}, not a named tensor")
-        _check_storages(path, archive, members, prefix, state)
-    return dict(state)
+            if not isinstance(key, str):
+                raise CheckpointError(f"{path}: key {key!r:.60} is a {type(key).__name__}, not a tensor name")
+            if not isinstance(value, TensorInfo):
+                raise CheckpointError(f"{path}: entry {key:.60} is a {type(value).__name__}, not a tensor")
+        if f"{prefix}byteorder" in members and archive.read(f"{prefix}byteorder") != b"little":
+            raise CheckpointError(f"{path}: saved on a big-endian machine; only little-endian files are read")
+        starts = _check_storages(path, members, prefix, state)
+    return dict(state), starts
 
 
-def _check_storages(path: Path, archive: zipfile.ZipFile, members: dict, prefix: str, state: dict) -> None:
+def _check_storages(path: Path, members: dict, prefix: str, state: dict) -> dict[str, int]:
     length = path.stat().st_size
     seen = {}
     with open(path, "rb") as f:
@@ -171,10 +185,12 @@ def _check_storages(path: Path, archive: zipfile.ZipFile, members: dict, prefix:
                 raise CheckpointError(f"{path}: tensor {key} of shape {list(tensor.shape)} reaches past the end "
                                       f"of its storage data/{ref.key} ({ref.numel} elements)")
             if ref.key not in seen:
-                seen[ref.key] = _data_end(f, member)
-                if seen[ref.key] > length:
-                    raise CheckpointError(f"{path}: storage data/{ref.key} ends at byte {seen[ref.key]}, past the "
+                end = _data_end(f, member)
+                if end > length:
+                    raise CheckpointError(f"{path}: storage data/{ref.key} ends at byte {end}, past the "
                                           f"end of the file ({length} bytes): truncated?")
+                seen[ref.key] = end - member.file_size
+    return seen
 
 
 def _data_end(f, member: zipfile.ZipInfo) -> int:
@@ -192,3 +208,40 @@ def storage_bytes(tensors: dict[str, TensorInfo]) -> int:
     """Bytes of data behind `tensors`: each distinct storage once."""
     refs = {t.storage.key: t.storage for t in tensors.values()}
     return sum(ref.numel * ref.itemsize for ref in refs.values())
+
+
+def pt_file_tensors(path: Union[str, os.PathLike]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a torch.save'd dict of tensors, one at a time in file order; nothing is
+    unpickled beyond `read_pt_header`'s records.
+
+    Each tensor is a read-only memory map of its own storage only, unmapped when the caller lets go of
+    it: the pages resident at once stay about one tensor's, even for the 93 GB single-file release,
+    and no map of the whole file is asked for (torch.load(mmap=True) asks for one, copy-on-write,
+    which a host with less memory than the file may refuse: this 24 GB machine does).
+    """
+    import mmap
+
+    path = Path(path)
+    tensors, starts = _read_header(path)
+    page = mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        for key, info in sorted(tensors.items(), key=lambda kv: (starts[kv[1].storage.key], kv[0])):
+            ref = info.storage
+            dtype = getattr(torch, ref.dtype)
+            start, nbytes = starts[ref.key], ref.numel * ref.itemsize
+            if nbytes == 0:
+                yield key, torch.empty(info.shape, dtype=dtype)
+                continue
+            base = start // page * page
+            mapped = mmap.mmap(f.fileno(), start - base + nbytes, access=mmap.ACCESS_READ, offset=base)
+            with warnings.catch_warnings():               # a read-only buffer: nothing writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(mapped, dtype=dtype, count=ref.numel, offset=start - base)
+            tensor = flat.as_strided(info.shape, info.stride, info.offset)
+            del flat
+            yield key, tensor
+            del tensor
+            try:
+                mapped.close()
+            except BufferError:                           # the caller kept a view: unmapped when it goes
+                pass
