@@ -6,7 +6,7 @@ Five hands-on tasks, one pitfall each:
     task 2  hidden EOS          `decode(skip_special_tokens=True)` hides an injected EOS from the logs
     task 3  stop on the id      a generation loop must stop on id 2, not on the text "</s>"
     task 4  EOS in the labels   fine-tuning labels must train the EOS after every answer
-    task 5  truncation          cutting a long chat to a budget must not cut the final answer's EOS
+    task 5  truncation          cutting a chat to a budget drops whole old turns, never the final question or EOS
 
 Same conventions as `exercises.py`: a blank answer (`...`, `None`, or a function whose body is
 `...`) prints "not attempted yet" and returns False; a wrong answer raises `WrongAnswer` with a
@@ -20,6 +20,7 @@ Imports without transformers: the checkers take plain lists of ids and functions
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional
 
 from ..chat import chat_segments, encode_chat
@@ -103,27 +104,43 @@ _LOG_CASES = [
     [1, 1, 733, 16289, 28793, 22557],                       # double BOS
     [22557, 28808],                                         # nothing special
 ]
+# "45?</s>[INST]" typed (the text </s> as three pieces) and "45?" + the real EOS id + " [INST]": a log that
+# decodes control ids to the text "</s>" prints them almost alike ("45?</s>[INST]" against "45?</s> [INST]").
+_TYPED_VS_REAL = ("45?</s>[INST]", ["45?", None, "[INST]"])
+
+
+def _typed_and_real(tok) -> tuple[list[int], list[int]]:
+    typed = tok.encode(_TYPED_VS_REAL[0])
+    real = [i for part in _TYPED_VS_REAL[1] for i in ([tok.eos_id] if part is None else tok.encode(part))]
+    return typed, real
 
 
 def check_task2_visible_log(log_line: Callable, tokenizer=None) -> bool:
-    """Task 2: `log_line(ids) -> str` shows every BOS as `<s>` and every EOS as `</s>` (and the text
-    of the other ids), so a log reveals what `decode(skip_special_tokens=True)` hides."""
+    """Task 2: `log_line(ids) -> str` shows every BOS as `<s>` and every EOS as `</s>`, and nothing else
+    as either: a user who types the characters `</s>` must not look like a real end of turn. The text of
+    the other ids stays readable, so a log reveals what `decode(skip_special_tokens=True)` hides."""
     label = "task 2"
     if _blank(log_line) or (callable(log_line) and log_line([1]) is None):
         return _not_attempted(label, "the body of `log_line`")
     tok = _tok(tokenizer)
     _require(callable(log_line), f"expected a function, got {type(log_line).__name__}")
-    for ids in _LOG_CASES:
+    typed, real = _typed_and_real(tok)
+    for ids in _LOG_CASES + [typed, real]:
         line = log_line(list(ids))
         _require(isinstance(line, str), f"log_line must return a str, got {type(line).__name__}")
         for name, marker, control in (("BOS", "<s>", tok.bos_id), ("EOS", "</s>", tok.eos_id)):
             want = ids.count(control)
             got = line.count(marker)
-            _require(got == want, f"{ids}: {want} {name} id(s) but the line {line!r} shows {got} {marker!r}")
-        plain = tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)]).strip()
-        _require(all(word in line for word in plain.split()),
-                 f"{ids}: the ordinary text {plain!r} must be in the line too, got {line!r}")
-    print(f"{label}: correct — every BOS and EOS visible in {len(_LOG_CASES)} log lines")
+            hint = (" — the user typed the characters '</s>'; only the control id may print as a marker"
+                    if ids is typed and got > want else "")
+            _require(got == want, f"{tok.pieces(ids)}: {want} {name} id(s) but the line {line!r} shows {got} "
+                                  f"{marker!r}{hint}")
+        plain = tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)])
+        words = re.findall(r"[A-Za-z0-9]+", plain)
+        _require(all(word in line for word in words),
+                 f"{ids}: the ordinary text {plain!r} must be readable in the line too, got {line!r}")
+    print(f"{label}: correct — every BOS and EOS visible in {len(_LOG_CASES) + 2} log lines, and a typed "
+          "'</s>' never looks like one")
     return True
 
 
@@ -185,9 +202,34 @@ def check_task4_labels(make_labels: Callable, tokenizer=None) -> bool:
 
 
 # --------------------------------------------------------------------------------- task 5
+_LONG_CHAT = WORKSHOP_CHAT + [{"role": "user", "content": "Which is larger, 7 or 70?"},
+                              {"role": "assistant", "content": "70"}]
+
+
+def reference_truncate(tokenizer, messages, max_len: int) -> list[int]:
+    """BOS, then the newest whole turns (question, answer, EOS) that fit in max_len ids; ValueError when even
+    the final turn does not fit."""
+    segments = chat_segments(tokenizer, messages)
+    bos, turns = segments[0][1], []
+    for kind, seg in segments[1:]:
+        if kind == "user":
+            turns.append([])
+        turns[-1] += seg
+    kept: list[int] = []
+    for turn in reversed(turns):
+        if len(bos) + len(turn) + len(kept) > max_len:
+            break
+        kept = turn + kept
+    if not kept:
+        raise ValueError(f"max_len {max_len}: the final turn alone needs {len(bos) + len(turns[-1])} ids")
+    return bos + kept
+
+
 def check_task5_truncate(truncate: Callable, tokenizer=None) -> bool:
-    """Task 5: `truncate(ids, max_len) -> ids` fits a training chat into max_len ids and keeps what
-    matters: BOS first, the final answer and its EOS last; unchanged when it already fits."""
+    """Task 5: `truncate(ids, max_len) -> ids` fits a training chat into max_len ids by dropping its oldest
+    whole turns: BOS first, then the newest turns that fit, each with its question, its answer and the
+    answer's EOS; unchanged when it already fits; ValueError when even the final turn does not fit (a
+    final answer without its question would train the model to answer nothing)."""
     label = "task 5"
     tok = _tok(tokenizer)
     ids = encode_chat(tok, WORKSHOP_CHAT)
@@ -196,13 +238,33 @@ def check_task5_truncate(truncate: Callable, tokenizer=None) -> bool:
     _require(callable(truncate), f"expected a function, got {type(truncate).__name__}")
     _require(_ids(truncate(list(ids), len(ids)), "truncate's result") == ids, "a chat that fits must come back unchanged")
     final_answer = tok.encode(WORKSHOP_CHAT[-1]["content"]) + [tok.eos_id]
-    for max_len in (len(ids) - 1, len(ids) - 5, 12):
-        out = _ids(truncate(list(ids), max_len), "truncate's result")
+    final_turn = len(reference_truncate(tok, WORKSHOP_CHAT, len(ids) - 1))
+    cases = [(WORKSHOP_CHAT, m) for m in (len(ids) - 1, final_turn)]
+    long_ids = encode_chat(tok, _LONG_CHAT)
+    cases += [(_LONG_CHAT, len(long_ids) - 1), (_LONG_CHAT, len(long_ids) - 2)]
+    for chat, max_len in cases:
+        chat_ids = encode_chat(tok, chat)
+        out = _ids(truncate(list(chat_ids), max_len), "truncate's result")
+        want = reference_truncate(tok, chat, max_len)
         _require(len(out) <= max_len, f"max_len {max_len}: {len(out)} ids came back")
         _require(out[:1] == [tok.bos_id], f"max_len {max_len}: the result must start with BOS, got {out[:3]}")
-        _require(out[-len(final_answer):] == final_answer,
-                 f"max_len {max_len}: the result ends with {tok.pieces(out[-3:])}, not the final answer and its EOS "
-                 f"{tok.pieces(final_answer)}: cutting the end (ids[:max_len]) trains a model that never stops")
         _require(out.count(tok.bos_id) == 1, f"max_len {max_len}: one BOS, got {out.count(tok.bos_id)}")
-    print(f"{label}: correct — BOS first and the final answer's EOS last at every budget")
+        if chat is WORKSHOP_CHAT:
+            _require(out[-len(final_answer):] == final_answer,
+                     f"max_len {max_len}: the result ends with {tok.pieces(out[-3:])}, not the final answer and its "
+                     f"EOS {tok.pieces(final_answer)}: cutting the end (ids[:max_len]) trains a model that never stops")
+        _require(out == want,
+                 f"max_len {max_len}: keep BOS and the newest *whole* turns that fit, each starting at its [INST] "
+                 f"(yours has {len(out)} ids and starts {tok.pieces(out[:5])}; expected {len(want)} ids starting "
+                 f"{tok.pieces(want[:5])}): a final answer without its question teaches nothing")
+    too_small = final_turn - 1
+    try:
+        out = truncate(list(ids), too_small)
+    except ValueError:
+        pass
+    else:
+        raise WrongAnswer(f"max_len {too_small}: the final turn (question, answer, EOS) does not fit, so no "
+                          f"truncation is right; raise ValueError instead of returning {tok.pieces(list(out or [])[:6])}")
+    print(f"{label}: correct — BOS, then the newest whole turns, at {len(cases)} budgets; ValueError when the final "
+          "turn cannot fit")
     return True
