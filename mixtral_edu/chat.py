@@ -203,7 +203,7 @@ def fastchat_prompt(messages) -> str:
 
     vLLM's OpenAI-compatible server built chat prompts this way, then tokenized the one string with
     the model's Hugging Face tokenizer, until it switched to Hugging Face chat templates in late 2023
-    (vLLM pull request #1493). Needs fschat; imported here.
+    (vLLM pull request #1756, merged; the first attempt, #1493, was closed unmerged). Needs fschat; imported here.
     """
     from fastchat.conversation import get_conv_template
 

@@ -293,3 +293,5 @@ def test_notebook_prose_cites_what_was_merged_and_scopes_its_claims():
     assert "#1756" in prose and "#1493, which was closed without merging" in prose
     assert "mistral-common's v2 tokenizer" in prose and "real fix" not in prose
     assert "Hugging Face-style tokenizer" in prose and "raw SentencePiece reads the same `</s>`" in prose
+    shown = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
+    assert "(vLLM pull request #1756, merged" in shown and "(vLLM pull request #1493)" not in shown   # chat.py's source
