@@ -164,3 +164,12 @@ def test_make_lab_serves_jupyterlab(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_readme_quotes_the_instruct_models_measured_accuracy():
+    """The README's accuracy figures are the ones the shipped model's training log records."""
+    log = json.loads((ROOT / "data" / "tiny-mixtral-instruct" / "training_log.json").read_text())["heldout_accuracy"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for question, family in (("What is A plus B?", "sum"), ("Which is larger, A or B?", "larger"),
+                             ("Reply with only the word: W", "word")):
+        assert re.search(re.escape(question) + rf'"\s*\({log[family]:.0%}', readme), (question, log[family])
