@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# The GPU device check of issue 8, in one call that ends within 8 minutes:
-# full-size Mixtral-8x7B with random weights built on the GPU, 128 greedy tokens at batch 1;
-# prints the GPU, tokens/s, peak memory and the fraction of the memory-bandwidth bound
-# (against the copy bandwidth measured in the same run and against the vendor's figure),
-# after timing the big matrix-vector products alone (--kernel-bench).
-#   bf16 needs a 141 GB H200; on an 80 GB H100 run with QUANT=int8.
+# The GPU device check (issues 8 and 30), in one call that ends within 8 minutes, on random full-size weights:
+#   0. fast against eager: two full-width layers in float32, FastDecoder's logits against Mixtral.forward's
+#   1. decode tokens/s at batch 1, 128 greedy tokens: bf16 when the GPU holds the 93.4 GB (an H200),
+#      else int8 (an 80 GB H100), with the fraction of the memory-bandwidth bound and the matrix-vector
+#      products timed alone (--kernel-bench)
+#   2. expert offloading: cache hit rate, bytes copied per token and tokens/s (8 full-width layers, 13 slots:
+#      the 24 GB plan's 51 slots for 32 layers, scaled)
 # Usage (repository root, on the GPU machine): OUT=/some/dir bash benchmarks/device_check.sh
+# QUANT=none|int8|none,int8 and MODES=graph,compile override step 1's choices; T0, T1, T2 its time limits.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ -z "${QUANT:-}" ]; then
+  if [ "${MEM_MIB:-0}" -gt 120000 ]; then QUANT=none; else QUANT=int8; fi
+fi
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  # 0. decisive correctness check (added after the H200 runs in README.md, not yet run there): two
-  #    full-width layers in float32, where the fast step's logits must match Mixtral.forward's to ~1e-6
+  git log -1 --format='commit %H %s' 2>/dev/null | cut -c1-120
+  echo "step 1 runs quant=$QUANT (GPU memory ${MEM_MIB} MiB)"
   timeout "${T0:-90}" python3 benchmarks/decode.py --config full --random-weights --layers 2 --dtype float32 \
-      --tokens 16 --quant none,int8 --modes graph --json "$OUT/decode_check.json" 2>&1 | grep --line-buffered -e "\[" -e FAILED
-  timeout "${T1:-400}" python3 benchmarks/decode.py --config full --random-weights --tokens 128 \
-      --quant "${QUANT:-none,int8}" --modes "${MODES:-graph,compile}" --kernel-bench --json "$OUT/decode.json" \
-      2>&1 | grep --line-buffered -v -e "UserWarning" -e "Online softmax" -e "split the reduction" -e "important use case" -e "softmax.$" -e "warnings.warn" -e "^$"
+      --tokens 16 --quant none,int8 --modes graph --json "$OUT/decode_check.json" \
+      2>&1 | grep --line-buffered -e "\[" -e FAILED -e Error
+  timeout "${T1:-270}" python3 benchmarks/decode.py --config full --random-weights --tokens 128 \
+      --quant "$QUANT" --modes "${MODES:-graph}" --kernel-bench --json "$OUT/decode.json" \
+      2>&1 | grep --line-buffered -v -e "UserWarning" -e "Online softmax" -e "split the reduction" \
+      -e "important use case" -e "softmax.$" -e "warnings.warn" -e "^$"
+  timeout "${T2:-100}" python3 benchmarks/offload_check.py --layers 8 --slots 13 --tokens 32 \
+      --json "$OUT/offload.json" 2>&1 | grep --line-buffered -e "\[offload\]" -e Error
   date -u
 } 2>&1 | tee "$OUT/log"
