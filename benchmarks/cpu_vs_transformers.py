@@ -7,8 +7,9 @@ What happens, in one process:
 
 1. transformers builds a random MixtralForCausalLM (float32) and writes it with `save_pretrained`
    into a temporary folder; ours is loaded from that folder with `mixtral_edu.weights.load.load_model`,
-   so both hold the same weights and ours got them the way a user's checkpoint would: with the
-   loader's CPU defaults (lm_head stored column-major, `mixtral_edu.inference.cpu`), nothing added.
+   so both hold the same weights and ours got them the way a user's checkpoint would, with what the
+   command line installs on a CPU (`optimize_for`: lm_head stored column-major and the thread
+   policy, `mixtral_edu.inference.cpu`), nothing else.
 2. Prefill: one forward pass over `--prefill-len` tokens that fills a KV cache and computes the
    last position's logits only (what generation does). Both models, alternating, best of `--repeats`.
 3. Decode: `--new-tokens` greedy tokens after a `--prompt-len`-token prompt. Ours through
@@ -24,7 +25,7 @@ What happens, in one process:
    products), `FastDecoder(model, compile=True)` (torch.compile on the CPU; its warm-up is timed)
    and bfloat16 weights (speed only: bf16 tokens are not expected to equal float32 ones).
 7. --busy N: decode again with N busy-looping processes beside it (contention), ours and
-   transformers, and ours with a fixed thread count (without `DecodeThreads`).
+   transformers, and ours with a fixed thread count (without the thread policy's `DecodeThreads`).
 
 Timings are best-of-N wall-clock times with the two models interleaved, so a busy machine slows
 both alike; the ratios are the numbers to compare, the absolute times depend on the load.
@@ -45,10 +46,10 @@ import torch
 
 from mixtral_edu.weights import load_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.inference import generate as generate_module
 from mixtral_edu.inference.decode import FastDecoder
 from mixtral_edu.inference.generate import generate
-from mixtral_edu.inference.cpu import DecodeThreads, to_column_major_
+from mixtral_edu.inference.cpu import DecodeThreads, to_column_major_, use_thread_policy_
+from mixtral_edu.inference.optimize import optimize_for
 from mixtral_edu.params import count_parameters
 
 ISSUE_CONFIG = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=8, top_k=2, intermediate=1024,
@@ -104,9 +105,10 @@ def build_models(args: argparse.Namespace, folder: str):
 
 
 def load_ours(folder: str):
-    """Ours as a user gets it, from a checkpoint folder: `load_model`'s defaults (also used by
-    benchmarks/llama_cpp.py). tests/test_benchmarks_smoke.py checks it is exactly that."""
-    return load_model(folder, dtype=torch.float32, progress=False)
+    """Ours as a user of the command line gets it, from a checkpoint folder: `load_model`, then
+    `optimize_for` the CPU (also used by benchmarks/llama_cpp.py). tests/test_benchmarks_smoke.py
+    checks it is exactly that."""
+    return optimize_for(load_model(folder, dtype=torch.float32, progress=False), "cpu")
 
 
 def active_bytes_per_token(cfg: MixtralConfig, element_size: int = 4) -> int:
@@ -236,9 +238,9 @@ def best_decode(decode, model, prompt, n: int, repeats: int) -> tuple[float, lis
     return max(s.tokens_per_s() for s, _ in runs), runs[-1][1]
 
 
-def fixed_threads(*args, **kwargs) -> DecodeThreads:
-    """Stands in for generate's `DecodeThreads`: with nothing to sample, the thread count stays as set."""
-    return DecodeThreads(*args, **kwargs, sample=lambda: None)
+def fixed_threads() -> DecodeThreads:
+    """Stands in for the thread policy's `DecodeThreads`: with nothing to sample, the thread count stays as set."""
+    return DecodeThreads(sample=lambda: None)
 
 
 def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: float, bound: float) -> None:
@@ -253,7 +255,7 @@ def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: fl
     rowsum = to_column_major_(copy.deepcopy(ours))
     report("to_column_major_ (row sums)", *best_decode(decode_ours, rowsum, prompt, n, args.repeats))
     del rowsum
-    decoder = FastDecoder(ours, max_seq_len=prompt.shape[1] + n, compile=True)
+    decoder = FastDecoder(copy.deepcopy(ours), max_seq_len=prompt.shape[1] + n, compile=True)
     t = time.perf_counter()
     decode_fast(decoder, prompt, 3)                   # compiles
     warmup = time.perf_counter() - t
@@ -273,12 +275,11 @@ def busy_runs(ours, hf, prompt: torch.Tensor, args, quiet_ours: float, quiet_hf:
         n, r = args.new_tokens, args.repeats
         tps_ours, _ = best_decode(decode_ours, ours, prompt, n, r)
         tps_hf, _ = best_decode(decode_hf, hf, prompt, n, r)
-        real = generate_module.DecodeThreads
-        generate_module.DecodeThreads = fixed_threads
+        use_thread_policy_(ours, fixed_threads())
         try:
             tps_fixed, _ = best_decode(decode_ours, ours, prompt, n, r)
         finally:
-            generate_module.DecodeThreads = real
+            use_thread_policy_(ours)
     finally:
         for p in spinners:
             p.kill()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 import traceback
@@ -174,14 +173,14 @@ def kernel_bench(device, bw: float) -> None:
         timed(lambda: gathered_matvec(h, w2, ids, s2), 2 * I * H * one, f"{wdtype} w2 of 2 experts")
         if wdtype == "bf16":
             timed(lambda: w1[ids] @ x[0], 2 * I * H * one * 3, "bf16 w1[ids] @ x (gather copies: 3x bytes)")
-        del w1, w3, w2
+        w1 = w2 = w3 = None                          # free the device memory before the next size
     for n in (6144, 4096, 32000):
         w = torch.randn(n, H, device=device, dtype=torch.bfloat16)
         timed(lambda: torch.nn.functional.linear(x, w), n * H * 2, f"bf16 F.linear (cuBLAS) [{n}, {H}]")
         wk = w[None]
         zero = torch.zeros(1, dtype=torch.long, device=device)
         timed(lambda: gathered_matvec(x, wk, zero), n * H * 2, f"bf16 kernel [{n}, {H}]")
-        del w, wk
+        w = wk = None
     kern = gathered_matvec.__globals__["_gathered_matvec_kernel"]
     for key, cfg in getattr(kern, "cache", {}).items():
         print(f"  autotuned {key}: {cfg}")
@@ -191,7 +190,7 @@ def kernel_bench(device, bw: float) -> None:
 def fast_decode(model, prompt, tokens, max_len, device, mode, reference=None):
     use_kernel = triton_available(device) and mode in ("graph", "compile", "fast")
     decoder = FastDecoder(model, max_len, use_kernel=use_kernel, cuda_graph=mode != "fast",
-                          compile=mode.startswith("compile"), fuse_qkv=True)
+                          compile=mode.startswith("compile"))
     t_setup = time.perf_counter()
     decoder.prefill(prompt)
     decoder.step()                                  # compiles / captures / warms up
@@ -215,7 +214,8 @@ def fast_decode(model, prompt, tokens, max_len, device, mode, reference=None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["full", "tiny"], default="full", help="8x7B or the tiny config")
-    ap.add_argument("--random-weights", action="store_true", help="random weights built on the device (default without --weights)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights built on the device (default without --weights)")
     ap.add_argument("--weights", help="a checkpoint folder (any layout load_model reads)")
     ap.add_argument("--quant", default="none", help="comma-separated: none, int8")
     ap.add_argument("--modes", default=None, help="comma-separated (default: eager,graph,compile on CUDA; eager,fast on CPU)")
@@ -333,7 +333,8 @@ def main(argv=None) -> int:
                        active_bytes_per_token=nbytes, fraction_of_measured_bound=tps * nbytes / bw,
                        fraction_of_spec_bound=tps * nbytes / spec if spec else None,
                        agrees_with_eager_for=same,
-                       teacher_forced=None if check is None else dict(max_rel_error=check[0], argmax_agree=check[1], steps=check[2]))
+                       teacher_forced=None if check is None else
+                       dict(max_rel_error=check[0], argmax_agree=check[1], steps=check[2]))
             results["runs"].append(run)
             print(f"[{mode}] {tps:.1f} tokens/s ({run['ms_per_token']:.2f} ms/token, setup {setup:.1f} s); "
                   f"{run['fraction_of_measured_bound']:.0%} of the measured-bandwidth bound"

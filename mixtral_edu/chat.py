@@ -22,7 +22,8 @@ This is exactly what mistral-common's v1 reference does (`MistralTokenizer.v1()`
   - a system message goes in front of the *first* user message, joined by a blank line:
     `[INST] {system}\n\n{user 1} [/INST]`.
 Mistral's documentation writes the fine-tuning user turn as
-tok("[INST]") + tok(USER_MESSAGE_1) + tok("[/INST]"); that gives the same ids except for an empty user message (notebook 01 shows why), so the turn is encoded whole.
+tok("[INST]") + tok(USER_MESSAGE_1) + tok("[/INST]"); that gives the same ids except for an empty user
+message (notebook 01 shows why), so the turn is encoded whole.
 
 `render_chat` spells the same chat as one readable string, for display only: tokenizing that
 string is the pitfall this module exists to avoid.
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 B_INST, E_INST = "[INST]", "[/INST]"

@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .params import DTYPE_NAMES
+
 PROG = "mixtral-edu"
 MIN_SAMPLING = 1e-6   # below this a temperature or top-p only ever keeps the argmax (and float32 underflows)
 CONFIGS = {"8x7b": "mixtral_8x7b", "tiny": "tiny", "7b": "mistral_7b"}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(DTYPE_NAMES.values())     # "float32", "bfloat16", "float16"
 
 
 class CLIError(Exception):
@@ -75,18 +77,20 @@ def weights_folder(args) -> Path:
 
 
 def load(args):
-    """(model, tokenizer) from --weights/--device/--dtype. The folder's own tokenizer.model wins if present."""
+    """(model, tokenizer) from --weights/--device/--dtype, with the device's decoding machinery installed
+    (`optimize_for`). The folder's own tokenizer.model wins if present."""
     import torch
 
-    from .weights.load import load_model
+    from .inference.optimize import optimize_for
     from .tokenizer import Tokenizer
+    from .weights.load import load_model
 
     device = check_device(args.device)
     folder = weights_folder(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(folder, device=device, dtype=dtype, progress=sys.stderr.isatty(),
-                       ignore_memory_check=getattr(args, "ignore_memory_check", False),
-                       memory_budget=getattr(args, "memory_budget", None))
+    model = optimize_for(load_model(folder, device=device, dtype=dtype, progress=sys.stderr.isatty(),
+                                    ignore_memory_check=getattr(args, "ignore_memory_check", False),
+                                    memory_budget=getattr(args, "memory_budget", None)))
     own = folder / "tokenizer.model"
     tokenizer = Tokenizer(own) if own.is_file() else Tokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -461,7 +465,8 @@ def parse_gpus(text: str) -> list:
 def cmd_check(args) -> int:
     import textwrap
 
-    from .inference.placement import free_gpu_bytes, host_free_bytes, plan_placement
+    from .devices import host_free_bytes
+    from .inference.placement import free_gpu_bytes, plan_placement
     from .weights.check import check_checkpoint, describe_gpus, measure_read_speed
 
     folder = Path(args.folder)

@@ -11,14 +11,11 @@ from typing import Sequence
 
 from .config import MixtralConfig
 
-# Bytes per element by name; a torch.dtype is also accepted (its `itemsize` is used).
-DTYPE_BYTES = {
-    "float32": 4, "fp32": 4,
-    "bfloat16": 2, "bf16": 2,
-    "float16": 2, "fp16": 2,
-    "int8": 1,
-    "int4": 0.5,
-}
+# The short names people write for the float dtypes, and torch's names for them.
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Bytes per element by name (either name); a torch.dtype is also accepted (its `itemsize` is used).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+DTYPE_BYTES.update({short: DTYPE_BYTES[name] for short, name in DTYPE_NAMES.items()})
 
 
 def dtype_bytes(dtype) -> float:

@@ -34,12 +34,14 @@ def test_a_token_mismatch_fails_the_run(monkeypatch, capsys):
 
 
 def test_the_benchmark_measures_the_default_cpu_path(tmp_path):
-    """What the table calls "ours" is what load_model and generate give a user, nothing switched on."""
+    """What the table calls "ours" is what load_model, optimize_for and generate give a user of the
+    command line, nothing else switched on."""
     import torch
 
     from mixtral_edu.config import MixtralConfig
     from mixtral_edu.inference import generate as generate_module
     from mixtral_edu.inference.cpu import is_column_major
+    from mixtral_edu.inference.optimize import optimize_for
     from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.weights import load_model, save_model
 
@@ -48,12 +50,12 @@ def test_the_benchmark_measures_the_default_cpu_path(tmp_path):
     spec.loader.exec_module(bench)
     torch.manual_seed(0)
     save_model(Mixtral(MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2)), tmp_path)
-    ours, default = bench.load_ours(tmp_path), load_model(tmp_path, progress=False)
+    ours, default = bench.load_ours(tmp_path), optimize_for(load_model(tmp_path, progress=False), threads=False)
     assert bench.generate is generate_module.generate
     for (name, a), (_, b) in zip(ours.named_parameters(), default.named_parameters()):
         assert type(ours.get_submodule(name.rsplit(".", 1)[0])) is type(default.get_submodule(name.rsplit(".", 1)[0]))
         assert a.stride() == b.stride() and torch.equal(a, b), name
-    assert is_column_major(ours.lm_head.weight)
+    assert is_column_major(ours.lm_head.weight) and ours.thread_policy is not None
 
 
 def test_the_opt_in_and_contention_runs_print_their_lines():

@@ -102,5 +102,6 @@ def test_a_config_that_disagrees_with_the_weights_is_named(full, tmp_path):
     folder = linked_copy(full, tmp_path / "config")
     (folder / "config.json").unlink()
     (folder / "config.json").write_text(json.dumps(dict(FULL.to_hf_config(), intermediate_size=14335)))
-    with pytest.raises(CheckpointError, match=r"experts\.0\.w1\.weight has shape \[14336, 4096\], the config needs \[14335, 4096\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"experts\.0\.w1\.weight has shape \[14336, 4096\], the config needs \[14335, 4096\]"):
         check_checkpoint(folder)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_edu.weights import load as checkpoint
-from mixtral_edu.weights import (CheckpointError, InsufficientMemoryError, SafetensorsFile, load_model, memory_plan, save_mistral, save_model)
+from mixtral_edu.weights import (CheckpointError, InsufficientMemoryError, SafetensorsFile, load_model, memory_plan,
+                                 save_mistral, save_model)
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 

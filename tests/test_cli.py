@@ -217,7 +217,8 @@ def test_tokens_of_a_text(capsys, tokenizer):
     assert lines[2].split() == ["0", "733", "▁["]
 
     code, out, _ = run(capsys, "tokens", "Hello", "--bos", "--json")
-    assert json.loads(out) == {"ids": [1] + tokenizer.encode("Hello"), "pieces": ["<s>"] + tokenizer.pieces(tokenizer.encode("Hello"))}
+    hello = tokenizer.encode("Hello")
+    assert json.loads(out) == {"ids": [1] + hello, "pieces": ["<s>"] + tokenizer.pieces(hello)}
 
 
 def test_tokens_of_a_chat(capsys, tokenizer):

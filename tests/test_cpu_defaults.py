@@ -1,19 +1,21 @@
-"""The CPU defaults of inference/cpu.py: what load_model and generate do on a CPU, and what they leave alone."""
+"""The CPU defaults of inference/cpu.py: what optimize_for installs on a CPU, and what it leaves alone."""
 
 import pytest
 import torch
 
 from mixtral_edu.inference import cpu
-from mixtral_edu.inference.cpu import DecodeThreads, free_cores, is_column_major, use_cpu_layout_
+from mixtral_edu.inference.cpu import DecodeThreads, free_cores, is_column_major, use_cpu_layout_, use_thread_policy_
 from mixtral_edu.inference.generate import generate
+from mixtral_edu.inference.optimize import optimize_for
 from mixtral_edu.weights import load_model, save_model
 from tiny_models import random_tiny as tiny
 
 
-def test_load_model_on_the_cpu_stores_lm_head_column_major_and_nothing_else(tmp_path):
+def test_optimize_for_the_cpu_stores_lm_head_column_major_and_nothing_else(tmp_path):
     model = tiny()
     save_model(model, tmp_path)
-    loaded = load_model(tmp_path, progress=False)
+    loaded = optimize_for(load_model(tmp_path, progress=False), "cpu")
+    assert loaded.thread_policy is not None
     assert is_column_major(loaded.lm_head.weight) and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     rest = [p for n, p in loaded.named_parameters() if n != "lm_head.weight" and p.dim() >= 2]
     assert rest and all(p.is_contiguous() for p in rest)
@@ -81,7 +83,7 @@ def test_without_proc_stat_the_thread_count_is_left_alone():
     assert torch.get_num_threads() == before
 
 
-def test_generate_restores_the_thread_count_even_when_it_fails(monkeypatch):
+def test_the_thread_policy_ticks_once_per_forward_call_and_is_replaced_not_stacked():
     model = tiny()
     before = torch.get_num_threads()
     calls = []
@@ -89,14 +91,14 @@ def test_generate_restores_the_thread_count_even_when_it_fails(monkeypatch):
     class Recording(DecodeThreads):
         def tick(self):
             calls.append("tick")
-            torch.set_num_threads(1)                        # as under a busy machine
-            if len(calls) == 3:
-                raise KeyboardInterrupt
 
-    monkeypatch.setattr("mixtral_edu.inference.generate.DecodeThreads", Recording)
-    with pytest.raises(KeyboardInterrupt):
-        generate(model, [1, 2, 3], 10, eos_id=None)
-    assert calls == ["tick"] * 3 and torch.get_num_threads() == before
+    use_thread_policy_(model, Recording(sample=lambda: None))
+    use_thread_policy_(model, Recording(sample=lambda: None))      # installing again replaces the hook
+    new_ids = generate(model, [1, 2, 3], 10, eos_id=None)
+    assert len(new_ids) == 10 and calls == ["tick"] * 10 and torch.get_num_threads() == before
+    model.thread_policy.remove()
+    model(torch.tensor([[1, 2]]))
+    assert len(calls) == 10
 
 
 def test_the_thread_count_changes_the_speed_not_the_tokens():

@@ -68,7 +68,8 @@ def test_token_boxes_is_displayable_without_ipython():
 
 def test_token_diff_aligns_and_diff_html_marks_differences():
     ref, cand = [1, 733, 5, 2], [1, 523, 5, 2, 9]
-    assert token_diff(ref, cand) == [("equal", 0, 1, 0, 1), ("replace", 1, 2, 1, 2), ("equal", 2, 4, 2, 4), ("insert", 4, 4, 4, 5)]
+    assert token_diff(ref, cand) == [("equal", 0, 1, 0, 1), ("replace", 1, 2, 1, 2), ("equal", 2, 4, 2, 4),
+                                     ("insert", 4, 4, 4, 5)]
     markup = token_diff_html(ref, cand, lambda ids: [f"p{i}" for i in ids], labels=("ref", "<cand>"))
     got = boxes(markup)
     assert [c for c, _, _ in got] == [DIFF_COLORS["equal"], DIFF_COLORS["replace"]] + [DIFF_COLORS["equal"]] * 3 + [

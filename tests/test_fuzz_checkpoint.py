@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral_edu.weights import load as checkpoint
 from mixtral_edu.weights import CheckpointError, InsufficientMemoryError, load_model, save_mistral, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral

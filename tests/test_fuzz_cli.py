@@ -6,7 +6,6 @@ argv, closed stdin/stdout, Ctrl-C.
 """
 
 import io
-import json
 import os
 import random
 import signal
@@ -27,7 +26,8 @@ ENTRY_POINT = Path(sys.executable).parent / "mixtral-edu"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = ["hello", "", "   ", "-", "\udcff", "caf\udce9", "[INST] </s> <s>", "\u202e\u0000x", "x" * 3000,
-         "[" * 5000, '[{"role": "user", "content": "hi"}]', '[{"a": ' + "[" * 5000, '{"role": "user"}', "[" * 50 + "]" * 50, "日本語"]
+         "[" * 5000, '[{"role": "user", "content": "hi"}]', '[{"a": ' + "[" * 5000, '{"role": "user"}',
+         "[" * 50 + "]" * 50, "日本語"]
 INTS = ["0", "-1", "1", "2", "3", "100000000000000000000", "abc", "1e3", "", "0x10"]
 FLOATS = ["0", "1", "0.5", "-1", "nan", "inf", "-inf", "1e-40", "1e-320", "1e400", "x", "2", "-0"]
 DEVICES = ["cpu", "meta", "cuda", "cuda:99", "xla", "", "cpu:0", "mps", "vulkan", "\udcff"]

@@ -60,18 +60,18 @@ def _saved_tiny(tmp_path):
     return model
 
 
-def test_load_model_streams_each_layer_to_its_own_device(tmp_path):
+def test_load_split_streams_each_layer_to_its_own_device(tmp_path):
     """A list of devices: every tensor goes straight to its layer's device, logits unchanged."""
-    from mixtral_edu.weights import load_model
+    from mixtral_edu.inference.split import load_split
     model = _saved_tiny(tmp_path)
-    split = load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[3, 1], progress=False)
+    split = load_split(tmp_path, ["cpu", "cpu"], [3, 1], progress=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids), split(ids))
     assert [str(d) for d in split.layer_devices] == ["cpu"] * 4
     # "meta" stands in for a second GPU: layer 3, the final norm and lm_head are never materialised
     # on the CPU, while the embeddings and layers 0-2 are filled from the file.
-    placed = load_model(tmp_path, device=["cpu", "meta"], layers_per_device=[3, 1], progress=False)
+    placed = load_split(tmp_path, ["cpu", "meta"], [3, 1], progress=False)
     devices = {name: p.device.type for name, p in placed.named_parameters()}
     assert {d for n, d in devices.items() if n.startswith("layers.3.") or n.startswith(("norm.", "lm_head."))} == {"meta"}
     assert {d for n, d in devices.items() if n.startswith(("embed_tokens.", "layers.0.", "layers.2."))} == {"cpu"}
@@ -83,7 +83,10 @@ def test_split_load_refuses_a_device_too_small_for_its_share(tmp_path, monkeypat
     _saved_tiny(tmp_path)
     sizes = {"cpu": 10**12, "meta": 1000}
     monkeypatch.setattr(checkpoint, "available_memory", lambda device: sizes[torch.device(device).type])
+    from mixtral_edu.inference.split import load_split
     with pytest.raises(checkpoint.InsufficientMemoryError, match="on meta"):
-        checkpoint.load_model(tmp_path, device=["cpu", "meta"], progress=False)
+        load_split(tmp_path, ["cpu", "meta"], progress=False)
     with pytest.raises(ValueError, match="layers_per_device"):
-        checkpoint.load_model(tmp_path, device=["cpu", "cpu"], layers_per_device=[4, 1], progress=False)
+        load_split(tmp_path, ["cpu", "cpu"], [4, 1], progress=False)
+    with pytest.raises(ValueError, match="one per decoder layer"):
+        checkpoint.load_model(tmp_path, device=["cpu", "cpu"], progress=False)

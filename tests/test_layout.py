@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from mixtral_edu.inference.optimize import optimize_for
+
 from mixtral_edu.weights import load_model, save_model
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference.generate import generate
@@ -108,7 +110,9 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.randint(0, 128, (1, 7))
     save_model(to_column_major_(model), tmp_path)
     loaded = load_model(tmp_path, progress=False)
-    # the loader's own layout: row-major but for lm_head (inference.cpu.use_cpu_layout_)
+    # the loader stores row-major; optimize_for on a CPU makes lm_head column-major (inference.cpu.use_cpu_layout_)
+    assert not any(is_column_major(p) for p in loaded.parameters() if p.dim() == 2)
+    optimize_for(loaded, threads=False)
     assert not is_column_major(loaded.layers[0].self_attn.q_proj.weight) and is_column_major(loaded.lm_head.weight)
     assert type(loaded.lm_head) is torch.nn.Linear                     # F.linear, not the row-sum kernel
     torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-5, atol=1e-5)

@@ -5,7 +5,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.experts import swiglu_expert
 from mixtral_edu.model.mixtral import Mixtral
-from mixtral_edu.model.moe import SparseMoeBlock
+from mixtral_edu.inference.dispatch import decode_dispatch, dispatch_sync_free
+from mixtral_edu.model.moe import SparseMoeBlock, dispatch_auto, dispatch_gathered, dispatch_grouped
 
 
 def moe_cfg(**overrides):
@@ -27,33 +28,44 @@ def naive_moe(block, x):
     return out
 
 
+def run(block, x, dispatch):
+    block.dispatch = dispatch
+    return block(x)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_dispatch_strategies_agree_and_match_naive(k):
     torch.manual_seed(k)
     block = SparseMoeBlock(moe_cfg(num_experts_per_tok=k))
     torch.nn.init.normal_(block.gate.weight)
     x = torch.randn(2, 25, 32)
-    grouped, logits = block(x, dispatch="grouped")
-    gathered, logits2 = block(x, dispatch="gathered")
+    grouped, logits = run(block, x, dispatch_grouped)
+    gathered, logits2 = run(block, x, dispatch_gathered)
     assert grouped.shape == x.shape and logits.shape == (50, 8) and torch.equal(logits, logits2)
     assert (grouped - gathered).abs().max().item() < 1e-6
+    assert (run(block, x, dispatch_sync_free)[0] - grouped).abs().max().item() < 1e-6
     assert torch.allclose(grouped.view(50, 32), naive_moe(block, x.view(50, 32)), atol=1e-6)
-    one = x[:1, :1]                                        # a single token: the decode path
-    assert (block(one, dispatch="grouped")[0] - block(one, dispatch="gathered")[0]).abs().max().item() < 1e-6
-    assert (block(one)[0] - grouped[:1, :1]).abs().max().item() < 1e-6
+    one = x[:1, :1]                                        # a single token: the decode paths
+    for dispatch in (dispatch_gathered, dispatch_sync_free, dispatch_auto, decode_dispatch(use_kernel=False)):
+        assert (run(block, one, dispatch)[0] - grouped[:1, :1]).abs().max().item() < 1e-6, dispatch
 
 
-def test_auto_dispatch_choice_and_override():
+def test_auto_dispatch_choice_and_set_dispatch():
     block = SparseMoeBlock(moe_cfg())
-    assert block.resolve_dispatch(1) == "gathered"
-    assert block.resolve_dispatch(7) == "grouped"
-    block.dispatch = "gathered"
-    assert block.resolve_dispatch(7) == "gathered"
-    assert block.resolve_dispatch(7, "grouped") == "grouped"
+    assert block.dispatch is dispatch_auto
+    calls = []
+
+    def spy(experts, x, weights, expert_ids):
+        calls.append(x.shape[0])
+        return dispatch_grouped(experts, x, weights, expert_ids)
+    model = Mixtral(moe_cfg())
+    model.set_dispatch(spy)
+    model(torch.zeros(1, 3, dtype=torch.long))
+    assert calls == [3, 3]                                 # one call per layer, all 3 tokens at once
+    model.set_dispatch("gathered")
+    assert all(layer.block_sparse_moe.dispatch is dispatch_gathered for layer in model.layers)
     with pytest.raises(ValueError, match="dispatch must be one of"):
-        block.dispatch = "scatter"
-    with pytest.raises(ValueError, match="dispatch must be one of"):
-        block(torch.randn(1, 1, 32), dispatch="fast")
+        model.set_dispatch("scatter")
 
 
 class LargestOutput(TorchDispatchMode):
@@ -80,7 +92,7 @@ def test_single_token_decode_copies_no_expert_weights():
         block(torch.randn(1, 1, 64))
     assert rec.largest < one_expert_matrix // 8            # only activations: [1, 256] at most
     with torch.no_grad(), LargestOutput() as rec:
-        block(torch.randn(1, 3, 64), dispatch="gathered")  # several tokens: the gather copies weights
+        run(block, torch.randn(1, 3, 64), dispatch_gathered)   # several tokens: the gather copies weights
     assert rec.largest >= 3 * 2 * one_expert_matrix
 
 

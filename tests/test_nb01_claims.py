@@ -199,7 +199,8 @@ def test_route_table(routes):
 def test_2023_template_glues_the_answer_to_inst(tok, routes):
     messages = CHATS["two turns"]
     reference, got = reference_encode_chat(messages), routes["2023 template + AutoTokenizer"](messages)
-    changed = [(tok.pieces(reference[i1:i2]), tok.pieces(got[j1:j2])) for tag, i1, i2, j1, j2 in token_diff(reference, got) if tag != "equal"]
+    changed = [(tok.pieces(reference[i1:i2]), tok.pieces(got[j1:j2]))
+               for tag, i1, i2, j1, j2 in token_diff(reference, got) if tag != "equal"]
     assert changed == [(["▁Paris"], ["Par", "is"])]
 
 
@@ -221,7 +222,8 @@ def test_2024_template_with_llama_tokenizer_merges_doubled_spaces(tok, routes):
 
 def test_fastchat_string_and_its_system_prompt_newline(tok, hf_auto):
     prompt = fastchat_prompt(CHAT)
-    assert prompt == "[INST] You are a concise assistant.\nWhat is the capital of France? [/INST] Paris.</s>[INST] And of Italy? [/INST]"
+    assert prompt == ("[INST] You are a concise assistant.\nWhat is the capital of France? [/INST] Paris.</s>"
+                      "[INST] And of Italy? [/INST]")
     reference, served = reference_encode_chat(CHAT), hf_auto(prompt).input_ids
     missing = [tok.pieces(reference[i1:i2]) for tag, i1, i2, j1, j2 in token_diff(reference, served) if tag != "equal"]
     assert missing == [["<0x0A>"]]

@@ -191,7 +191,7 @@ def test_nb03_gqa_attention_equals_the_naive_per_head_loop(window):
     x = torch.randn(2, 12, 64)
     cos, sin = rope_cos_sin(8, 12, cfg.rope_theta)
     with torch.no_grad():
-        ours = attn(x, cos, sin)
+        ours = attn(x, cos, sin, torch.arange(12))
         naive, probs = _naive_attention(attn, x, cos, sin, window)
     assert torch.allclose(ours, naive, atol=1e-5)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 32, 12), atol=1e-5)
@@ -200,13 +200,14 @@ def test_nb03_gqa_attention_equals_the_naive_per_head_loop(window):
         full = Attention(dataclasses.replace(cfg, sliding_window=None))
         full.load_state_dict(attn.state_dict())
         with torch.no_grad():
-            assert not torch.allclose(full(x, cos, sin), ours, atol=1e-3)
+            assert not torch.allclose(full(x, cos, sin, torch.arange(12)), ours, atol=1e-3)
 
 
 def test_nb03_mask_rows_count_the_visible_keys():
-    assert attention_mask(12, 0, 12).sum(-1).tolist() == list(range(1, 13))
-    assert attention_mask(12, 0, 12, sliding_window=4).sum(-1).tolist() == [1, 2, 3] + [4] * 9
-    assert attention_mask(20, 0, 20, sliding_window=6).sum(-1).tolist() == [min(i + 1, 6) for i in range(20)]
+    p12, p20 = torch.arange(12), torch.arange(20)
+    assert attention_mask(p12, p12).sum(-1).tolist() == list(range(1, 13))
+    assert attention_mask(p12, p12, sliding_window=4).sum(-1).tolist() == [1, 2, 3] + [4] * 9
+    assert attention_mask(p20, p20, sliding_window=6).sum(-1).tolist() == [min(i + 1, 6) for i in range(20)]
 
 
 def test_nb03_kv_cache_sizes():
@@ -251,14 +252,12 @@ def test_nb03_one_attention_layer_with_a_cache_equals_the_full_pass():
     x = torch.randn(2, 40, one.hidden_size)
     cos, sin = rope_cos_sin(one.head_dim, 64, one.rope_theta)
     with torch.no_grad():
-        full = layer_attn(x, cos[:40], sin[:40])
+        full = layer_attn(x, cos[:40], sin[:40], torch.arange(40))
         cache = KVCache(1, 2, one.num_key_value_heads, 64, one.head_dim)
-        steps = [layer_attn(x[:, :8], cos[:8], sin[:8], cache=cache)]
-        cache.advance(8)
+        steps = [layer_attn(x[:, :8], cos[:8], sin[:8], cache.next_positions(2, 8), cache)]
         for t in range(8, 40):
-            steps.append(layer_attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache))
-            cache.advance(1)
-        forgetful = layer_attn(x[:, 39:40], cos[39:40], sin[39:40])    # the last token without its cache
+            steps.append(layer_attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache.next_positions(2, 1), cache))
+        forgetful = layer_attn(x[:, 39:40], cos[39:40], sin[39:40], torch.tensor([39]))   # without its cache
     cached = torch.cat(steps, dim=1)
     assert cache.pos == 40
     assert (cached - full).abs().max() < 1e-5 and full.std() > 0.1
@@ -279,11 +278,11 @@ def test_nb03_trained_first_layer_attention_map():
     attn = trained.layers[0].self_attn
     with torch.no_grad():
         h = trained.layers[0].input_layernorm(trained.embed_tokens(ids))
-        c, s = trained.rotary_emb(0, T)
+        c, s = trained.rotary_emb(torch.arange(T))
         q = apply_rope(attn.q_proj(h).view(1, T, 4, -1).transpose(1, 2), c, s)
         k = apply_rope(attn.k_proj(h).view(1, T, 2, -1).transpose(1, 2), c, s).repeat_interleave(2, dim=1)
         logits = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
-        probs = torch.softmax(logits.masked_fill(~attention_mask(T, 0, T), float("-inf")), dim=-1)
+        probs = torch.softmax(logits.masked_fill(~attention_mask(torch.arange(T), torch.arange(T)), float("-inf")), dim=-1)
     assert torch.allclose(probs.sum(-1), torch.ones(1, 4, T))
     assert probs[0].triu(1).abs().max() == 0
     assert probs[0].tril(-1).max() > 0.1                               # a trained layer does not spread evenly

@@ -20,7 +20,7 @@ from mixtral_edu.weights.keys import hf_to_ours_key
 from mixtral_edu.weights import load_hf_state_dict
 from mixtral_edu.training.losses import expert_load, load_balancing_loss, router_z_loss
 from mixtral_edu.model.mixtral import Mixtral
-from mixtral_edu.model.moe import SparseMoeBlock
+from mixtral_edu.model.moe import SparseMoeBlock, dispatch_auto, dispatch_gathered, dispatch_grouped
 from mixtral_edu.params import count_parameters
 from mixtral_edu.model.router import route, route_via_full_softmax, router_probs
 
@@ -56,8 +56,10 @@ def test_nb05_dispatch_strategies_agree_with_a_naive_loop_on_the_tiny_block():
     torch.nn.init.normal_(block.gate.weight, std=0.3)
     x = torch.randn(2, 16, cfg.hidden_size)
     with torch.no_grad():
-        grouped, logits = block(x, dispatch="grouped")
-        gathered, _ = block(x, dispatch="gathered")
+        block.dispatch = dispatch_grouped
+        grouped, logits = block(x)
+        block.dispatch = dispatch_gathered
+        gathered, _ = block(x)
         w, ids = route(logits, 2)
         flat = x.reshape(32, -1)
         naive = torch.stack([sum(w[t, s] * swiglu_expert(flat[t], *(getattr(block.experts, n)[ids[t, s]]
@@ -65,8 +67,19 @@ def test_nb05_dispatch_strategies_agree_with_a_naive_loop_on_the_tiny_block():
                                  for s in range(2)) for t in range(32)])
     assert (grouped - gathered).abs().max().item() < 1e-6
     assert (grouped.reshape(32, -1) - naive).abs().max().item() < 1e-6
-    assert block.resolve_dispatch(1) == "gathered" and block.resolve_dispatch(32) == "grouped"
+    block.dispatch = dispatch_auto
+    with torch.no_grad():
+        assert (block(x[:1, :1])[0] - grouped[:1, :1]).abs().max().item() < 1e-6
     assert abs(load_balancing_loss(logits, 2).item() - load_balancing_loss_func((logits,), 8, 2).item()) < 1e-6
+
+
+def test_nb05_the_aux_loss_coefficients_and_where_they_come_from():
+    """0.02 is in Mixtral's published config.json (its fields are copied in test_config.py); 0.001 is
+    the default of transformers' own MixtralConfig."""
+    from test_config import MIXTRAL_8X7B_HF
+
+    assert MIXTRAL_8X7B_HF["router_aux_loss_coef"] == 0.02
+    assert transformers.MixtralConfig().router_aux_loss_coef == 0.001
 
 
 def nb05_examples(E=8, k=2, T=16):

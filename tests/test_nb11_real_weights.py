@@ -13,7 +13,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from mixtral_edu.inference.placement import host_free_bytes
+from mixtral_edu.devices import host_free_bytes
 from sparse_checkpoint import linked_copy, shard_name, write_sparse_hf, write_sparse_pt
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

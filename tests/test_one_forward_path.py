@@ -116,3 +116,14 @@ def test_torch_compile_on_the_cpu_runs_the_same_forward():
     compiled.prefill(ids)
     for _ in range(3):
         torch.testing.assert_close(compiled.step(), reference.step(), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_fire_once_per_layer_per_step_when_compiled():
+    """FastDecoder(compile=True) on the CPU: the compiled step still calls every hook once per layer per token."""
+    model = tiny_model()
+    counter = HookCounter(model)
+    new_ids = FastDecoder(model, 32, use_kernel=False, cuda_graph=False, compile=True).generate(torch.tensor([PROMPT]), NEW)
+    counter.remove()
+    assert len(new_ids) == NEW
+    for name, per_layer in counter.counts.items():
+        assert per_layer == [NEW] * LAYERS, (name, per_layer)

@@ -1,5 +1,6 @@
 """The placement planner's decisions for the GPUs learners have, and the arithmetic behind them."""
 
+import copy
 import pytest
 
 from mixtral_edu.config import MixtralConfig
@@ -117,6 +118,7 @@ def test_load_placed_follows_the_plan(tmp_path):
     from mixtral_edu.weights import save_model
     from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.inference.offload import OffloadedExperts
+    from mixtral_edu.inference.optimize import optimize_for
     from mixtral_edu.inference.placement import Plan, load_placed
     from mixtral_edu.inference.quant import is_quantized
 
@@ -125,7 +127,7 @@ def test_load_placed_follows_the_plan(tmp_path):
     ref = Mixtral(cfg).eval()
     save_model(ref, tmp_path)
     ids = torch.randint(0, 128, (1, 5))
-    expected = ref(ids)
+    expected = optimize_for(copy.deepcopy(ref), "cpu", threads=False)(ids)   # load_placed installs the CPU layout
     cpu = ["cpu"]
     for plan in (Plan("single", cpu, "float32", [2], [0], 0), Plan("split", cpu * 2, "float32", [1, 1], [0, 0], 0),
                  Plan("offload", cpu, "float32", [2], [0], 0, cache_slots=3), Plan("int8", cpu, "int8", [2], [0], 0)):

@@ -26,12 +26,12 @@ def test_cos_sin_table_equals_transformers_exactly():
     positions = torch.arange(300)[None]
     ref_cos, ref_sin = ref(torch.zeros(1, dtype=torch.float32), positions)
     rotary = RotaryEmbedding(24, 300, 1e6)
-    cos, sin = rotary(0, 300)
+    cos, sin = rotary(torch.arange(300))
     assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
     assert "cos" not in rotary.state_dict()          # non-persistent: not a checkpoint tensor
-    assert torch.equal(rotary(5, 3)[0], cos[5:8])
-    with pytest.raises(ValueError, match="max_position_embeddings=300"):
-        rotary(299, 2)
+    assert torch.equal(rotary(torch.arange(5, 8))[0], cos[5:8])
+    with pytest.raises(IndexError):                  # beyond the table (generate refuses it first, by name)
+        rotary(torch.tensor([299, 300]))
 
 
 def test_rotation_keeps_norms_and_scores_depend_only_on_offset():

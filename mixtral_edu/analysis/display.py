@@ -20,6 +20,17 @@ from typing import Optional
 
 # Eight light colours, distinguishable with the usual colour-vision deficiencies (Okabe-Ito, lightened).
 PALETTE = ("#f5c97a", "#a8d5f2", "#7fd1b9", "#f7f09b", "#8fb8de", "#f2a98a", "#e0b0cf", "#cfcfcf")
+# matplotlib's "tab20" colours, for more experts than PALETTE holds
+TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
+         "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
+         "#17becf", "#9edae5")
+
+
+def expert_colors(num_experts: int) -> list[str]:
+    """One light colour per expert as '#rrggbb': PALETTE for up to 8, tab20 beyond."""
+    if num_experts <= len(PALETTE):
+        return list(PALETTE[:num_experts])
+    return [TAB20[i % len(TAB20)] for i in range(num_experts)]
 DIFF_COLORS = {"equal": "#d9f2d9", "replace": "#f8c4c4", "delete": "#f8c4c4", "insert": "#f8c4c4"}
 
 _BOX_STYLE = (

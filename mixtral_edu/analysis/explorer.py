@@ -42,23 +42,11 @@ from typing import Optional, Union
 
 import torch
 
-from .display import PALETTE
+from .display import expert_colors
 from .routing import RoutingTrace, random_repetition_baselines, repetition_rates
 
 SCALE = 65535  # uint16 quantisation step 1/65535 for probabilities and combine weights
 # tab20 for models with more experts than the light palette has colours (no matplotlib import needed).
-_TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
-          "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
-          "#17becf", "#9edae5")
-
-
-def _colors(num_experts: int) -> list[str]:
-    """One colour per expert, the same light palette as `routing_plots.expert_colors` for up to 8."""
-    if num_experts <= len(PALETTE):
-        return list(PALETTE[:num_experts])
-    return [_TAB20[i % len(_TAB20)] for i in range(num_experts)]
-
-
 def _b64_uint16(values: torch.Tensor) -> str:
     """Values in [0, 1] -> little-endian uint16 of round(v * 65535), base64."""
     q = torch.round(values.detach().double().clamp(0.0, 1.0) * SCALE).to(torch.int32)
@@ -138,7 +126,7 @@ def explorer_data(traces: Union[RoutingTrace, Sequence[RoutingTrace]], pieces: S
             "repetition": rep,
         })
     return {"title": str(title), "model": str(model_name), "layers": list(first.layers), "num_experts": E,
-            "top_k": k, "scale": SCALE, "id_bytes": id_bytes, "colors": _colors(E),
+            "top_k": k, "scale": SCALE, "id_bytes": id_bytes, "colors": expert_colors(E),
             "baselines": list(random_repetition_baselines(E, k)), "fragment": str(fragment).lstrip("#"),
             "texts": texts}
 

@@ -25,21 +25,13 @@ import torch
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .display import PALETTE, TokenBoxes, legend_html
+from .display import TokenBoxes, expert_colors, legend_html
 from .routing import RoutingTrace, default_layers, random_repetition_baselines
 
 _NEWLINE_PIECES = {"<0x0A>", "\n"}
 
 
-# ---------------------------------------------------------------------------------------- colours
-def expert_colors(num_experts: int) -> list[str]:
-    """One light colour per expert as '#rrggbb': the display palette for up to 8, tab20 beyond."""
-    if num_experts <= len(PALETTE):
-        return list(PALETTE[:num_experts])
-    cmap = plt.get_cmap("tab20")
-    return ["#%02x%02x%02x" % tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_experts)]
-
-
+# ---------------------------------------------------------------------------------------- pieces
 def _shown(piece: str) -> str:
     """A piece as one visible line: control characters written as escapes (\\n, \\t)."""
     return "".join(repr(c)[1:-1] if (c.isspace() and c != " ") or not c.isprintable() else c for c in piece)

@@ -96,7 +96,8 @@ def decoder_layer_diagram(chosen: Sequence[int] = (1, 6), num_experts: int = 8, 
 
     handles = [Patch(facecolor=NORM, edgecolor="black", label="RMSNorm (notebook 02)"),
                Patch(facecolor=ATTN, edgecolor="black", label="attention (notebook 03)"),
-               Patch(facecolor=EXPERT, edgecolor="black", label="experts chosen for x: SwiGLU, w2(silu(w1 x) · w3 x) (notebook 04)"),
+               Patch(facecolor=EXPERT, edgecolor="black",
+                     label="experts chosen for x: SwiGLU, w2(silu(w1 x) · w3 x) (notebook 04)"),
                Patch(facecolor=IDLE, edgecolor="black", label="experts not run for x"),
                Patch(facecolor="#f2c6de", edgecolor="black", label="router (notebook 05)"),
                Line2D([0], [0], color="grey", label="residual connection")]

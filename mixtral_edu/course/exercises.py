@@ -275,12 +275,13 @@ def changed_positions(seq_len: int, changed: int, sliding_window: Optional[int])
     torch.manual_seed(3)
     cfg = MixtralConfig.tiny(sliding_window=sliding_window)
     attn = Attention(cfg).eval()
-    cos, sin = RotaryEmbedding(cfg.head_dim, seq_len, cfg.rope_theta)(0, seq_len)
+    positions = torch.arange(seq_len)
+    cos, sin = RotaryEmbedding(cfg.head_dim, seq_len, cfg.rope_theta)(positions)
     x = torch.randn(1, seq_len, cfg.hidden_size)
     y = x.clone()
     y[0, changed] += torch.randn(cfg.hidden_size)
     with torch.no_grad():
-        diff = (attn(x, cos, sin) - attn(y, cos, sin)).abs().amax(-1)[0]
+        diff = (attn(x, cos, sin, positions) - attn(y, cos, sin, positions)).abs().amax(-1)[0]
     return [p for p in range(seq_len) if diff[p] > 1e-6]
 
 

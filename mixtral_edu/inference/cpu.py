@@ -1,8 +1,8 @@
 """Batch-1 decoding on a CPU: the measured defaults (lm_head layout, thread count) and one opt-in trick.
 
 Decoding one token multiplies every weight matrix W `[out, in]` by a single vector x, so a step
-is bound by how fast the weights stream from memory (the model's FLOPs are negligible). What
-`load_model` and `generate` do on a CPU (benchmarks/README.md has the runs):
+is bound by how fast the weights stream from memory (the model's FLOPs are negligible).
+`optimize.optimize_for(model, "cpu")` installs the two measured defaults (benchmarks/README.md has the runs):
 
 1. `use_cpu_layout_` stores lm_head column-major: W keeps its shape `[out, in]`, but W.T
    `[in, out]` is the contiguous tensor (`column_major`). Only the strides change, so names,
@@ -11,11 +11,12 @@ is bound by how fast the weights stream from memory (the model's FLOPs are negli
    Measured, float32, [32000, 512]: Intel Xeon (AVX-512), 2 threads, 26 -> 37 GB/s; AMD EPYC,
    1 thread, 16 -> 31 GB/s. The other matrices stay row-major: column-major was no faster there
    on the Xeon (w2 [512, 1024] a little slower).
-2. `DecodeThreads` picks the thread count while `generate` decodes: every ~0.2 s it reads how
-   much CPU time other processes took (/proc/stat minus this process's own time) and uses only
-   the cores they leave free. With a busy process beside it on 2 cores, 2 threads wait for each
-   other at every product (28-40 tokens/s measured on the Xeon, against 102 quiet); 1 thread kept
-   58 (measured on the Xeon only). Where /proc/stat is missing (macOS, Windows) the thread count is left alone.
+2. `use_thread_policy_` picks the thread count before every forward call (`DecodeThreads`): every
+   ~0.2 s it reads how much CPU time other processes took (/proc/stat minus this process's own
+   time) and uses only the cores they leave free. With a busy process beside it on 2 cores, 2
+   threads wait for each other at every product (28-40 tokens/s measured on the Xeon, against 102
+   quiet); 1 thread kept 58 (measured on the Xeon only). Where /proc/stat is missing (macOS,
+   Windows) the thread count is left alone.
 
 Opt-in, because it wins on one CPU and loses on another: `to_column_major_(model)` stores every
 matrix column-major and computes a single vector's product as a weighted sum of the rows of W.T,
@@ -24,7 +25,7 @@ one bag of rows per thread (`matvec`). On the AMD EPYC that decoded 2.1-2.6x tra
 speed (1.6x without it); on the Intel Xeon it is 0.8x of the default path (embedding_bag streams
 at 22-24 GB/s there, below MKL's 25-27).
 
-    model = load_model(path)                  # lm_head column-major on the CPU
+    model = optimize_for(load_model(path))    # lm_head column-major, thread policy
     model = to_column_major_(model)           # opt-in: every matrix, row-sum products
 """
 
@@ -134,6 +135,23 @@ class DecodeThreads:
     def close(self) -> None:
         if torch.get_num_threads() != self.most:
             torch.set_num_threads(self.most)
+
+
+def use_thread_policy_(model: nn.Module, threads: Optional[DecodeThreads] = None) -> nn.Module:
+    """Tick `threads` (default: a new `DecodeThreads`) before every forward call of `model`, in place.
+
+    A forward pre-hook (`model.thread_policy` holds its handle; installing again replaces it). Inside a
+    torch.compile trace it does nothing: the compiled code leaves the thread count alone.
+    """
+    threads = threads or DecodeThreads()
+
+    def tick(module, args):
+        if not torch.compiler.is_compiling():
+            threads.tick()
+    if getattr(model, "thread_policy", None) is not None:
+        model.thread_policy.remove()
+    model.thread_policy = model.register_forward_pre_hook(tick)
+    return model
 
 
 # ----------------------------------------------------------------------------- opt-in: row sums

@@ -2,20 +2,19 @@
 
 At batch 1 a decode step does little arithmetic; its time is (a) reading the active weights once,
 which the GPU's memory bandwidth bounds, and (b) overhead: Python, ~1,500 kernel launches, and
-every point where the CPU waits for the GPU. An eager `Mixtral.forward` checks its input
-(`int(input_ids.min())`) and its single-token expert dispatch asks the GPU which experts were
-chosen (`.tolist()`): each is a host sync, 34 per token for 8x7B.
+every point where the CPU waits for the GPU. The model's default MoE dispatch reads a single
+token's expert ids on the host (`.tolist()`): a sync per layer, 32 per token for 8x7B.
 
-`FastDecoder` calls the same `Mixtral.forward` with the position as a tensor (`input_pos`), which
-makes the very same layers run without a sync (gpt-fast's recipe):
+`FastDecoder` calls the same `Mixtral.forward` with the position as a tensor (`positions=`), so
+nothing in a step needs the host (gpt-fast's recipe):
 
-* RoPE's cos/sin are picked with `index_select`, the new key and value go into the static
-  `KVCache` with `index_copy_`, and attention runs over the whole cache with a mask
-  `key position <= position` (so every step has the same shapes) — `Attention.forward`;
-* the chosen experts stay on the GPU: the MoE block's "sync_free" dispatch gathers their weights,
-  or, with `use_kernel`, the Triton kernel (`kernels.py`) reads the expert ids inside the kernel —
-  `ExpertsBase.forward_gathered`;
-* greedy sampling (`argmax`) writes the next token into the input buffer, also on the GPU.
+* RoPE's cos/sin are picked on the device, the new key and value go into the static `KVCache`
+  at that position, and attention runs over the whole cache under the causal mask — the one path
+  of `Attention.forward`, so every step has the same shapes;
+* it installs a sync-free dispatch on every MoE block (`dispatch.decode_dispatch`): the chosen
+  experts' weights are gathered on the device, or, with `use_kernel`, the Triton kernel
+  (`kernels.py`) reads the expert ids inside the kernel; int8 projections get the kernel too;
+* greedy sampling (`argmax`) writes the next token into the input buffer, also on the device.
 
 With no syncs the step can be captured once as a CUDA graph (`torch.cuda.CUDAGraph`) and
 replayed: one launch per token instead of ~1,500. `torch.compile` can additionally fuse the small
@@ -35,30 +34,28 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..model.experts import ExpertsBase
 from ..model.mixtral import Mixtral
-from .kernels import triton_available
+from .dispatch import decode_dispatch, kernel_weights
+from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
 
 
-def fuse_qkv_(model: Mixtral) -> Mixtral:
-    """Give every layer's attention one fused q/k/v product (`Attention.fuse_qkv_`); returns the model."""
+def use_kernel_(model: nn.Module) -> nn.Module:
+    """Install the Triton kernel on `model` for single tokens: the dispatch of every MoE block whose
+    experts it reads (`dispatch.kernel_weights`) and every int8 projection (the module's class is
+    swapped; its buffers and hooks stay). Returns the model."""
     for layer in model.layers:
-        layer.self_attn.fuse_qkv_()
-    return model
-
-
-def use_kernel_(model: nn.Module, on: bool = True) -> nn.Module:
-    """Let every expert store and int8 projection of `model` use the Triton kernel for one token."""
+        if kernel_weights(layer.block_sparse_moe.experts) is not None:
+            layer.block_sparse_moe.dispatch = decode_dispatch(use_kernel=True)
     for module in model.modules():
-        if isinstance(module, (ExpertsBase, Int8Linear)):
-            module.use_kernel = on
+        if type(module) is Int8Linear:
+            module.__class__ = KernelInt8Linear
     return model
 
 
 # ----------------------------------------------------------------------------- the decoder
 class FastDecoder:
-    """Greedy batch-1 generation through `model(token, cache, input_pos=pos)`, optionally compiled and
+    """Greedy batch-1 generation through `model(token, cache, positions=pos)`, optionally compiled and
     captured as a CUDA graph.
 
     decoder = FastDecoder(model, max_seq_len=512)
@@ -66,21 +63,19 @@ class FastDecoder:
 
     use_kernel: the Triton expert kernel (default: when available for the model's device).
     cuda_graph: capture the step once and replay it (default: on CUDA). compile: torch.compile the
-    step first (fuses the small kernels; the first call takes a while). fuse_qkv: see `fuse_qkv_`
-    (changes how the model stores q/k/v, not their values). use_kernel and fuse_qkv change the model
-    in place, for its later calls too (same results).
+    step first (fuses the small kernels; the first call takes a while). The sync-free dispatch (and
+    the kernel) stay installed on the model for its later calls too (same results).
     """
 
     def __init__(self, model: Mixtral, max_seq_len: int, use_kernel: Optional[bool] = None,
-                 cuda_graph: Optional[bool] = None, compile: bool = False, fuse_qkv: bool = False) -> None:
+                 cuda_graph: Optional[bool] = None, compile: bool = False) -> None:
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.use_kernel = triton_available(self.device) if use_kernel is None else use_kernel
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        model.set_dispatch(decode_dispatch(use_kernel=False))
         if self.use_kernel:
             use_kernel_(model)
-        if fuse_qkv:
-            fuse_qkv_(model)
         self.cache = model.new_kv_cache(1, max_seq_len)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)   # static input buffers
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -90,7 +85,7 @@ class FastDecoder:
         self._run = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(token, cache=self.cache, input_pos=pos)[:, -1]          # [1, vocab]
+        logits = self.model(token, cache=self.cache, positions=pos)[:, -1]          # [1, vocab]
         return logits, logits.argmax(dim=-1, keepdim=True)
 
     def _eager_step(self) -> torch.Tensor:

@@ -22,7 +22,6 @@ from typing import Optional, Union
 import torch
 
 from ..chat import encode_chat
-from .cpu import DecodeThreads
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -118,7 +117,8 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     """Continue one prompt; return the new token ids (not the prompt).
 
     model: a `Mixtral` (anything with `config`, `new_kv_cache` and `forward(ids, cache=, last_only=)`).
-    input_ids: the prompt, a list of ints, a `[seq]` or a `[1, seq]` integer tensor (batch 1).
+    input_ids: the prompt, a list of ints, a `[seq]` or a `[1, seq]` integer tensor (batch 1), each
+        id in [0, vocab_size) (checked, ValueError otherwise).
     max_new_tokens: at most this many new tokens; len(prompt) + max_new_tokens must not exceed
         `model.config.max_position_embeddings` (checked before any work, ValueError otherwise).
     temperature, top_k, top_p: see `next_token_probs`; temperature 0 (the default) is greedy.
@@ -138,6 +138,10 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling_args(temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     context = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > context:
         raise ValueError(
@@ -151,8 +155,6 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    # On a CPU, decode with the cores other processes leave free (see inference/cpu.py).
-    threads = DecodeThreads() if device.type == "cpu" else None
     try:
         # The last new token is returned, never fed back, so the cache needs one slot less.
         cache = model.new_kv_cache(1, len(ids) + max_new_tokens - 1)
@@ -166,14 +168,9 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
                 stream(next_id)
             if eos_id is not None and next_id == eos_id:
                 break
-            if len(new_ids) < max_new_tokens:
-                step_input = torch.tensor([[next_id]], dtype=torch.long, device=device)
-            if threads is not None:
-                threads.tick()
+            step_input = torch.tensor([[next_id]], dtype=torch.long, device=device)
     finally:
         model.train(was_training)
-        if threads is not None:
-            threads.close()
     return new_ids
 
 

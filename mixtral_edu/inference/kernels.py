@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .quant import Int8Linear
+
 try:  # Triton ships with CUDA builds of PyTorch; the CPU build has none.
     import triton
     import triton.language as tl
@@ -141,3 +143,14 @@ def gathered_matvec(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
     Accumulates in float32; returns x's dtype.
     """
     return _launch(x, w, None, ids, scale, None, glu=False)
+
+
+class KernelInt8Linear(Int8Linear):
+    """`Int8Linear` whose product with a single vector runs the kernel (one expert, id 0): int8 rows
+    read once, no float copy of the codes. Installed by swapping the class (`decode.use_kernel_`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        zero = torch.zeros(1, dtype=torch.long, device=x.device)
+        return gathered_matvec(x.reshape(1, -1), self.weight[None], zero, self.scale[None]).view(*x.shape[:-1], -1)

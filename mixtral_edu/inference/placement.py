@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..config import MixtralConfig
-from ..params import count_parameters, dtype_bytes, kv_cache_bytes_per_token, split_weight_bytes, weight_bytes_per_device
+from ..devices import gpu_memory
+from ..params import (DTYPE_NAMES, count_parameters, dtype_bytes, kv_cache_bytes_per_token, split_weight_bytes,
+                      weight_bytes_per_device)
 
 GB = 1e9
 GiB = 2 ** 30
@@ -43,6 +45,14 @@ STRATEGIES = ("single", "split", "int8", "offload")
 
 
 # ----------------------------------------------------------------------------- arithmetic
+def int8_scale_count(cfg: MixtralConfig, experts_per_layer: int) -> int:
+    """Scales quant.py stores (one per output row of each int8 matrix) for the attention projections and
+    `experts_per_layer` experts of every layer: all E for the model, the k chosen ones for a decoded token."""
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return L * experts_per_layer * (I + H + I) + L * (q_out + 2 * kv_out + H)     # w1, w2, w3; q, k, v, o
+
+
 def int8_breakdown(cfg: MixtralConfig, scale_dtype="bf16") -> dict:
     """The int8 weight-only model's bytes as quant.py stores it: {"codes", "scales", "bf16_rest", "total"}.
 
@@ -51,9 +61,7 @@ def int8_breakdown(cfg: MixtralConfig, scale_dtype="bf16") -> dict:
     """
     p = count_parameters(cfg)
     quantised = p["experts"] + p["attention"]
-    H, I, L, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_local_experts
-    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    scales = L * E * (I + H + I) + L * (q_out + 2 * kv_out + H)  # one per output row
+    scales = int8_scale_count(cfg, cfg.num_local_experts)
     b = dtype_bytes(scale_dtype)
     out = {"codes": int(quantised), "scales": int(scales * b), "bf16_rest": int((p["total"] - quantised) * b)}
     out["total"] = out["codes"] + out["scales"] + out["bf16_rest"]
@@ -78,9 +86,7 @@ def active_weight_bytes(cfg: MixtralConfig, quant: Optional[str] = None, dtype="
         return int((p["active"] - p["embeddings"]) * dtype_bytes(dtype))
     if quant != "int8":
         raise ValueError(f"quant must be None or 'int8', got {quant!r}")
-    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    scales = L * k * (I + H + I) + L * (q_out + 2 * kv_out + H)
+    scales = int8_scale_count(cfg, k)
     int8_part = experts_read + p["attention"]
     return int(int8_part + (other - p["attention"] + scales) * dtype_bytes(dtype))
 
@@ -153,23 +159,6 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     if strategy == "offload":
         return int(p["total"] * b + p["experts"] * b / cfg.num_hidden_layers)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-
-
-def host_free_bytes() -> Optional[int]:
-    """Host memory available now (Linux: MemAvailable of /proc/meminfo; elsewhere the physical
-    memory from sysconf), or None when neither can be read. Not pure: asks the OS."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import os
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16", context_len: int = 4096,
@@ -293,15 +282,7 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
 
 def free_gpu_bytes() -> list:
     """Free bytes on each visible CUDA device right now (not pure: asks the driver). Empty without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-
-
-_TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32", "fp32": "float32",
-                 "float16": "float16", "fp16": "float16"}
+    return [free for free, _total in gpu_memory()]
 
 
 def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progress: bool = True):
@@ -313,28 +294,33 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     whole model (peak GPU memory: the int8 model plus one bf16 layer). "offload" streams the weights
     into host memory in `dtype` (93 GB for 8x7B in bf16, never float32), where the experts stay,
     pinned, and moves the rest to the GPU behind an LRU cache of `plan.cache_slots` experts.
-    progress: a tqdm bar while loading.
+    The device's decoding machinery is installed (`optimize_for`). progress: a tqdm bar while loading.
     """
     import torch
 
     from ..weights.load import load_model
+    from .optimize import optimize_for
 
-    if dtype is None:
-        dtype = getattr(torch, _TORCH_DTYPES.get(plan.weight_dtype, "bfloat16"))
+    if dtype is None:       # an int8 plan loads bf16 and quantises
+        name = str(plan.weight_dtype).removeprefix("torch.")
+        dtype = getattr(torch, "bfloat16" if name == "int8" else DTYPE_NAMES.get(name, name))
+    cache = None
     if plan.strategy == "single":
-        return load_model(path, device=plan.devices[0], dtype=dtype, progress=progress), None
-    if plan.strategy == "split":
-        return load_model(path, device=list(plan.devices), dtype=dtype, progress=progress,
-                          layers_per_device=plan.layers_per_device), None
-    if plan.strategy == "int8":
+        model = load_model(path, device=plan.devices[0], dtype=dtype, progress=progress)
+    elif plan.strategy == "split":
+        from .split import load_split
+        model = load_split(path, plan.devices, plan.layers_per_device, dtype=dtype, progress=progress)
+    elif plan.strategy == "int8":
         from .quant import quantize_layer_
         device = plan.devices[0]
         # The host check is skipped on purpose: layers leave host memory as they complete.
         model = load_model(path, device="cpu", dtype=dtype, progress=progress, ignore_memory_check=True,
                            on_layer_loaded=lambda i, layer: quantize_layer_(layer, device))
-        return model.to(device), None                       # embeddings, final norm, lm_head
-    model = load_model(path, device="cpu", dtype=dtype, progress=progress)
-    if plan.strategy == "offload":
+        model.to(device)                                     # embeddings, final norm, lm_head
+    elif plan.strategy == "offload":
         from .offload import offload_experts
-        return model, offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)
-    raise ValueError(f"unknown plan strategy {plan.strategy!r}; expected one of {STRATEGIES}")
+        model = load_model(path, device="cpu", dtype=dtype, progress=progress)
+        cache = offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)
+    else:
+        raise ValueError(f"unknown plan strategy {plan.strategy!r}; expected one of {STRATEGIES}")
+    return optimize_for(model, plan.devices[0]), cache

@@ -78,14 +78,7 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear has no bias; Mixtral's projections have none")
         return cls(*quantize_per_channel(linear.weight.detach()))
 
-    use_kernel = False      # one vector through the Triton kernel (FastDecoder sets it on a GPU)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and x.numel() == self.in_features:
-            from .kernels import gathered_matvec
-            zero = torch.zeros(1, dtype=torch.long, device=x.device)
-            return gathered_matvec(x.reshape(1, -1), self.weight[None], zero, self.scale[None]).view(
-                *x.shape[:-1], -1)
         return int8_linear(x, self.weight, self.scale)
 
     def extra_repr(self) -> str:
@@ -134,9 +127,6 @@ class Int8Experts(ExpertsBase):
 
     def batched_linear(self, x: torch.Tensor, w) -> torch.Tensor:
         return int8_linear(x, *w, product=gathered_linear)
-
-    def kernel_weights(self):
-        return self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale
 
     def extra_repr(self) -> str:
         e, i, h = self.w1.shape

@@ -44,8 +44,8 @@ def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Opti
 
     layers_per_device: how many consecutive decoder layers each device gets (e.g. `Plan.layers_per_device`);
     default: as even as possible. `model.new_kv_cache` then puts each layer's cache on its device.
-    Layers already on their device are not copied (`weights.load_model` with a list of devices
-    streams each tensor straight there and then calls this).
+    Layers already on their device are not copied (`load_split` streams each tensor straight there
+    and then calls this).
     """
     devices = [torch.device(d) for d in devices]
     per_layer = layer_devices(len(model.layers), devices, layers_per_device)
@@ -65,3 +65,17 @@ def split_by_layers(model: nn.Module, devices: Sequence, layers_per_device: Opti
     hooks.append(model.norm.register_forward_pre_hook(lambda mod, args, d=devices[-1]: tuple(_to(a, d) for a in args)))
     model._split_hooks = hooks
     return model
+
+
+def load_split(path, devices: Sequence, layers_per_device: Optional[Sequence[int]] = None, **load_kwargs) -> nn.Module:
+    """Load the checkpoint in folder `path` split by layers over `devices` (see `split_by_layers`).
+
+    Each layer's tensors are read straight onto its own device (`weights.load_model` with one device per
+    layer), so no device ever holds the whole model. load_kwargs: `load_model`'s (dtype, progress, ...).
+    """
+    from ..weights.layouts import read_config
+    from ..weights.load import load_model
+
+    per_layer = layer_devices(read_config(path).num_hidden_layers, devices, layers_per_device)
+    model = load_model(path, device=per_layer, **load_kwargs)
+    return split_by_layers(model, devices, layers_per_device)

@@ -1,23 +1,21 @@
-"""Grouped-query attention with a causal (optionally sliding-window) mask and a static KV cache.
+"""Grouped-query attention with a causal (optionally sliding-window) mask and a KV cache.
 
 Each of the `num_attention_heads` query heads attends with one of `num_key_value_heads` key/value
 heads; query heads h*g .. h*g+g-1 (g = num_key_value_groups) share key/value head h. Mixtral-8x7B
 has 32 query heads and 8 KV heads, so its KV cache is 4x smaller than with one KV head per query head.
 
-Token at position p may attend to key position j when j <= p (causal) and, if the config sets a
-`sliding_window` W, also p - j < W (Mixtral has no window; Mistral-7B-v0.1 used W = 4096).
+A query at position p may attend to a key at position j when j <= p (causal) and, if the config
+sets a `sliding_window` W, also p - j < W (Mixtral has no window; Mistral-7B-v0.1 used W = 4096).
 
-Incremental decoding keeps every layer's rotated keys and values in a `KVCache` allocated once
-for `max_seq_len` tokens; each call writes the new tokens' K/V at the cache position and attends
-to everything written so far. All sequences of a batch share that position (no padding). The same
-forward also runs with the positions given as a tensor (`positions=`): then the cache is written with
-`index_copy_` and the queries attend to the whole cache under a mask, so every decoding step has the
-same shapes and needs nothing from the host — what torch.compile and CUDA graphs capture.
+Decoding keeps every layer's rotated keys and values in a `KVCache` allocated once for
+`max_seq_len` tokens. Each call writes the new tokens' keys and values at their positions and
+attends to the layer's whole cache under the same mask rule: slot j holds position j, and the
+slots not written yet lie in the future, so the mask hides them. Prefill, decode and a compiled
+or captured step all run this one path, with the same shapes at every decoding step.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -32,10 +30,8 @@ class KVCache:
     """Pre-allocated keys and values of every layer, each layer's on that layer's device.
 
     k[i], v[i]: `[batch, num_kv_heads, max_seq_len, head_dim]` for decoder layer i, on
-    `layer_devices[i]` (default: all on `device`), so a model split over GPUs by layers keeps
-    each layer's cache beside its weights. `pos` is the number of tokens already written (the
-    position of the next token). Layers write with `update` (eager) or `write_at` (a step with
-    tensor positions, see `Attention.forward`); the model calls `advance` after an eager forward.
+    `layer_devices[i]` (default: all on `device`). `pos`: how many tokens are cached (the position
+    of the next one); `next_positions` hands out positions and moves it.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
@@ -72,23 +68,19 @@ class KVCache:
                 f"KV cache is full: {self.pos} tokens cached + {num_new} new > max_seq_len {self.max_seq_len}"
             )
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v `[batch, kv_heads, new, head_dim]` at `pos`; return all cached K, V so far.
+    def next_positions(self, batch_size: int, num_new: int) -> torch.Tensor:
+        """Positions pos .. pos + num_new - 1 `[num_new]` (int64, on layer 0's device) for new tokens; moves pos."""
+        self.check_room(batch_size, num_new)
+        positions = torch.arange(self.pos, self.pos + num_new, device=self.k[0].device)
+        self.pos += num_new
+        return positions
 
-        The returned tensors `[batch, kv_heads, pos + new, head_dim]` are views into the cache (no copy).
-        """
-        end = self.pos + k.shape[2]
-        self.k[layer_idx][:, :, self.pos:end] = k
-        self.v[layer_idx][:, :, self.pos:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v `[batch, kv_heads, new, head_dim]` at `positions` `[new]`; return the layer's
+        whole cache K, V `[batch, kv_heads, max_seq_len, head_dim]`, slot j holding position j.
 
-    def write_at(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v `[batch, kv_heads, new, head_dim]` at the positions in tensor `[new]`; return the
-        layer's whole cache `[batch, kv_heads, max_seq_len, head_dim]` (always the same shape).
-
-        `index_copy_` takes the positions from device memory: no host sync, capturable in a CUDA graph.
-        Does not move `pos`.
+        `index_copy_` reads the positions from device memory, so nothing waits for a GPU.
         """
         self.k[layer_idx].index_copy_(2, positions, k)
         self.v[layer_idx].index_copy_(2, positions, v)
@@ -102,22 +94,14 @@ class KVCache:
         self.pos = 0
 
 
-def attention_mask(q_len: int, start: int, kv_len: int, sliding_window: Optional[int] = None,
-                   device: Optional[torch.device | str] = None) -> torch.Tensor:
-    """Boolean mask `[q_len, kv_len]`, True where query i (position start+i) may attend to key j.
-
-    Allowed: j <= start + i, and with a sliding window W also start + i - j < W.
-    """
-    return attention_mask_at(torch.arange(start, start + q_len, device=device), kv_len, sliding_window)
-
-
-def attention_mask_at(positions: torch.Tensor, kv_len: int, sliding_window: Optional[int] = None) -> torch.Tensor:
-    """The same mask for queries at the positions in an int64 tensor `[q_len]` -> `[q_len, kv_len]`."""
-    q_pos = positions[:, None]
-    k_pos = torch.arange(kv_len, device=positions.device)[None, :]
-    allowed = k_pos <= q_pos
+def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor,
+                   sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask `[q_len, k_len]`, True where the query at q_positions[i] may see the key at
+    k_positions[j]: k <= q, and with a sliding window W also q - k < W."""
+    q, k = q_positions[:, None], k_positions[None, :]
+    allowed = k <= q
     if sliding_window is not None:
-        allowed = allowed & (q_pos - k_pos < sliding_window)
+        allowed = allowed & (q - k < sliding_window)
     return allowed
 
 
@@ -141,71 +125,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    # fuse_qkv_ may store q, k and v as one product here; kept out of the module tree (a plain attribute),
-    # so state_dict(), checkpoints and hooks still see q_proj, k_proj and v_proj.
-    fused_qkv: Optional[nn.Module] = None
-
-    def fuse_qkv_(self) -> None:
-        """Store q, k and v's weights as one tensor `[(heads + 2 kv_heads) * head_dim, hidden]` and
-        make q_proj/k_proj/v_proj's weights views of it: one product instead of three per call, no extra
-        memory, the same values. Works for nn.Linear and Int8Linear projections (after quantising)."""
-        if self.fused_qkv is not None:
-            return
-        mods = (self.q_proj, self.k_proj, self.v_proj)
-        fused = copy.copy(self.q_proj)                       # same class (nn.Linear or Int8Linear)
-        fused._parameters, fused._buffers = dict(fused._parameters), dict(fused._buffers)
-        start = 0
-        for name in [n for n in ("weight", "scale") if hasattr(self.q_proj, n)]:
-            whole = torch.cat([getattr(m, name).detach() for m in mods])
-            start = 0
-            for m in mods:
-                n = getattr(m, name).shape[0]
-                part = whole[start:start + n]
-                setattr(m, name, nn.Parameter(part, requires_grad=False) if name in m._parameters else part)
-                start += n
-            setattr(fused, name, nn.Parameter(whole, requires_grad=False) if name in fused._parameters else whole)
-        fused.out_features = start
-        self.__dict__["fused_qkv"] = fused
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x `[batch, seq, hidden]`; cos, sin `[seq, head_dim]` for the tokens' positions.
-
-        With a cache the new keys/values are stored at `cache.pos` (the caller advances it) and
-        the queries attend to all cached tokens.
-        positions: the tokens' positions as an int64 tensor `[seq]` — the static-shape step of
-        `FastDecoder`: keys/values go into the cache at those positions and the queries attend to the
-        whole cache under a mask, so every step has the same shapes and never waits for the device.
-        """
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x `[batch, seq, hidden]`; cos, sin `[seq, head_dim]` and positions `[seq]` of those tokens."""
         batch, seq, _ = x.shape
-        if self.fused_qkv is not None:
-            q, k, v = self.fused_qkv(x).split(
-                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        mask, is_causal = None, False
-        if positions is not None:                                  # static shapes: the whole cache, masked
-            k, v = cache.write_at(self.layer_idx, k, v, positions)
-            mask = attention_mask_at(positions, k.shape[2], self.sliding_window)
-        else:
-            start = 0
-            if cache is not None:
-                start = cache.pos
-                k, v = cache.update(self.layer_idx, k, v)
-            kv_len = k.shape[2]
-            # Cheapest correct mask: SDPA's built-in causal mask only fits when queries and keys start
-            # together; a single new token without a window sees every cached key; otherwise build one.
-            window_matters = self.sliding_window is not None and kv_len > self.sliding_window
-            if not window_matters and start == 0 and seq > 1:
-                is_causal = True
-            elif window_matters or seq > 1:
-                mask = attention_mask(seq, start, kv_len, self.sliding_window, device=x.device)
-
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        k_positions = positions
+        if cache is not None:                       # attend to the whole cache: slot j is position j
+            k, v = cache.update(self.layer_idx, k, v, positions)
+            k_positions = torch.arange(k.shape[2], device=k.device)
+        mask = attention_mask(positions, k_positions, self.sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))

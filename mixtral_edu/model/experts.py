@@ -4,18 +4,10 @@ w1 ("gate") and w3 ("up") both map hidden -> intermediate; the SiLU of one gates
 elementwise, and w2 ("down") maps back. An 8x7B expert has 3 * 4096 * 14336 = 176,160,768
 parameters, and 8 of them per layer make up 96.6% of the model.
 
-The formula is written once, in `swiglu_expert`. What differs between the ways the course stores experts
-is only where the weights are and how a product with one is computed:
-
-    storage            weights of expert e                     product linear(x, w)
-    `Experts`          views w1[e], w2[e], w3[e] (float)        F.linear
-    `Int8Experts`      int8 codes and per-row scales           (x @ codes^T) * scale       (inference/quant.py)
-    `OffloadedExperts` a GPU cache slot, fetched on a miss     F.linear                    (inference/offload.py)
-    `ColumnMajorExperts` views stored transposed              a row-sum kernel for 1 token (inference/cpu.py)
-
-Each is an `ExpertsBase`: it says how to get an expert's weights (`expert_weights`, and
-`gathered_weights` for several tokens at once) and how to multiply by them (`linear`,
-`batched_linear`); `forward` and `forward_gathered`, which the MoE block calls, are defined here once.
+The formula is written once, in `swiglu_expert`. Every way of storing experts (this module's
+float `Experts`; int8, offloaded and column-major ones in `inference/`) is an `ExpertsBase`: it says
+how to get an expert's weights (`expert_weights`, `gathered_weights`) and how to multiply by one
+(`linear`, `batched_linear`); `forward` and `forward_gathered`, which the MoE block calls, are here once.
 
 `Experts` keeps all experts of a layer as three STACKED parameters, w1 `[E, I, H]`, w2 `[E, H, I]`,
 w3 `[E, I, H]`: `w1[e]` is expert e's matrix as a view (no copy), and a batch of tokens can pick
@@ -50,12 +42,9 @@ class ExpertsBase(nn.Module):
 
     Subclasses give `num_experts`, `expert_weights(e)` -> (w1, w2, w3) and `gathered_weights(ids)`,
     and may override `linear` / `batched_linear` (the product with one such weight).
-    `use_kernel`: run a single token's experts with the Triton kernel (`inference/kernels.py`), which
-    reads the expert ids on the GPU; FastDecoder turns it on where it applies (`kernel_weights`).
     """
 
     num_experts: int
-    use_kernel: bool = False
 
     def expert_weights(self, expert: int) -> tuple:
         raise NotImplementedError
@@ -69,10 +58,6 @@ class ExpertsBase(nn.Module):
     def batched_linear(self, x: torch.Tensor, w) -> torch.Tensor:
         return gathered_linear(x, w)
 
-    def kernel_weights(self):
-        """(w1, w2, w3, s1, s2, s3) as the Triton kernel reads them, or None where it does not apply."""
-        return None
-
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Run expert number `expert` on x `[..., hidden]` -> `[..., hidden]`."""
         return swiglu_expert(x, *self.expert_weights(expert), self.linear)
@@ -81,14 +66,8 @@ class ExpertsBase(nn.Module):
         """Each token through each of its own experts at once, with no host sync.
 
         x `[tokens, hidden]`, expert_ids `[tokens, k]` -> `[tokens, k, hidden]`. The chosen experts'
-        weights are gathered into `[tokens, k, ...]` copies, then applied with batched products (or,
-        with `use_kernel`, read in place by the kernel).
+        weights are gathered into `[tokens, k, ...]` copies, then applied with batched products.
         """
-        if self.use_kernel and x.shape[0] == 1 and self.kernel_weights() is not None:
-            from ..inference.kernels import gathered_glu, gathered_matvec
-            w1, w2, w3, s1, s2, s3 = self.kernel_weights()
-            h = gathered_glu(x, w1, w3, expert_ids[0], s1, s3)                     # [k, I]
-            return gathered_matvec(h, w2, expert_ids[0], s2)[None]                # [1, k, H]
         return swiglu_expert(x[:, None, :], *self.gathered_weights(expert_ids), self.batched_linear)
 
 
@@ -116,9 +95,6 @@ class Experts(ExpertsBase):
 
     def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
         return self.w1[expert_ids], self.w2[expert_ids], self.w3[expert_ids]   # [T, k, out, in] copies
-
-    def kernel_weights(self):
-        return self.w1, self.w2, self.w3, None, None, None
 
     def extra_repr(self) -> str:
         e, i, h = self.w1.shape

@@ -13,15 +13,15 @@ prefix, see `weights/keys.py`), except that each layer's experts are stored stac
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .attention import Attention, KVCache
 from ..config import MixtralConfig
+from .attention import Attention, KVCache
 from .experts import Experts
-from .moe import SparseMoeBlock
+from .moe import DISPATCH, SparseMoeBlock
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -36,12 +36,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.block_sparse_moe = SparseMoeBlock(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
-                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """positions: see `Attention.forward`; given, the experts are also picked without a host sync."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
-        dispatch = None if positions is None else "sync_free"
-        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x), dispatch)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """cos, sin, positions, cache: see `Attention.forward`."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + moe_out, router_logits
 
 
@@ -77,8 +76,12 @@ class Mixtral(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def set_dispatch(self, dispatch: str) -> None:
-        """Set every MoE block's dispatch strategy: "auto", "grouped" or "gathered" (see moe.py)."""
+    def set_dispatch(self, dispatch: Union[str, Callable]) -> None:
+        """Give every MoE block this dispatch: "auto", "grouped", "gathered" (see moe.py) or a function."""
+        if isinstance(dispatch, str):
+            if dispatch not in DISPATCH:
+                raise ValueError(f"dispatch must be one of {tuple(DISPATCH)} or a function, got {dispatch!r}")
+            dispatch = DISPATCH[dispatch]
         for layer in self.layers:
             layer.block_sparse_moe.dispatch = dispatch
 
@@ -103,52 +106,23 @@ class Mixtral(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None,
                 return_router_logits: bool = False, last_only: bool = False,
-                input_pos: Optional[torch.Tensor] = None):
+                positions: Optional[torch.Tensor] = None):
         """input_ids `[batch, seq]` -> logits `[batch, seq, vocab]` (in the weights' dtype).
 
-        cache: a `KVCache` from `new_kv_cache`; the tokens are placed at positions
-        cache.pos .. cache.pos + seq - 1, attend to everything cached, and the position advances.
-        last_only: compute logits for the last position only (`[batch, 1, vocab]`).
-        return_router_logits: also return a tuple, one entry per layer, of router logits
-        `[batch*seq, E]` (None for a dense model's layers).
-        input_pos: the tokens' positions as an int64 tensor `[seq]`, with a cache: the static-shape
-        step that `FastDecoder` compiles and captures. The same layers run; the cache is written at
-        those positions and read whole under a mask, the experts are picked on the device, and nothing
-        here waits for it — so the token ids are not checked and `cache.pos` is left to the caller.
+        cache: a `KVCache` from `new_kv_cache`; the tokens attend to everything cached before them.
+        positions: the tokens' positions `[seq]` (int64); default: right after what the cache holds
+        (0 .. seq-1 without one), and the cache's `pos` moves past them.
+        last_only: logits for the last position only (`[batch, 1, vocab]`).
+        return_router_logits: also return a tuple, one entry per layer, of router logits `[batch*seq, E]`.
         """
-        if input_pos is not None:
-            if cache is None:
-                raise ValueError("input_pos needs a KVCache to write the keys and values into")
-            return self._forward(input_ids, *self.rotary_emb.at(input_pos), cache, input_pos,
-                                 return_router_logits, last_only)
-        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        if seq == 0:
-            raise ValueError("input_ids has no tokens (seq length 0)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
-        start = 0
-        if cache is not None:
-            cache.check_room(batch, seq)
-            start = cache.pos
-        out = self._forward(input_ids, *self.rotary_emb(start, seq), cache, None, return_router_logits, last_only)
-        if cache is not None:
-            cache.advance(seq)
-        return out
-
-    def _forward(self, input_ids, cos, sin, cache, positions, return_router_logits, last_only):
-        """The layers themselves, for both kinds of call: cos, sin `[seq, head_dim]`; positions `[seq]` or None."""
-        h = self.embed_tokens(input_ids)
-        all_router_logits = []
+        h = self.embed_tokens(input_ids)                                          # [batch, seq, hidden]
+        if positions is None:
+            batch, seq = input_ids.shape
+            positions = torch.arange(seq, device=h.device) if cache is None else cache.next_positions(batch, seq)
+        cos, sin = self.rotary_emb(positions)                                     # [seq, head_dim] each
+        router_logits = []
         for layer in self.layers:
-            h, router_logits = layer(h, cos, sin, cache, positions)
-            all_router_logits.append(router_logits)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.lm_head(self.norm(h))
-        if return_router_logits:
-            return logits, tuple(all_router_logits)
-        return logits
+            h, layer_router_logits = layer(h, cos, sin, positions, cache)
+            router_logits.append(layer_router_logits)
+        logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))           # [batch, seq or 1, vocab]
+        return (logits, tuple(router_logits)) if return_router_logits else logits

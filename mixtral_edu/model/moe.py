@@ -3,28 +3,20 @@
     y(x) = sum over the k chosen experts e of  weight_e(x) * expert_e(x)
 
 Only k of the E experts run per token (Mixtral: 2 of 8), so a token touches about a quarter of
-the expert weights. How tokens get to their experts ("dispatch") is an implementation choice
-with identical results; two are implemented:
+the expert weights. How tokens get to their experts ("dispatch") changes the speed, never the
+result; the block calls whichever dispatch function it holds (`block.dispatch`):
 
-* "grouped": sort the (token, slot) pairs by expert and run each expert once on all of its
-  tokens. Each expert's weights are read once however many tokens chose it; best for prefill.
-* "gathered": take each token's own k experts directly. For a single token this loops over its
-  k slots and uses `w1[e]` etc. as views (no copy, no loop over all E experts); for several
-  tokens it gathers the chosen weights `[tokens, k, ...]` and applies them with batched matmuls.
+* `dispatch_grouped`: sort the (token, slot) pairs by expert and run each expert once on all of
+  its tokens, so each expert's weights are read once however many tokens chose it (prefill, training);
+* `dispatch_gathered`: each token through its own k experts (`experts(x, e)` on weight views for a
+  single token, a gather of the chosen weights and batched products for several);
+* `dispatch_auto` (the default): gathered for one token (batch-1 decoding), grouped otherwise.
 
-* "sync_free": the gathered weights for every call, one token included, so the chosen expert ids
-  never travel to the host: what a captured decoding step needs (FastDecoder passes it; with the
-  Triton kernel the weights are read in place instead of gathered).
+`inference/` installs others (a sync-free one for captured decoding steps, a Triton kernel) by
+setting `block.dispatch`. The experts are any `ExpertsBase` (dense, int8, offloaded, ...).
 
-`dispatch="auto"` uses "gathered" when the call holds exactly one token (batch-1 decoding) and
-"grouped" otherwise. Set `block.dispatch` or pass `dispatch=` to override.
-
-The experts are any `ExpertsBase` (dense, int8, offloaded, column-major): the block only calls
-`experts(x, e)` and `experts.forward_gathered(x, expert_ids)`.
-
-A dense config (`num_local_experts == 1`, e.g. Mistral-7B) uses this same block with one expert
-and no router: `gate` is None, the expert's weight is 1, and the router logits are None. The
-parameter count then matches the dense model exactly.
+A dense config (`num_local_experts == 1`, e.g. Mistral-7B) uses this block with one expert and no
+router: `gate` is None, the expert's weight is 1 and the router logits are None.
 """
 
 from __future__ import annotations
@@ -35,10 +27,8 @@ import torch
 from torch import nn
 
 from ..config import MixtralConfig
-from .experts import ExpertsBase, Experts
+from .experts import Experts, ExpertsBase
 from .router import route
-
-DISPATCH_STRATEGIES = ("auto", "grouped", "gathered", "sync_free")
 
 
 def dispatch_grouped(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
@@ -70,22 +60,20 @@ def dispatch_gathered(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tens
 
     Each token goes through its own k experts; no loop over all experts.
     """
-    if x.shape[0] == 1:
-        # One token: k expert calls on weight views; one host sync for the k ids.
-        out = None
-        for slot, e in enumerate(expert_ids[0].tolist()):
-            y = weights[:, slot, None] * experts(x, e)
-            out = y if out is None else out + y
-        return out
-    return dispatch_sync_free(experts, x, weights, expert_ids)
-
-
-def dispatch_sync_free(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
-                       expert_ids: torch.Tensor) -> torch.Tensor:
-    """x `[tokens, hidden]`, weights and expert_ids `[tokens, k]` -> `[tokens, hidden]`, without reading
-    the expert ids on the host (the weights are gathered on the device)."""
-    per_slot = experts.forward_gathered(x, expert_ids)       # [tokens, k, hidden]
+    if x.shape[0] == 1:                                       # k calls on weight views; reads the k ids
+        return sum(weights[:, slot, None] * experts(x, e) for slot, e in enumerate(expert_ids[0].tolist()))
+    per_slot = experts.forward_gathered(x, expert_ids)        # [tokens, k, hidden]
     return (per_slot * weights[..., None]).sum(dim=1)
+
+
+def dispatch_auto(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
+                  expert_ids: torch.Tensor) -> torch.Tensor:
+    """Gathered for a single token, grouped for several (same arguments and result)."""
+    dispatch = dispatch_gathered if x.shape[0] == 1 else dispatch_grouped
+    return dispatch(experts, x, weights, expert_ids)
+
+
+DISPATCH = {"auto": dispatch_auto, "grouped": dispatch_grouped, "gathered": dispatch_gathered}
 
 
 class SparseMoeBlock(nn.Module):
@@ -95,43 +83,20 @@ class SparseMoeBlock(nn.Module):
     is the router logits (a forward hook on it sees `[tokens, E]`); `experts` = stacked `Experts`.
     """
 
-    def __init__(self, cfg: MixtralConfig, dispatch: str = "auto") -> None:
+    def __init__(self, cfg: MixtralConfig) -> None:
         super().__init__()
         self.num_experts = cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False) if cfg.is_moe else None
         self.experts = Experts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size)
-        self.dispatch = dispatch
+        self.dispatch = dispatch_auto
 
-    @property
-    def dispatch(self) -> str:
-        return self._dispatch
-
-    @dispatch.setter
-    def dispatch(self, value: str) -> None:
-        if value not in DISPATCH_STRATEGIES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES}, got {value!r}")
-        self._dispatch = value
-
-    def resolve_dispatch(self, num_tokens: int, dispatch: Optional[str] = None) -> str:
-        """The strategy ("grouped" or "gathered") a call with `num_tokens` tokens will use."""
-        strategy = self.dispatch if dispatch is None else dispatch
-        if strategy not in DISPATCH_STRATEGIES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES}, got {strategy!r}")
-        if strategy == "auto":
-            return "gathered" if num_tokens == 1 else "grouped"
-        return strategy
-
-    def forward(self, x: torch.Tensor, dispatch: Optional[str] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]` or None for a dense block)."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                              # [tokens, hidden]
-        if self.gate is None:                                     # dense: one expert, weight 1
-            return self.experts(x, 0).view(shape), None
-        router_logits = self.gate(x)                              # [tokens, E]
-        weights, expert_ids = route(router_logits, self.top_k)
-        weights = weights.to(x.dtype)
-        strategy = self.resolve_dispatch(x.shape[0], dispatch)
-        run = {"grouped": dispatch_grouped, "gathered": dispatch_gathered, "sync_free": dispatch_sync_free}[strategy]
-        return run(self.experts, x, weights, expert_ids).view(shape), router_logits
+        tokens = x.reshape(-1, x.shape[-1])                           # [tokens, hidden]
+        if self.gate is None:                                         # dense: one expert, weight 1
+            return self.experts(tokens, 0).view(x.shape), None
+        router_logits = self.gate(tokens)                             # [tokens, E]
+        weights, expert_ids = route(router_logits, self.top_k)        # [tokens, k] each
+        out = self.dispatch(self.experts, tokens, weights.to(x.dtype), expert_ids)
+        return out.view(x.shape), router_logits

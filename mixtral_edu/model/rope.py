@@ -73,26 +73,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    @property
-    def max_positions(self) -> int:
-        return self.cos.shape[0]
-
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[length, head_dim]` for positions start .. start+length-1 (views, no copy)."""
-        if start < 0 or start + length > self.max_positions:
-            raise ValueError(
-                f"positions {start}..{start + length - 1} are outside the RoPE table "
-                f"(max_position_embeddings={self.max_positions})"
-            )
-        return self.cos[start:start + length], self.sin[start:start + length]
-
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[len(positions), head_dim]` for the positions in an int64 tensor `[seq]`.
-
-        Picked on the tensors' device with `index_select`, so nothing waits for a GPU and a
-        captured step can read new positions on every replay (no bounds check here: the caller
-        keeps positions below max_positions).
-        """
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[seq, head_dim]` for the positions in an int64 tensor `[seq]` (picked on the device)."""
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 

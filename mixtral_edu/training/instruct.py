@@ -305,14 +305,13 @@ def make_batch(tokenizer, chats: Sequence[list]) -> tuple[torch.Tensor, torch.Te
 # ----------------------------------------------------------------------------- the model pieces
 def hidden_states(model, input_ids: torch.Tensor):
     """The final normed hidden states `[B, T, hidden]` and the per-layer router logits: `Mixtral.forward`
-    without the output layer, so a masked loss can send only the positions it needs through lm_head."""
-    cos, sin = model.rotary_emb(0, input_ids.shape[1])
-    h = model.embed_tokens(input_ids)
-    routers = []
-    for layer in model.layers:
-        h, router_logits = layer(h, cos, sin, None)
-        routers.append(router_logits)
-    return model.norm(h), tuple(routers)
+    with lm_head swapped for the identity, so a masked loss can send only the positions it needs
+    through lm_head."""
+    lm_head, model.lm_head = model.lm_head, torch.nn.Identity()
+    try:
+        return model(input_ids, return_router_logits=True)
+    finally:
+        model.lm_head = lm_head
 
 
 def masked_loss(model, inputs, targets, mask) -> tuple[torch.Tensor, tuple]:

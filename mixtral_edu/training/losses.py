@@ -1,8 +1,9 @@
 """Router losses that keep a mixture of experts healthy during training.
 
 Load-balancing (auxiliary) loss (Switch Transformer, eq. 4-6; the form transformers'
-MixtralForCausalLM adds, with its config default router_aux_loss_coef = 0.02 — what Mixtral itself was
-trained with is not published: the paper gives no training loss and Mistral's training code is not public):
+MixtralForCausalLM adds, times `router_aux_loss_coef`: 0.02 in Mixtral's published config.json, 0.001 as
+the default of transformers' own MixtralConfig. What Mixtral itself was trained with is not published:
+the paper gives no training loss and Mistral's training code is not public):
 with T tokens, E experts and top-k routing,
 
     f_e = fraction of routing decisions that picked expert e

@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..analysis.routing import coefficient_of_variation as load_cv   # std/mean of a load [..., E]: 0 = even
+from ..cli import Parser, say
 from ..config import MixtralConfig
 from .corpus import batches, heldout_windows
 from .losses import load_balancing_loss, router_z_loss
@@ -140,12 +142,6 @@ def layer_load(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tenso
         counts = torch.bincount(ids.reshape(-1), minlength=logits.shape[-1]).float()
         rows.append(counts / counts.sum())
     return torch.stack(rows)
-
-
-def load_cv(load: torch.Tensor) -> torch.Tensor:
-    """Coefficient of variation std/mean over experts of a load `[..., E]` -> `[...]` (0 = even;
-    sqrt(E/k - 1) = 1.73 when top-2 of 8 always picks the same two experts)."""
-    return load.std(dim=-1, correction=0) / load.mean(dim=-1)
 
 
 def balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -266,26 +262,10 @@ def train(cfg: MixtralConfig, streams: dict[str, torch.Tensor], steps: int = 100
 
 
 # ----------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit status 2)."""
-
-    def error(self, message: str):
-        _say(f"{self.prog}: error: {message} (see --help)")
-        raise SystemExit(2)
-
-
-def _say(line: str) -> None:
-    if sys.stderr is not None:
-        try:
-            print(line.replace("\n", " "), file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
-
-
 class UsageError(ValueError):
     """A bad argument, corpus or output folder, found before training starts (exit status 2)."""
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = _Parser(
+    p = Parser(
         prog="python -m mixtral_edu.training.train",
         description="Train a Mixtral from scratch on the shipped corpus (python, prose, arithmetic) and save it "
                     "in the Hugging Face layout, with a copy of the tokenizer and a model card.",
@@ -436,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     except KeyboardInterrupt:
-        _say("interrupted; nothing was saved")
+        say("interrupted; nothing was saved")
         return 130
     except Exception as err:
         if debug:
@@ -444,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         known = isinstance(err, (ValueError, OSError, MemoryError))
         message = str(err) or type(err).__name__
-        _say(f"error: {message}" if known else f"error: {type(err).__name__}: {message} (unexpected; rerun "
+        say(f"error: {message}" if known else f"error: {type(err).__name__}: {message} (unexpected; rerun "
              "with --debug for the traceback)")
         return 2 if isinstance(err, UsageError) else 1
 

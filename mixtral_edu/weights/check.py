@@ -5,7 +5,7 @@ says up front what it found and what it expects, instead of going quiet:
 
 * `describe_gpus()`: the CUDA devices this process sees (their name, free and total memory) and the
   `CUDA_VISIBLE_DEVICES` that chose them;
-* `host_free_bytes()` (from placement.py): the host memory available;
+* `host_free_bytes()` (from devices.py): the host memory available;
 * `checkpoint_files(folder)`: the weight files of the one layout `load_model` reads (published downloads
   hold two: Hugging Face shards and Mistral's `consolidated` files; only one is counted or timed);
 * `measure_read_speed(folder)`: bytes per second read from those files' middles, from the disk itself
@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import CheckpointError
+from .layouts import FLOAT_DTYPES as LOADABLE_DTYPES
 from .layouts import detect_layout, read_config
 from .layouts import weight_files as layout_weight_files
 from .pt_header import read_pt_header, storage_bytes
-from .safetensors_reader import SafetensorsFile
+from .safetensors_reader import ST_DTYPES, SafetensorsFile
 from ..config import MixtralConfig, read_json_file
 from .convert import hf_to_mistral_key, hf_to_original_state_dict
 from .keys import to_hf_state_dict
-from ..inference.placement import host_free_bytes
+from ..devices import gpu_memory, host_free_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 SAMPLE_BYTES = 64 * 2 ** 20       # read per file when measuring: long enough to see the disk, not a seek
@@ -60,13 +61,7 @@ def describe_gpus() -> list:
     """The CUDA devices this process sees, as GPU records (empty without CUDA). Asks the driver."""
     import torch
 
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        gpus.append(GPU(i, torch.cuda.get_device_name(i), int(free), int(total)))
-    return gpus
+    return [GPU(i, torch.cuda.get_device_name(i), free, total) for i, (free, total) in enumerate(gpu_memory())]
 
 
 def weight_files(folder) -> list:
@@ -175,8 +170,9 @@ def report(folder) -> str:
 
 
 # ----------------------------------------------------------------------------- checking a download
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+# torch's names: "bfloat16", "float16", "float32" (layouts.FLOAT_DTYPES), and of safetensors' dtypes ("BF16": "bfloat16")
+FLOAT_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in LOADABLE_DTYPES)
+_ST_DTYPES = {name: str(dtype).removeprefix("torch.") for name, dtype in ST_DTYPES.items() if dtype in LOADABLE_DTYPES}
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 from ..config import MixtralConfig, read_json_file
 from .errors import CheckpointError
-from .safetensors_reader import SafetensorsFile, safetensors_tensors
+from .safetensors_reader import ST_DTYPES, SafetensorsFile, safetensors_tensors
 
 PathLike = Union[str, os.PathLike]
 HF_INDEX = "model.safetensors.index.json"
@@ -35,8 +35,7 @@ HF_SINGLE = "model.safetensors"
 MISTRAL_SAFETENSORS = "consolidated.safetensors"
 PT_FILE = re.compile(r"consolidated\.(\d+)\.pth?$")
 MAX_INDEX_BYTES = 64 << 20        # the index of a 100 GB checkpoint is about 100 KB
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what a checkpoint's weights may be stored in
 LAYOUT_NAMES = {"hf-sharded": "Hugging Face (sharded)", "hf": "Hugging Face", "mistral": "Mistral",
                 "mistral-pt": "Mistral .pt"}
 
@@ -166,8 +165,8 @@ def checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dtyp
     if layout.startswith("hf"):
         data = read_json_file(folder / "config.json")
         name = data.get("dtype") or data.get("torch_dtype")
-        if isinstance(name, str) and name in _DTYPES:
-            return _DTYPES[name]
+        if isinstance(name, str) and getattr(torch, name, None) in FLOAT_DTYPES:
+            return getattr(torch, name)
     if layout == "mistral-pt":
         for file in files:
             for _key, tensor in pt_tensors(file):
@@ -176,6 +175,6 @@ def checkpoint_dtype(folder: Path, layout: str, files: list[Path]) -> torch.dtyp
     else:
         with SafetensorsFile(files[0]) as st:
             for info in st.header.values():
-                if info["dtype"] in _DTYPES:
-                    return _DTYPES[info["dtype"]]
+                if ST_DTYPES.get(info["dtype"]) in FLOAT_DTYPES:
+                    return ST_DTYPES[info["dtype"]]
     return torch.float32

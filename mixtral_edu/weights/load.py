@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import MixtralConfig
+from ..devices import free_bytes as available_memory      # a module name of its own: tests replace it
 from ..model.mixtral import Mixtral
 from ..model.rope import RotaryEmbedding
 from ..params import weight_bytes_per_device
@@ -42,18 +43,6 @@ class InsufficientMemoryError(MemoryError):
 
 
 # ============================================================================= memory plan
-def available_memory(device: Union[str, torch.device]) -> Optional[int]:
-    """Free bytes on `device`: MemAvailable for "cpu", torch.cuda.mem_get_info for CUDA, else None."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        import psutil
-        return int(psutil.virtual_memory().available)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return None
-
-
 def memory_plan(cfg: MixtralConfig, dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> dict:
     """What loading needs against what `device` has: {"needed_bytes", "available_bytes", "fits"}.
 
@@ -107,7 +96,7 @@ def _empty_model(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.d
     """A Mixtral with uninitialised weights of `dtype`, never materialised anywhere but their device.
 
     devices: one device per decoder layer; the embeddings go with the first layer, the final norm
-    and lm_head with the last (as `layer_split.split_by_layers` places them).
+    and lm_head with the last (as `inference.split.split_by_layers` places them).
     """
     with torch.device("meta"):
         model = Mixtral(cfg).to(dtype=dtype)
@@ -212,7 +201,6 @@ def _to_hf_tensors(layout: str, key: str, tensor: torch.Tensor, cfg: MixtralConf
 @torch.no_grad()
 def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu", dtype: Optional[torch.dtype] = None,
                *, progress: bool = True, ignore_memory_check: bool = False,
-               layers_per_device: Optional[Sequence[int]] = None,
                on_layer_loaded: Optional[Callable[[int, torch.nn.Module], None]] = None,
                allow_non_finite: bool = False, memory_budget: Optional[int] = None) -> Mixtral:
     """Load the checkpoint in folder `path` (any layout, see `detect_layout`) as a Mixtral in eval mode.
@@ -221,11 +209,10 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     its dequantized weights bounded by `memory_budget` bytes (default: half the free memory).
 
     device: where the weights go ("cpu", "cuda", "cuda:1", ...); each tensor is copied there directly.
-        A list of devices splits the model by layers (`layer_split.split_by_layers`): each layer's
-        tensors are copied straight to their own device, `layers_per_device[i]` consecutive layers
-        on `device[i]` (default: as even as possible), so no device ever holds the whole model.
-        On one CPU, lm_head's weight is stored column-major (`inference.cpu.use_cpu_layout_`: the
-        same values, measured to decode faster).
+        A list names one device per decoder layer: each layer's tensors go straight to their own
+        device (the embeddings with the first layer, the final norm and lm_head with the last), so no
+        device ever holds the whole model; `inference.split.load_split` uses it and adds the hooks
+        that carry the hidden state from device to device.
     dtype: the weights' dtype; None keeps the checkpoint's (config.json's `dtype`, else the tensors').
     progress: a tqdm bar over the tensors (on stderr).
     ignore_memory_check: load even when `memory_plan` says the weights will not fit.
@@ -252,10 +239,11 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     dtype = dtype or checkpoint_dtype(folder, layout, files)
-    split = isinstance(device, (list, tuple))
-    if split:
-        from ..inference.split import layer_devices
-        devices = layer_devices(cfg.num_hidden_layers, device, layers_per_device)
+    if isinstance(device, (list, tuple)):
+        if len(device) != cfg.num_hidden_layers:
+            raise ValueError(f"device names {len(device)} devices; a list needs one per decoder layer "
+                             f"({cfg.num_hidden_layers})")
+        devices = [torch.device(d) for d in device]
     else:
         devices = [torch.device(device)] * cfg.num_hidden_layers
     if not ignore_memory_check:          # each device must hold its own share
@@ -306,12 +294,6 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "
                               f"{config_name} needs (HF names): {missing[:8]}")
     filler.check_tied(model.embed_tokens.weight)
-    if split:
-        from ..inference.split import split_by_layers
-        split_by_layers(model, device, layers_per_device)    # the hooks; every tensor is already in place
-    else:
-        from ..inference.cpu import use_cpu_layout_
-        use_cpu_layout_(model)                # on a CPU, lm_head column-major (measured faster, inference/cpu.py)
     return model.eval()
 
 

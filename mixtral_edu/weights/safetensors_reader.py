@@ -11,7 +11,6 @@ CheckpointError naming the file and the tensor.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 from pathlib import Path
@@ -25,14 +24,14 @@ from .errors import CheckpointError
 _ST_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
             "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
             "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
                      ("F8_E8M0", "float8_e8m0fnu"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
                      ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F4", "float4_e2m1fn_x2")):
     if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
+        ST_DTYPES[_name] = getattr(torch, _attr)
 _USIZE_MAX = 2 ** 64 - 1
 _MAX_HEADER = 100_000_000          # the official reader's limit
 _MAX_JSON_DEPTH = 127              # serde_json's recursion limit, as the official reader applies it
@@ -118,7 +117,8 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {info!r}")
         twice = [f for f in _INFO_FIELDS if f in getattr(info, "repeated", ())]
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (twice or not isinstance(dtype, str) or dtype not in _ST_BITS or not isinstance(shape, list) or not all(map(_is_usize, shape))
+        if (twice or not isinstance(dtype, str) or dtype not in _ST_BITS or not isinstance(shape, list)
+                or not all(map(_is_usize, shape))
                 or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
             raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {dict(info)!r}"[:400])
         tensors[key] = (dtype, shape, (offsets[0], offsets[1]))
@@ -166,7 +166,7 @@ class SafetensorsFile:
     file resident beside the model it fills. Use as a context manager (or call close()).
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._file = self._mm = None
         if not self.path.is_file():
@@ -203,7 +203,7 @@ class SafetensorsFile:
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor `key`, a view of the mapped file (delete it before close())."""
         info = self.header[key]
-        dtype = _ST_DTYPES.get(info["dtype"])
+        dtype = ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key}: dtype {info['dtype']} has no torch equivalent here")
         shape = info["shape"]

@@ -23,7 +23,7 @@ from ..model.mixtral import Mixtral
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict
 from .errors import CheckpointError
 from .keys import to_hf_state_dict
-from .layouts import HF_INDEX, HF_SINGLE, MAX_INDEX_BYTES, MISTRAL_SAFETENSORS, PT_FILE, PathLike
+from .layouts import HF_INDEX, HF_SINGLE, MAX_INDEX_BYTES, MISTRAL_SAFETENSORS, PathLike
 from .safetensors_reader import SafetensorsFile
 
 MIXTRAL_VOCAB_SIZE = 32000
