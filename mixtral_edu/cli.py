@@ -592,8 +592,8 @@ def _budget(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     weights_opt = Parser(add_help=False)
     weights_opt.add_argument("--weights", metavar="DIR",
-                             help="checkpoint folder (Hugging Face or Mistral layout) or .gguf file; default: $MIXTRAL_EDU_WEIGHTS, "
-                                  "else the embedded tiny model data/tiny-mixtral")
+                             help="checkpoint folder (Hugging Face or Mistral layout) or .gguf file; "
+                                  "default: $MIXTRAL_EDU_WEIGHTS, else the embedded tiny model data/tiny-mixtral")
     model_opts = Parser(add_help=False, parents=[weights_opt])
     model_opts.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, mps, ...")
     model_opts.add_argument("--dtype", choices=DTYPES, help="weights dtype; default: the checkpoint's")

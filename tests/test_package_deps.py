@@ -63,8 +63,9 @@ def test_a_plain_install_runs_outside_the_repository(tmp_path):
     # This venv's packages, read after the new venv's own; .pth files in there (the editable link) are not run,
     # and --ignore-installed below installs beside them without uninstalling anything of this venv.
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "install", "--quiet", "--ignore-installed",
-                    "--no-deps", "--no-index", str(next(wheels.glob("*.whl")))], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "install", "--quiet",
+                    "--ignore-installed", "--no-deps", "--no-index", str(next(wheels.glob("*.whl")))],
+                   check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MIXTRAL_EDU_WEIGHTS")}
     where = subprocess.run([target / "bin" / "python", "-c", "import mixtral_edu, mixtral_edu.assets as a; "
                             "from mixtral_edu import load_model; print(mixtral_edu.__file__); print(a.TINY_MODEL_DIR)"],
