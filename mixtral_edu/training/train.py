@@ -40,6 +40,7 @@ from ..config import MixtralConfig
 from .corpus import batches, heldout_windows
 from .losses import load_balancing_loss, router_z_loss
 from ..model.mixtral import Mixtral
+from ..weights.atomic import replace_folder
 
 
 @dataclass
@@ -386,25 +387,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out}: cannot write in {parent} ({err.strerror})") from None
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Put the finished folder `staging` at `out` by renames; an old `out` is removed only once the new one is there."""
-    import tempfile
-
-    aside = None
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(aside)
-        os.rename(out, aside)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The training command line: 0 when the checkpoint is saved, 2 for bad input found before training,
     1 for a failure during it (e.g. a non-finite loss), 130 for Ctrl-C. Every error is one line on
@@ -510,7 +492,7 @@ def _main(argv: list) -> int:
             json.dump({"command": args_line, "train_config": tc_dict, "seconds": round(seconds, 1),
                        "heldout_loss": heldout, "history": history.to_dict()}, f)
             f.write("\n")
-        _publish(staging, out)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"saved to {out}")

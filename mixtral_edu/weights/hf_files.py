@@ -7,7 +7,7 @@
     generation_config.json   bos_token_id 1, eos_token_id 2, as in Mistral's Mixtral repositories.
 
 `write_tokenizer_files(folder)` writes the three. Each file is written atomically (a temporary file in
-the same folder, flushed to disk, then `os.replace`), so an interrupted write leaves the previous file
+the same folder, flushed to disk, then `os.replace`; `atomic.write_atomic`), so an interrupted write leaves the previous file
 as it was; a target that is a symlink is refused rather than written through or silently replaced.
 
 Tokenizer settings, and why (checked with transformers 5.24, the version requirements.lock pins):
@@ -71,11 +71,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
+
+from .atomic import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,49 +159,6 @@ def tokenizer_config(tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL
 def generation_config(tokenizer: Tokenizer) -> dict:
     """The contents of generation_config.json: BOS and EOS ids, as Mistral's Mixtral repositories have."""
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-
-
-def write_atomic(path: PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the new one, never a part.
-
-    The bytes go to a fresh temporary file in the same folder (same file system, so the rename is
-    atomic), are flushed to disk, then renamed over `path`; the folder entry is flushed too. A
-    symlink at `path` is refused: writing through it would change a file elsewhere, and replacing
-    it would quietly undo whatever the link was for.
-    """
-    path = Path(path)
-    if path.is_symlink():
-        raise ValueError(f"{path} is a symlink; refusing to write through or replace it")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} exists and is not a regular file")
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes it 0600; these files are for everyone to read
-        os.replace(temp, path)
-    except BaseException:
-        # The old file is untouched; only the temporary one has to go.
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (the rename) to disk; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_bytes(obj: dict) -> bytes:

@@ -20,6 +20,7 @@ import torch
 
 from ..config import MixtralConfig, read_json_file
 from ..model.mixtral import Mixtral
+from .atomic import fsync, replace_files
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict
 from .errors import CheckpointError
 from .keys import to_hf_state_dict
@@ -50,14 +51,6 @@ def _parse_size(size: Union[int, str]) -> int:
     if value < 1:
         raise ValueError(f"max_shard_size {size!r} is less than one byte")
     return value
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -115,42 +108,8 @@ def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> l
     return stale
 
 
-def _commit(folder: Path, staging: Path, names: list[str], stale: list[Path]) -> None:
-    """Move the finished files in `staging` into `folder`, replacing the old checkpoint's files.
-
-    Every new file is complete and on disk before this starts. The old files are first moved aside
-    (renames, no copying), then the new ones moved in; if anything fails, the old ones are put back.
-    A rename replaces a symlink itself, never the file it points to. Should the process die in the
-    middle, both checkpoints are still complete on disk (the new one in `staging`, the old one in
-    the `.mixtral-edu-old-*` folder beside it).
-    """
-    import tempfile
-
-    backup = Path(tempfile.mkdtemp(prefix=".mixtral-edu-old-", dir=folder))
-    moved_aside: list[tuple[Path, Path]] = []
-    moved_in: list[Path] = []
-    try:
-        for old in [*(folder / n for n in names if (folder / n).is_file() or (folder / n).is_symlink()), *stale]:
-            aside = backup / old.name
-            os.replace(old, aside)
-            moved_aside.append((old, aside))
-        for name in names:
-            os.replace(staging / name, folder / name)
-            moved_in.append(folder / name)
-        _fsync(folder)
-    except BaseException:
-        for new in moved_in:
-            os.replace(new, staging / new.name)
-        for old, aside in reversed(moved_aside):
-            os.replace(aside, old)
-        os.rmdir(backup)
-        raise
-    import shutil
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names: Sequence[str]) -> list[str]:
-    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `_commit`.
+    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `atomic.replace_files`.
 
     A failure while writing (a full disk, an interrupt) removes the staging folder and leaves the old
     checkpoint exactly as it was.
@@ -168,8 +127,8 @@ def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names:
         names = write(staging)
         for name in names:
             _readable(staging / name)
-            _fsync(staging / name)
-        _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
+            fsync(staging / name)
+        replace_files(folder, staging, names, _stale_files(folder, set(names), layout_names))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return names
@@ -193,7 +152,7 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
     (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
 
     Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then moved
-    into place by renames (see `_commit`), so a full disk or a crash mid-save leaves the old checkpoint
+    into place by renames (see `atomic.replace_files`), so a full disk or a crash mid-save leaves the old checkpoint
     loadable. Of the files already there it replaces only config.json, model.safetensors, the index
     and numbered shards an earlier save of ours (or the replaced index) accounts for; symlinks are
     replaced, never written through. Returns the names of the files written.
