@@ -20,7 +20,8 @@ import torch
 
 from ..config import MixtralConfig, read_json_file
 from ..model.mixtral import Mixtral
-from .atomic import fsync, replace_files
+from .atomic import fsync
+from .atomic import replace_files as _commit     # the name save_model's docstring (shown in notebook 07) uses
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict
 from .errors import CheckpointError
 from .keys import to_hf_state_dict
@@ -109,7 +110,7 @@ def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> l
 
 
 def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names: Sequence[str]) -> list[str]:
-    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `atomic.replace_files`.
+    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `_commit` them.
 
     A failure while writing (a full disk, an interrupt) removes the staging folder and leaves the old
     checkpoint exactly as it was.
@@ -128,7 +129,7 @@ def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names:
         for name in names:
             _readable(staging / name)
             fsync(staging / name)
-        replace_files(folder, staging, names, _stale_files(folder, set(names), layout_names))
+        _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return names
@@ -152,7 +153,7 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
     (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
 
     Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then moved
-    into place by renames (see `atomic.replace_files`), so a full disk or a crash mid-save leaves the old checkpoint
+    into place by renames (see `_commit`), so a full disk or a crash mid-save leaves the old checkpoint
     loadable. Of the files already there it replaces only config.json, model.safetensors, the index
     and numbered shards an earlier save of ours (or the replaced index) accounts for; symlinks are
     replaced, never written through. Returns the names of the files written.
