@@ -81,8 +81,13 @@ class FastDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits = None
         self.graph = None
-        step = self._step
-        self._run = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+        self._run = self._step
+        if compile:
+            # Dynamo reuses a compiled step across models and does not guard on hooks, so a step compiled
+            # for another model would skip this one's hooks: start from an empty cache. Hooks registered
+            # before the first step are compiled in; one added later needs a new FastDecoder.
+            torch._dynamo.reset()
+            self._run = torch.compile(self._step, fullgraph=True, dynamic=False)
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(token, cache=self.cache, positions=pos)[:, -1]          # [1, vocab]
