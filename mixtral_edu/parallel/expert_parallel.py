@@ -532,7 +532,8 @@ def streamed_logits(path, sequences: Sequence[Sequence[int]], dtype: Optional[to
     for i, layer in enumerate(model.layers):
         fill({f"layers.{i}": layer})
         for j, h in enumerate(hidden):
-            hidden[j] = layer(h, *rope(0, h.shape[1]))[0]
+            positions = torch.arange(h.shape[1], device=device)
+            hidden[j] = layer(h, *rope(positions), positions)[0]
         layer.to("meta")                                    # its storage goes
     return [model.lm_head(model.norm(h))[0].float().cpu() for h in hidden]
 
