@@ -85,7 +85,8 @@ def test_damage_is_named(full_pth, tmp_path):
     with open(full_pth / "consolidated.00.pth", "rb") as src, open(cut / "consolidated.00.pth", "wb") as dst:
         dst.write(src.read(1 << 20))                       # an interrupted download: the start only
         dst.truncate(50_000_000_000)
-    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: not a readable weights-only torch file \(not a zip archive, or truncated"):
+    with pytest.raises(CheckpointError,
+                       match=r"consolidated\.00\.pth: not a readable weights-only torch file \(not a zip archive, or truncated"):
         check_checkpoint(cut)
 
 

@@ -342,7 +342,8 @@ def test_notebook_claims_are_printed_only_where_the_interval_supports_them(model
     text = next(t for t in _outputs() if "no suffix: the model answers at least 90%" in t)
     sums = _sums()
     table = control_table(model, TOK, sums, forged_routes={})
-    expect = {"no suffix: the model answers at least 90% of the sums": supported(table["no suffix"]["correct"], 300, at_least=0.9),
+    expect = {"no suffix: the model answers at least 90% of the sums":
+              supported(table["no suffix"]["correct"], 300, at_least=0.9),
               "harmless suffix: it still answers at least 90%": supported(table["harmless suffix"]["correct"], 300, at_least=0.9),
               "instruction without markers: obeyed at most 10%":
                   supported(table["instruction, no markers"]["obeyed"], 300, at_most=0.1)}

@@ -21,7 +21,7 @@ Imports without transformers: the checkers take plain lists of ids and functions
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ..chat import chat_segments, encode_chat
 from .exercises import WrongAnswer
