@@ -16,3 +16,11 @@ def test_nb11_quotes_run_2_at_the_commit_it_names():
     assert run["device"] == "NVIDIA H200"
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     assert "run 2 (commit bcbc53a" in readme
+
+
+def test_nb08_and_nb11_quote_the_bytes_one_token_reads():
+    """"a step is bound by reading its active weights (25.5 GB in bf16)" (08), the bound's denominator (11)."""
+    from mixtral_edu.config import MixtralConfig
+    from mixtral_edu.inference.placement import active_weight_bytes
+
+    assert round(active_weight_bytes(MixtralConfig.mixtral_8x7b()) / 1e9, 1) == 25.5
