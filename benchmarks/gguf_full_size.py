@@ -145,13 +145,15 @@ def machine() -> str:
 
 
 def child(cmd: list) -> dict:
-    """Run `cmd` alone; its wall seconds, CPU seconds (user + system), peak RSS (GB) and output. One child at a time, so RUSAGE_CHILDREN's
-    maximum is this one's only if no bigger child ran before: each measurement runs in a fresh process."""
+    """Run `cmd` alone; its wall seconds, CPU seconds (user + system), peak RSS (GB) and output. One child at a
+    time, so RUSAGE_CHILDREN's maximum is this one's only if no bigger child ran before: each measurement runs
+    in a fresh process."""
     wrapper = [sys.executable, "-c", "import resource, subprocess, sys, time, json; t=time.time(); "
                "r=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                "print(json.dumps({'rc': r.returncode, 'wall': time.time()-t, "
                "'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
-               "'cpu': resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, "
+               "'cpu': resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime"
+               " + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, "
                "'out': r.stdout[-3000:], 'err': r.stderr[-3000:]}))"] + cmd
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run(wrapper, capture_output=True, text=True, env=env)
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
               f"{os.getloadavg()}\n{r['out']}{r['err'][-600:]}", flush=True)
     if "decode" not in args.skip:
         r = child([sys.executable, "-c", DECODE, str(path), str(parse_size(args.memory_budget)), str(args.decode)])
-        print(f"decode: exit {r['rc']}, wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB, load average "
+        print(f"decode: exit {r['rc']}, wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB, "
+              "load average "
               f"{os.getloadavg()}\n{r['out']}{r['err'][-600:]}", flush=True)
     if "llama.cpp" not in args.skip:
         import llama_cpp as lc
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
         if lc.built(cache):
             r = child(["timeout", "600", str(cache.bin / "llama-bench"), "-m", str(path), "-t", "2", "-p", "0",
                        "-n", "2", "-r", "1", "-o", "json"])
-            print(f"llama.cpp llama-bench -n 2 (timeout 600 s): exit {r['rc']}, wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB"
+            print(f"llama.cpp llama-bench -n 2 (timeout 600 s): exit {r['rc']}, wall {r['wall']:.0f} s, "
+                  f"CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB"
                   f" (its file pages count: it maps the whole file)\n{r['out']}{r['err'][-600:]}", flush=True)
         else:
             print("llama.cpp: not built (run benchmarks/llama_cpp.py once)")
