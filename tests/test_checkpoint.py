@@ -244,3 +244,13 @@ def test_saved_files_are_readable_by_others_as_the_umask_allows(tmp_path, layout
     os.umask(umask)
     for name in names:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_loading_a_model_stays_off_the_compilers_import_path():
+    """load_model builds its skeleton without running ops on meta tensors, which import torch._dynamo (~1 s)."""
+    import subprocess
+    import sys
+    code = ("import sys; from mixtral_edu.weights import load_model; from mixtral_edu.assets import TINY_MODEL_DIR; "
+            "load_model(TINY_MODEL_DIR, progress=False); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

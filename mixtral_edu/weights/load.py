@@ -29,6 +29,7 @@ from torch import nn
 from ..config import MixtralConfig
 from ..devices import free_bytes as available_memory      # a module name of its own: tests replace it
 from ..model.mixtral import Mixtral
+from ..model import rope
 from ..model.rope import RotaryEmbedding
 from ..params import weight_bytes_per_device
 from .convert import mistral_to_hf_tensors
@@ -92,14 +93,31 @@ def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
 
 
 # ============================================================================= load
+def meta_skeleton(cfg: MixtralConfig) -> Mixtral:
+    """Mixtral(cfg) on the meta device, shapes only: its random init and its RoPE table are skipped.
+
+    Both would be thrown away (weights come from a file, the table is rebuilt on the real device), and
+    torch runs init and table ops on meta tensors through torch._refs, which imports the compiler: about
+    a second of every command that loads a model. Mixtral's own code stays as a learner reads it.
+    """
+    no_op = lambda tensor, *args, **kwargs: tensor                                  # noqa: E731
+    saved = nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, rope.rope_cos_sin
+    nn.init.normal_ = nn.init.uniform_ = nn.init.kaiming_uniform_ = no_op
+    rope.rope_cos_sin = lambda head_dim, max_positions, rope_theta: (torch.empty(max_positions, head_dim),) * 2
+    try:
+        with torch.device("meta"):
+            return Mixtral(cfg)
+    finally:
+        nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, rope.rope_cos_sin = saved
+
+
 def _empty_model(cfg: MixtralConfig, devices: list[torch.device], dtype: torch.dtype) -> Mixtral:
     """A Mixtral with uninitialised weights of `dtype`, never materialised anywhere but their device.
 
     devices: one device per decoder layer; the embeddings go with the first layer, the final norm
     and lm_head with the last (as `inference.split.split_by_layers` places them).
     """
-    with torch.device("meta"):
-        model = Mixtral(cfg).to(dtype=dtype)
+    model = meta_skeleton(cfg).to(dtype=dtype)
     model.embed_tokens.to_empty(device=devices[0])
     for layer, device in zip(model.layers, devices):
         layer.to_empty(device=device)
