@@ -422,19 +422,20 @@ def test_model_weights_follow_the_model(tiny_trained):
 
 
 def sol_hit_rates(expert_ids, slots):
+    from collections import OrderedDict
+
     rates = []
-    for layer in expert_ids.tolist():
-        cache, hits, uses = [], 0, 0
-        for token in layer:
-            for e in token:
-                uses += 1
-                if e in cache:
-                    hits += 1
-                    cache.remove(e)
-                elif len(cache) == slots:
-                    del cache[0]
-                cache.append(e)
-        rates.append(hits / uses)
+    for layer in expert_ids:                      # [T, k]; row-major order is first choice first
+        cache, hits = OrderedDict(), 0
+        for e in layer.flatten().tolist():
+            if e in cache:
+                hits += 1
+                cache.move_to_end(e)
+            else:
+                cache[e] = None
+                if len(cache) > slots:
+                    cache.popitem(last=False)
+        rates.append(hits / layer.numel())
     return torch.tensor(rates)
 
 

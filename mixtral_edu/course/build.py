@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -45,10 +45,10 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _run(label: str, fn: Callable, cases: list, reference: Callable, modules, shortcuts=(), wrongs=(),
-         tol: float = TOL, what: str = "") -> Optional[Checked]:
+         tol: float = TOL, what: str = "", done: str = "") -> Checked:
     """Run `fn(*args)` on every (case name, args) while the package is switched off; compare with
     `reference(*args)` (computed before). wrongs: (hint, function) pairs of known mistakes.
-    Returns a 'not attempted' report for a blank function, None when every case passes."""
+    Returns a 'not attempted' report for a blank function, `correct(done)` when every case passes."""
     if blank_function(fn):
         return not_attempted(label, f"the body of `{what}`")
     expected = [reference(*args) for _, args in cases]
@@ -59,7 +59,7 @@ def _run(label: str, fn: Callable, cases: list, reference: Callable, modules, sh
             if got is None:
                 return not_attempted(label, f"the body of `{what}` (it returned None)")
             compare(label, name, got, want, tol, diag)
-    return None
+    return correct(done)
 
 
 def _copies(args):
@@ -86,12 +86,10 @@ def check_02_rms_norm(my_rms_norm) -> Checked:
          lambda x, w, eps: naive.rms_norm(x - x.mean(-1, keepdim=True), w, eps)),
         ("the square root is missing", lambda x, w, eps: x * w / (x.pow(2).mean(-1, keepdim=True) + eps)),
     ]
-    report = _run(label, my_rms_norm, cases, naive.rms_norm, ["mixtral_edu.model.norm", _HF], _NORM_SHORTCUTS,
-                  wrongs, what="my_rms_norm")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} cases (one token, large mean, tiny rows) "
-                             "agree with the naive reference, without PyTorch's or the package's norm")
+    return _run(label, my_rms_norm, cases, naive.rms_norm, ["mixtral_edu.model.norm", _HF], _NORM_SHORTCUTS,
+                wrongs, what="my_rms_norm",
+                done=f"{label}: correct — {len(cases)} cases (one token, large mean, tiny rows) "
+                "agree with the naive reference, without PyTorch's or the package's norm")
 
 
 # ----------------------------------------------------------------------------------------- 02 RoPE
@@ -122,11 +120,9 @@ def check_02_rope(my_rope) -> Checked:
         ("the rotation turns the wrong way: check the signs of the sin terms",
          _backwards),
     ]
-    report = _run(label, my_rope, cases, naive.rope, ["mixtral_edu.model.rope", _HF], (), wrongs, what="my_rope")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} cases (positions past a cache start, one token, "
-                             "one pair) agree with the naive rotation, without the package's RoPE")
+    return _run(label, my_rope, cases, naive.rope, ["mixtral_edu.model.rope", _HF], (), wrongs, what="my_rope",
+                done=f"{label}: correct — {len(cases)} cases (positions past a cache start, one token, "
+                "one pair) agree with the naive rotation, without the package's RoPE")
 
 
 def _backwards(x, start, theta):
@@ -177,13 +173,11 @@ def check_03_attention(my_attention) -> Checked:
          "as `repeat_interleave` lays them out, not `repeat`", lambda q, k, v: _attention_variant(q, k, v, groups="tile")),
         ("the scores must be divided by sqrt(head_dim)", lambda q, k, v: _attention_variant(q, k, v, scale=False)),
     ]
-    report = _run(label, my_attention, cases, naive.attention, ["mixtral_edu.model.attention", _HF],
-                  _ATTENTION_SHORTCUTS, wrongs, what="my_attention")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} cases (prefill, decode after a cache, uneven "
-                             "chunks, 3 queries per key head, one key head) agree with the naive loops, without "
-                             "scaled_dot_product_attention or the package's attention")
+    return _run(label, my_attention, cases, naive.attention, ["mixtral_edu.model.attention", _HF],
+                _ATTENTION_SHORTCUTS, wrongs, what="my_attention",
+                done=f"{label}: correct — {len(cases)} cases (prefill, decode after a cache, uneven "
+                "chunks, 3 queries per key head, one key head) agree with the naive loops, without "
+                "scaled_dot_product_attention or the package's attention")
 
 
 def random_layer(cfg, seed: int):
@@ -308,12 +302,10 @@ def check_04_expert(my_expert) -> Checked:
         ("the weights are [out, in]: multiply by their transposes", None),
     ]
     wrongs = [(h, f) for h, f in wrongs if f is not None]
-    report = _run(label, my_expert, cases, naive.expert, ["mixtral_edu.model.experts", _HF], (), wrongs,
-                  what="my_expert")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} cases (one token, I above and below H) agree "
-                             "with the naive loop, without the package's expert")
+    return _run(label, my_expert, cases, naive.expert, ["mixtral_edu.model.experts", _HF], (), wrongs,
+                what="my_expert",
+                done=f"{label}: correct — {len(cases)} cases (one token, I above and below H) agree "
+                "with the naive loop, without the package's expert")
 
 
 # -------------------------------------------------------------------------------------- 05 router
@@ -589,29 +581,22 @@ def check_08_top_p(my_top_p) -> Checked:
     wrongs = [("the token that crosses p is kept too (so at least one token always survives)", strict),
               ("the kept probabilities must be renormalised to sum to 1",
                lambda p_, top: naive.top_p(p_, top) * p_[naive.top_p(p_, top) > 0].sum())]
-    report = _run(label, my_top_p, cases, naive.top_p, ["mixtral_edu.inference.generate"], (), wrongs, what="my_top_p")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} cases agree with the reference, without "
-                             "next_token_probs")
+    return _run(label, my_top_p, cases, naive.top_p, ["mixtral_edu.inference.generate"], (), wrongs, what="my_top_p",
+                done=f"{label}: correct — {len(cases)} cases agree with the reference, without "
+                "next_token_probs")
 
 
 # ------------------------------------------------------------------------------ 11 expert cache
 def _fifo_hit_rates(expert_ids, slots):
     """A mistake, for the hint: first in, first out (a hit does not make an expert recent)."""
     rates = []
-    for layer in expert_ids.tolist():
-        cache, hits, uses = [], 0, 0
-        for token in layer:
-            for expert in token:
-                uses += 1
-                if expert in cache:
-                    hits += 1
-                    continue
-                if len(cache) == slots:
-                    cache.pop(0)
-                cache.append(expert)
-        rates.append(hits / uses)
+    for layer in expert_ids:
+        loaded, hits = [], 0
+        for expert in layer.flatten().tolist():
+            hits += expert in loaded
+            if expert not in loaded:
+                loaded = (loaded + [expert])[-slots:]
+        rates.append(hits / layer.numel())
     return torch.tensor(rates, dtype=torch.float64)
 
 
@@ -630,9 +615,7 @@ def check_11_cache_hit_rates(my_hit_rates) -> Checked:
     wrongs = [("a hit must make the expert the most recently used (that is LRU, not first-in first-out)", _fifo_hit_rates),
               ("each layer has its own cache", lambda ids, slots: naive.cache_hit_rates(
                   ids.reshape(1, -1, ids.shape[-1]), slots).expand(ids.shape[0]))]
-    report = _run(label, my_hit_rates, cases, naive.cache_hit_rates, ["mixtral_edu.inference.offload"], (), wrongs,
-                  tol=1e-6, what="my_hit_rates")
-    if report is not None:
-        return report
-    return correct(f"{label}: correct — {len(cases)} traces (one slot, all experts cached, one token, every token on "
-                   "the same experts) give the reference's hit rates, without the package's cache")
+    return _run(label, my_hit_rates, cases, naive.cache_hit_rates, ["mixtral_edu.inference.offload"], (), wrongs,
+                tol=1e-6, what="my_hit_rates",
+                done=f"{label}: correct — {len(cases)} traces (one slot, all experts cached, one token, every token on "
+                "the same experts) give the reference's hit rates, without the package's cache")
