@@ -14,7 +14,7 @@ def test_the_offload_check_runs_and_reports(tmp_path):
                           "--device", "cpu", "--layers", "2", "--slots", "3", "--tokens", "4", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("[offload] cpu: 2 layers, 3 slots: hit rate ")
+    assert run.stdout.startswith("[offload] cpu: 2 layers, 3 slots (per-layer): hit rate ")
     result = json.loads(out.read_text())
     assert result["tokens"] == 4 and 0.0 <= result["hit_rate"] <= 1.0 and result["tokens_per_s"] > 0
     assert result["bytes_per_token"] > 0          # 3 slots for 2 layers x 2 experts per token: something is copied

@@ -10,7 +10,12 @@ GPU too small for the model can keep everything else resident and fetch experts 
   copies it into the least recently used slot (an *eviction* when that slot was in use).
 
 Consecutive tokens often reuse experts (the paper's Section 5), which is what makes the cache
-pay. The arithmetic is the in-memory model's own (`ExpertsBase.forward` / `forward_gathered` on the
+pay, but only per layer: one decoded token asks for 2 experts of each of the 32 layers in turn, so
+between two uses of (layer 5, expert 3) come at least 62 other keys, and one LRU shared by all layers
+with fewer than 64 slots never hits (the 24 GB plan has 51). `offload_experts(per_layer=True)`, what
+`load_placed` uses, gives each layer its own LRU of an equal share of the slots (`layer_slots`), as
+Mixtral-offloading does (Eliseev & Mazur, arXiv 2312.17238): a layer's cache then hits whenever its
+experts repeat from one token to the next. `replay_hit_rate` computes that offline from a routing trace. The arithmetic is the in-memory model's own (`ExpertsBase.forward` / `forward_gathered` on the
 fetched weights), so outputs are bit-for-bit identical; only where the weights come from changes.
 """
 
@@ -125,11 +130,15 @@ class OffloadedExperts(ExpertsBase):
 
         Fetches the distinct experts first (a host sync, unavoidable here: which experts to copy is
         decided on the host), then gathers from the cache slots with ids remapped to slot numbers.
+        When the cache holds fewer slots than the distinct experts, each one goes through it in turn
+        and its weights are copied out, row by row (the cache still counts each use).
         """
         wanted = torch.unique(expert_ids).tolist()
         if len(wanted) > self.cache.capacity:
-            raise ValueError(f"these tokens need {len(wanted)} distinct experts at once but the cache holds "
-                             f"{self.cache.capacity}; use a larger cache or one token at a time")
+            fetched = {e: tuple(w.clone() for w in self.expert_weights(e)) for e in wanted}
+            rows = [fetched[int(e)] for e in expert_ids.reshape(-1).tolist()]
+            return tuple(torch.stack([r[i] for r in rows]).view(*expert_ids.shape, *rows[0][i].shape)
+                         for i in range(3))
         slot_ids = torch.empty_like(expert_ids)
         for e in wanted:
             slot_ids[expert_ids == e] = self._slot(e)
@@ -140,21 +149,82 @@ class OffloadedExperts(ExpertsBase):
         return f"layer={self.layer_idx}, num_experts={self.num_experts}, offloaded (cache of {self.cache.capacity})"
 
 
+def layer_slots(total: int, num_layers: int) -> list[int]:
+    """`total` cache slots shared out over `num_layers` per-layer caches, as evenly as possible."""
+    if total < num_layers:
+        raise ValueError(f"per-layer caches need at least one slot per layer: {total} slots for {num_layers} layers")
+    base, extra = divmod(total, num_layers)
+    return [base + (i < extra) for i in range(num_layers)]
+
+
+class CacheGroup:
+    """The expert caches of one offloaded model, read as one: `stats` adds theirs up, `capacity` their slots."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+
+    @property
+    def capacity(self) -> int:
+        return sum(c.capacity for c in self.caches)
+
+    @property
+    def stats(self) -> CacheStats:
+        return CacheStats(*(sum(getattr(c.stats, f) for c in self.caches)
+                            for f in ("hits", "misses", "evictions", "bytes_copied")))
+
+    def reset_stats(self) -> None:
+        for c in self.caches:
+            c.reset_stats()
+
+
+def replay_hit_rate(expert_ids: torch.Tensor, slots: list[int], tokens_per_step: Optional[list[int]] = None) -> float:
+    """Hit rate of per-layer LRU caches of `slots[l]` experts on a routing trace `[L, T, k]`, offline.
+
+    The lookups in the order the model makes them: step by step (tokens_per_step, default one token
+    each), layer by layer; a one-token step asks for its k experts in routing order (dispatch_gathered's
+    k calls), a longer step for its distinct experts in increasing order (dispatch_grouped).
+    """
+    num_layers, num_tokens, _ = expert_ids.shape
+    steps = tokens_per_step or [1] * num_tokens
+    caches = [OrderedDict() for _ in range(num_layers)]
+    hits = lookups = start = 0
+    for n in steps:
+        for layer, cache in enumerate(caches):
+            step = expert_ids[layer, start:start + n]
+            for e in (dict.fromkeys(step[0].tolist()) if n == 1 else torch.unique(step).tolist()):
+                lookups += 1
+                if e in cache:
+                    hits += 1
+                    cache.move_to_end(e)
+                else:
+                    if len(cache) == slots[layer]:
+                        cache.popitem(last=False)
+                    cache[e] = True
+        start += n
+    return hits / lookups if lookups else 0.0
+
+
 @torch.no_grad()
 def offload_experts(model: nn.Module, device: torch.device | str, capacity: int,
-                    pin: Optional[bool] = None) -> ExpertCache:
-    """Move `model` to `device` except its experts, which go to CPU memory behind one LRU cache.
+                    pin: Optional[bool] = None, per_layer: bool = False):
+    """Move `model` to `device` except its experts, which go to CPU memory behind LRU caches.
 
-    capacity: experts the device holds at once (`Plan.cache_slots`). Works in place on a `Mixtral`
-    whose experts are `Experts`; returns the cache (read `cache.stats` for hits and misses).
+    capacity: experts the device holds at once (`Plan.cache_slots`). per_layer: one LRU per layer,
+    `layer_slots(capacity, layers)` slots each (returns a CacheGroup); else one LRU shared by all
+    layers (an ExpertCache). Works in place on a `Mixtral` whose experts are `Experts`; read
+    `.stats` of the result for hits and misses.
     """
     first = model.layers[0].block_sparse_moe.experts
     if not isinstance(first, Experts):
         raise ValueError(f"offload_experts needs in-memory Experts, found {type(first).__name__}")
     num_experts, inter, hidden = first.w1.shape
-    cache = ExpertCache(capacity, hidden, inter, device=device, dtype=first.w1.dtype)
+    if per_layer:
+        caches = [ExpertCache(n, hidden, inter, device=device, dtype=first.w1.dtype)
+                  for n in layer_slots(capacity, len(model.layers))]
+    else:
+        caches = [ExpertCache(capacity, hidden, inter, device=device, dtype=first.w1.dtype)] * len(model.layers)
     for i, layer in enumerate(model.layers):
         moe = layer.block_sparse_moe
-        moe.experts = OffloadedExperts(moe.experts, cache, i, pin=pin)   # frees the device copy
+        moe.experts = OffloadedExperts(moe.experts, caches[i], i, pin=pin)   # frees the device copy
     model.to(device)
-    return cache
+    return CacheGroup(caches) if per_layer else caches[0]
