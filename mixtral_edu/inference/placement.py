@@ -10,7 +10,7 @@ memory there is, and picks the first of these that fits:
 3. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
                `[batch, seq, hidden]` hops to the next GPU at each boundary (see split.py).
 4. "offload":  every weight but the experts on the GPU; the experts wait in pinned CPU memory
-               and an LRU cache of `cache_slots` experts lives on the GPU (see offload.py).
+               and `cache_slots` experts live on the GPU, an LRU cache per layer (offload.py).
 
 One GPU comes before several (`prefer_one_gpu=True`, the default): int8 on one GPU reads half the
 bytes per token and keeps the sync-free decoder (decode.py), while a split runs at about one
@@ -18,8 +18,10 @@ GPU's speed. `prefer_one_gpu=False` puts the exact bf16 split before int8. To ch
 are seen at all, start Python with `CUDA_VISIBLE_DEVICES=0` (or `=2,3`).
 
 Host memory counts too: offloading stages the whole model in host memory before the experts are
-pinned there, so a 24 GB GPU on a 64 GB desktop cannot offload 8x7B; `host_bytes_needed` says how
-much each strategy needs, and `plan_placement(..., host_free_bytes=...)` refuses what does not fit.
+pinned there, and PyTorch's pinned allocator rounds each block up to a power of two (a layer's
+939,524,096-byte w1 stack takes 1 GiB: `pinned_block_bytes`), so a 24 GB GPU on a 64 GB desktop
+cannot offload 8x7B; `host_bytes_needed` says how much each strategy needs, and
+`plan_placement(..., host_free_bytes=...)` refuses what does not fit.
 
 `load_placed(path, plan)` then loads a checkpoint the way a plan says.
 
@@ -36,6 +38,7 @@ from ..config import MixtralConfig
 from ..devices import gpu_memory
 from ..params import (DTYPE_NAMES, count_parameters, dtype_bytes, kv_cache_bytes_per_token, split_weight_bytes,
                       weight_bytes_per_device)
+from .offload import layer_slots
 
 GB = 1e9
 GiB = 2 ** 30
@@ -140,6 +143,12 @@ def _split_layers(num_layers: int, capacities: Sequence[float]) -> list:
     return counts
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host bytes PyTorch's caching pinned-memory allocator takes for one `nbytes` block: the next power
+    of two (its size classes), e.g. 939,524,096 -> 1,073,741,824."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
 def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     """Peak host (CPU) memory that `load_placed` needs for `strategy`, from sizes alone.
 
@@ -147,7 +156,9 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     tensor at a time (the largest is the embedding or lm_head). int8: the host holds the decoder
     layers that are not complete yet, about two at a time, each quantised onto the GPU as it
     completes. offload: the whole model is staged in host memory in `dtype`, and each layer's
-    experts are copied into pinned memory before the unpinned copy is freed (one layer extra).
+    experts are copied into pinned memory (w1, w2, w3 stacks, each rounded by `pinned_block_bytes`)
+    before the unpinned copy is freed: the peak is the larger of the start (the staged model plus one
+    layer pinned) and the end (every layer pinned, the rest still staged).
     """
     p = count_parameters(cfg)
     b = dtype_bytes(dtype)
@@ -157,7 +168,9 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     if strategy == "int8":
         return int(2 * p["per_layer"] * b + largest_tensor)
     if strategy == "offload":
-        return int(p["total"] * b + p["experts"] * b / cfg.num_hidden_layers)
+        pinned_layer = 3 * pinned_block_bytes(int(p["experts"] * b / cfg.num_hidden_layers / 3))
+        rest = (p["total"] - p["experts"]) * b
+        return int(max(p["total"] * b + pinned_layer, rest + cfg.num_hidden_layers * pinned_layer))
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
@@ -247,7 +260,7 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
         room = free_bytes[biggest] - reserve_bytes - resident - kv
         total_experts = cfg.num_hidden_layers * cfg.num_local_experts
         slots = min(int(room // expert_bytes) if room > 0 else 0, total_experts)
-        if slots >= cfg.num_experts_per_tok:
+        if slots >= cfg.num_hidden_layers:                   # at least one slot per layer's cache
             planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
             return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv,
                         cache_slots=slots,
@@ -255,12 +268,14 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
                                      f"({_gb(int8_weights_bytes(cfg, dtype))}) fits "
                                      f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
                                      f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
-                                     f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and an LRU cache on the GPU holds "
-                                     f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%). "
-                                     "Results are exact; speed depends on the cache hit rate, because a miss copies "
-                                     f"{expert_bytes / GB:.2f} GB over PCIe."))
+                                     f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and the GPU holds "
+                                     f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%) "
+                                     f"as one LRU cache per layer of {min(layer_slots(slots, cfg.num_hidden_layers))}-"
+                                     f"{max(layer_slots(slots, cfg.num_hidden_layers))} experts: a token finds its expert there "
+                                     "when that layer used it lately (offload.replay_hit_rate measures it on a routing trace). "
+                                     f"Results are exact; each miss copies {expert_bytes / GB:.2f} GB over PCIe."))
         rejected["offload"] = (f"after {_gb(resident)} of non-expert weights and the KV cache, room for {slots} experts; "
-                               f"at least {cfg.num_experts_per_tok} are needed")
+                               f"at least {cfg.num_hidden_layers} are needed (one per layer's cache)")
 
     candidates = [single, int8, split, offload] if prefer_one_gpu else [single, split, int8, offload]
     for candidate in candidates:
@@ -320,7 +335,7 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     elif plan.strategy == "offload":
         from .offload import offload_experts
         model = load_model(path, device="cpu", dtype=dtype, progress=progress)
-        cache = offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin)
+        cache = offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin, per_layer=True)
     else:
         raise ValueError(f"unknown plan strategy {plan.strategy!r}; expected one of {STRATEGIES}")
     return optimize_for(model, plan.devices[0]), cache
