@@ -64,9 +64,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     stats = cache.stats
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-              "layers": args.layers, "slots": args.slots, "policy": args.policy, "tokens": args.tokens, "hit_rate": stats.hit_rate,
+              "layers": args.layers, "slots": args.slots, "policy": args.policy, "tokens": args.tokens,
+              "hit_rate": stats.hit_rate,
               "bytes_per_token": stats.bytes_copied / args.tokens, "tokens_per_s": args.tokens / seconds}
-    print(f"[offload] {result['device']}: {args.layers} layers, {args.slots} slots ({args.policy}): hit rate {stats.hit_rate:.1%}, "
+    print(f"[offload] {result['device']}: {args.layers} layers, {args.slots} slots ({args.policy}): "
+          f"hit rate {stats.hit_rate:.1%}, "
           f"{result['bytes_per_token'] / 1e6:.2f} MB copied per token, {result['tokens_per_s']:.2f} tokens/s "
           f"(prefill of {len(prompt)} tokens included)")
     if args.json:

@@ -15,7 +15,9 @@ between two uses of (layer 5, expert 3) come at least 62 other keys, and one LRU
 with fewer than 64 slots never hits (the 24 GB plan has 51). `offload_experts(per_layer=True)`, what
 `load_placed` uses, gives each layer its own LRU of an equal share of the slots (`layer_slots`), as
 Mixtral-offloading does (Eliseev & Mazur, arXiv 2312.17238): a layer's cache then hits whenever its
-experts repeat from one token to the next. `replay_hit_rate` computes that offline from a routing trace. The arithmetic is the in-memory model's own (`ExpertsBase.forward` / `forward_gathered` on the
+experts repeat from one token to the next. `replay_hit_rate` computes that offline from a routing trace.
+
+The arithmetic is the in-memory model's own (`ExpertsBase.forward` / `forward_gathered` on the
 fetched weights), so outputs are bit-for-bit identical; only where the weights come from changes.
 """
 
