@@ -13,7 +13,7 @@
    About 28 GB, written outside git, never by a test.
 2. Route: `mixtral-edu route --weights FILE --memory-budget B "<128-token text>"` as a child process:
    wall time and peak RSS (the child's ru_maxrss).
-3. Decode: load, one prefill of 8 tokens, then N greedy tokens through `generate`: tokens/s.
+3. Decode: load, then `generate` from BOS alone: the time between new tokens after the first (tokens/s).
 4. llama.cpp (llama-bench from llama_cpp.py's build) on the same file, where it runs.
 Every number goes with the CPU model, the core count, the total memory and the load average.
 """
@@ -166,14 +166,12 @@ DECODE = """
 import sys, time, torch
 from mixtral_edu.weights import load_model
 from mixtral_edu.inference.generate import generate
-from mixtral_edu.tokenizer import Tokenizer
 path, budget, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.time(); model = load_model(path, memory_budget=budget); load = time.time() - t
-tok = Tokenizer(); ids = [tok.bos_id] + tok.encode("The capital of France is")
-t = time.time(); generate(model, ids, 1); first = time.time() - t
-t = time.time(); out = generate(model, ids, n + 1); total = time.time() - t
-print(f"load {load:.1f} s; prompt of {len(ids)} + first token {first:.1f} s; {n + 1} tokens {total:.1f} s;"
-      f" decode {n / max(total - first, 1e-9):.3f} tok/s; cache {model.gguf_cache.stats}")
+times = []                                   # when each new token arrives (generate's stream callback)
+t = time.time(); generate(model, [1], n + 1, stream=lambda i: times.append(time.time()))
+print(f"load {load:.1f} s; BOS + first token {times[0] - t:.1f} s; then {n} decode steps in {times[-1] - times[0]:.1f} s:"
+      f" {n / (times[-1] - times[0]):.4f} tok/s; cache {model.gguf_cache.stats}")
 """
 
 
