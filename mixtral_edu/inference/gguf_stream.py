@@ -22,7 +22,6 @@ below that, loading is refused. Peak memory adds the activations and the matrix 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +32,7 @@ from ..model.experts import ExpertsBase
 from ..model.mixtral import Mixtral
 from ..model.rope import RotaryEmbedding
 from ..weights.gguf_file import GGUFError, GGUFFile
+from .offload import CacheStats          # hits, misses, evictions; bytes_copied counts bytes dequantized
 
 GIB = 2 ** 30
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -40,14 +40,6 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class BudgetError(GGUFError):
     """The memory budget is too small for even one layer's matrices next to the resident ones."""
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_dequantized: int = 0
 
 
 class DequantCache:
@@ -76,7 +68,7 @@ class DequantCache:
             self.stats.evictions += 1
         with torch.inference_mode(False), torch.no_grad():   # plain tensors, usable in and out of inference mode
             value = load()
-        self.stats.bytes_dequantized += nbytes
+        self.stats.bytes_copied += nbytes
         if nbytes <= self.budget:
             self.entries[key] = (value, nbytes)
             self.used += nbytes
