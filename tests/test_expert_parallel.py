@@ -158,3 +158,63 @@ def test_peak_memory_is_this_programs_own():
     if sys.platform == "linux":
         hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
         assert abs(peak - hwm) < 4 * 2**20
+
+
+def test_a_rank_reads_only_its_experts_and_the_shared_weights(monkeypatch):
+    """Rank 1 of 2, built in this process: its experts are rows 4-7 of the full model's, bit for bit, and the
+    files' tensors it read are the shared ones and those experts, nothing else."""
+    from mixtral_edu.weights import load_model
+    from mixtral_edu.weights.safetensors_reader import SafetensorsFile
+
+    full = load_model(TINY_MODEL_DIR, progress=False)
+    read = []
+    real_tensor = SafetensorsFile.tensor
+    monkeypatch.setattr(SafetensorsFile, "tensor", lambda self, key: read.append(key) or real_tensor(self, key))
+    monkeypatch.setattr(ep, "current_rank_and_size", lambda group=None: (1, 2))
+    part = ep.load_expert_parallel(TINY_MODEL_DIR)
+    experts = [k for k in read if ".experts." in k]
+    assert experts and all(int(k.split(".experts.")[1].split(".")[0]) in range(4, 8) for k in experts)
+    assert len(experts) == 4 * 3 * 4                            # 4 layers x 3 matrices x experts 4-7
+    assert len(read) - len(experts) == len([n for n in full.state_dict() if ".experts." not in n])
+    for i, layer in enumerate(part.layers):
+        block = layer.block_sparse_moe
+        assert isinstance(block, ep.ExpertParallelMoe) and block.first_expert == 4
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(block.experts, w), getattr(full.layers[i].block_sparse_moe.experts, w)[4:])
+    shared = {n: t for n, t in part.state_dict().items() if ".experts." not in n}
+    assert shared and all(torch.equal(t, full.state_dict()[n]) for n, t in shared.items())
+
+
+def _growth(folder, n: int) -> list[int]:
+    """Each rank's peak resident memory minus what it had after joining the group, bytes."""
+    job = ep.RunJob(str(folder), ep.default_prompts(folder, n), 1)
+    return [r["peak_rss"] - r["rss_at_start"] for r in ep.spawn(n, ep.run_worker, job)]
+
+
+def test_peak_memory_per_rank_is_its_share_not_the_model(tmp_path):
+    """Experts are 384 MiB of this model's 416 MiB; a rank's memory grows by its share, plus what any run
+    costs (imports, activations, file pages in flight: measured on the same model with 16-wide experts)."""
+    from mixtral_edu.model.mixtral import Mixtral
+    from mixtral_edu.params import count_parameters
+    from mixtral_edu.weights import save_model
+
+    def config(intermediate):
+        return MixtralConfig.tiny(hidden_size=128, intermediate_size=intermediate, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+    torch.manual_seed(0)
+    save_model(Mixtral(config(16)), tmp_path / "narrow")
+    save_model(Mixtral(config(8192)), tmp_path / "wide")
+    narrow = count_parameters(config(16))
+    overhead = max(_growth(tmp_path / "narrow", 2)) - 4 * narrow["total"]
+    counts = count_parameters(config(8192))
+    full_bytes = 4 * counts["total"]
+    for n in (2, 4):
+        share = 4 * (counts["total"] - counts["experts"] + counts["experts"] // n)
+        growth = _growth(tmp_path / "wide", n)
+        print(f"{n} ranks: peak RSS growth per rank {[round(g / 2**20) for g in growth]} MiB = share "
+              f"{share / 2**20:.0f} MiB + run overhead {overhead / 2**20:.0f} MiB + "
+              f"{[round((g - share - overhead) / 2**20) for g in growth]} MiB; whole model {full_bytes / 2**20:.0f} MiB")
+        # Reading the whole checkpoint and dropping the other ranks' experts layer by layer holds one
+        # layer's 96 MiB of experts more (measured: +80 MiB); this allows half of that.
+        assert all(g - share - overhead < 40 * 2**20 for g in growth), growth

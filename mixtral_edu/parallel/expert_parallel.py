@@ -24,7 +24,9 @@ loads just mean uneven split sizes; a rank can send, or receive, no rows at all.
 inference: `dist.all_to_all_single` has no backward, so training through it would need the
 differentiable collectives of `torch.distributed.nn`.
 
-`--check` compares with the one-process model without loading a second full model: the
+On a real checkpoint each rank reads only what it holds: the shared weights and its own experts
+(`load_expert_parallel`, through `weights.partial`), so N ranks read the 93 GB once between them, not N
+times. `--check` compares with the one-process model without loading a second full model: the
 reference holds one decoder layer at a time (`streamed_logits`), and the tolerance follows from the
 dtype the ranks ran in (`logit_tolerance`; the check runs in float32 unless told otherwise). The
 collectives' timeout grows with the bytes a rank must read before its first collective
@@ -267,21 +269,44 @@ def shard_experts(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -
 
 def load_expert_parallel(path, device="cpu", dtype: Optional[torch.dtype] = None,
                          group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Load the checkpoint in `path` (weights.load_model) and keep this rank's experts only.
+    """This rank's part of the checkpoint in `path`: the shared weights and its own experts, nothing more.
 
-    Each decoder layer is sharded as soon as it is loaded (load_model's on_layer_loaded), so the
-    other ranks' experts are freed layer by layer; the loader still reads every tensor. Then the
-    model goes to `device` (this rank's GPU under NCCL, "cpu" under gloo).
+    The model is built on the meta device (no memory) and sharded there (`shard_experts`), then given
+    storage on `device` for what this rank holds; `weights.partial.read_into` copies in exactly those
+    tensors, so the other ranks' experts are never read. dtype: None keeps the checkpoint's.
     """
-    from ..weights.load import load_model
+    from ..model.mixtral import Mixtral
+    from ..model.rope import RotaryEmbedding
+    from ..weights.keys import is_stacked_expert
+    from ..weights.layouts import checkpoint_dtype, detect_layout, read_config, weight_files
+    from ..weights.partial import missing, read_into
 
-    rank, world = current_rank_and_size(group)
+    cfg = read_config(path)
+    layout = detect_layout(path)
+    dtype = dtype or checkpoint_dtype(Path(path), layout, weight_files(Path(path), layout)[0])
+    with torch.device("meta"):
+        model = Mixtral(cfg).to(dtype)
+    shard_experts(model, group)
+    model.to_empty(device=device)
+    model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device, dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    first = moe_layers(model)[0].first_expert
+    needed = set()
+    for name, p in params.items():
+        needed |= {(name, first + j) for j in range(p.shape[0])} if is_stacked_expert(name) else {(name, None)}
 
-    def shard(i: int, layer: nn.Module) -> None:
-        layer.block_sparse_moe = ExpertParallelMoe(layer.block_sparse_moe, rank, world, group)
+    def target(name: str, expert: Optional[int]) -> Optional[torch.Tensor]:
+        if name not in params or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            return None
+        if expert is None:
+            return params[name]
+        local = expert - first
+        return params[name][local] if 0 <= local < params[name].shape[0] else None
 
-    model = load_model(path, device="cpu", dtype=dtype, progress=False, on_layer_loaded=shard)
-    return model.to(device)
+    missing(needed, read_into(path, target), path)
+    return model.eval()
 
 
 def moe_layers(model: nn.Module) -> list[ExpertParallelMoe]:
