@@ -187,9 +187,9 @@ class ExpertParallelMoe(nn.Module):
     def num_local_experts(self) -> int:
         return self.experts.num_experts
 
-    def forward(self, x: torch.Tensor, dispatch: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]`). dispatch: the
-        `SparseMoeBlock` argument, unused: the all-to-all below is this block's dispatch."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[..., hidden]` -> (`[..., hidden]`, router logits `[tokens, E]`); the all-to-all below is
+        this block's dispatch."""
         shape = x.shape
         hidden = shape[-1]
         x = x.reshape(-1, hidden)                                 # [tokens, hidden]
@@ -275,17 +275,16 @@ def load_expert_parallel(path, device="cpu", dtype: Optional[torch.dtype] = None
     storage on `device` for what this rank holds; `weights.partial.read_into` copies in exactly those
     tensors, so the other ranks' experts are never read. dtype: None keeps the checkpoint's.
     """
-    from ..model.mixtral import Mixtral
     from ..model.rope import RotaryEmbedding
     from ..weights.keys import is_stacked_expert
     from ..weights.layouts import checkpoint_dtype, detect_layout, read_config, weight_files
+    from ..weights.load import meta_skeleton
     from ..weights.partial import missing, read_into
 
     cfg = read_config(path)
     layout = detect_layout(path)
     dtype = dtype or checkpoint_dtype(Path(path), layout, weight_files(Path(path), layout)[0])
-    with torch.device("meta"):
-        model = Mixtral(cfg).to(dtype)
+    model = meta_skeleton(cfg).to(dtype)
     shard_experts(model, group)
     model.to_empty(device=device)
     model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device, dtype)
@@ -518,17 +517,16 @@ def streamed_logits(path, sequences: Sequence[Sequence[int]], dtype: Optional[to
     for the 8x7B in bf16); each decoder layer is read (weights.partial), run on every sequence, and
     dropped. The same modules in the same order as `Mixtral.forward`, so no second full model is needed.
     """
-    from ..model.mixtral import Mixtral
     from ..model.rope import RotaryEmbedding
     from ..weights.keys import is_stacked_expert
     from ..weights.layouts import checkpoint_dtype, detect_layout, read_config, weight_files
+    from ..weights.load import meta_skeleton
     from ..weights.partial import missing, read_into
 
     cfg = read_config(path)
     layout = detect_layout(path)
     dtype = dtype or checkpoint_dtype(Path(path), layout, weight_files(Path(path), layout)[0])
-    with torch.device("meta"):
-        model = Mixtral(cfg).to(dtype)
+    model = meta_skeleton(cfg).to(dtype)
 
     def fill(modules: dict) -> None:
         """Storage for `modules` {prefix: module} on `device`, filled from the checkpoint."""
