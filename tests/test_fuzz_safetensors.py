@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from mixtral_edu.weights import CheckpointError, SafetensorsFile
 
-N_CASES = 1200
+N_CASES = 1300
 SEED = 20261202
 DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 ODD_DTYPES = ["U16", "U32", "U64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "f32", "Q4", "",
@@ -44,8 +44,9 @@ def _valid(rng):
     return entries, metadata, bytes(data)
 
 
-def _header_text(entries, metadata, extra_pairs=()):
-    parts = [] if metadata is None else [f'"__metadata__": {json.dumps(metadata)}']
+def _header_text(entries, metadata, extra_pairs=(), first_pairs=()):
+    parts = list(first_pairs)
+    parts += [] if metadata is None else [f'"__metadata__": {json.dumps(metadata)}']
     parts += [f"{json.dumps(k)}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in entries]
     parts += list(extra_pairs)
     return "{" + ", ".join(parts) + "}"
@@ -53,8 +54,8 @@ def _header_text(entries, metadata, extra_pairs=()):
 
 def _damage(rng, entries, metadata, data):
     """One damaged file as bytes (sometimes undamaged, so acceptance is exercised too)."""
-    kind = rng.randrange(34)
-    header, pad, prefix, extra = None, b"", b"", []
+    kind = rng.randrange(37)
+    header, pad, prefix, extra, first = None, b"", b"", [], []
     infos = [info for _, info in entries if isinstance(info, dict)]
     if kind == 0 and infos:                                     # shift one offset by one byte
         info = rng.choice(infos)
@@ -150,9 +151,25 @@ def _damage(rng, entries, metadata, data):
                 text = text[:at] + rng.choice(["1e400", f"{text[at:end]}.0", f"{text[at:end]}e0", f'"{text[at:end]}"',
                                                "-0", f"0{text[at:end]}", f" {text[at:end]} "]) + text[end:]
         header = text.encode()
+    elif kind == 34 and entries:                                # a key repeated, its FIRST entry invalid (or not)
+        k, info = rng.choice(entries)
+        other = rng.choice(entries)[1]
+        first.append(f"{json.dumps(k)}: " + rng.choice([
+            '{"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}', '"a string"', "5", "null", "[]",
+            '{"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}', '{"dtype": "F32", "shape": [1]}',
+            '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "dtype": "F32"}',
+            json.dumps(other), json.dumps(other if isinstance(other, str) else {**other, "shape": [7, 7]})]))
+    elif kind == 35:                                            # __metadata__ twice, the first not strings
+        first.append('"__metadata__": ' + rng.choice(['{"a": 1}', '{"a": null}', '"x"', "null", "[]", '{"a": "b"}',
+                                                      '{"a": ["b"]}']))
+    elif kind == 36:                                            # a zero-byte tensor whose shape overflows
+        end = len(data)
+        shape = rng.choice([[2 ** 63, 2 ** 63, 0], [0, 2 ** 63, 2 ** 63], [2 ** 63, 0], [2 ** 62, 0],
+                            [2 ** 64 - 1, 0], [2 ** 32, 2 ** 32, 0], [0, 2 ** 64 - 1], [2 ** 63 - 1, 0]])
+        extra.append(f'"big": {json.dumps({"dtype": rng.choice(["F32", "U8", "F64"]), "shape": shape, "data_offsets": [end, end]})}')
     # other kinds: leave the file valid
     if header is None:
-        header = prefix + _header_text(entries, metadata, extra).encode() + pad
+        header = prefix + _header_text(entries, metadata, extra, first).encode() + pad
     return struct.pack("<Q", len(header)) + header + data
 
 
@@ -232,3 +249,35 @@ def test_the_damage_the_issue_names_is_refused(tmp_path, blob_kind):
     assert _official(path) is None
     with pytest.raises(CheckpointError, match=r"x\.safetensors: "):
         SafetensorsFile(path)
+
+
+_ONE = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+
+
+@pytest.mark.parametrize("header", [
+    '{"a": {"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}, "a": ' + _ONE + '}',     # first: unknown dtype
+    '{"a": "a string", "a": ' + _ONE + '}',                                                # first: a string
+    '{"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}, "a": ' + _ONE + '}',  # first: 1e400
+    '{"__metadata__": {"x": 1}, "__metadata__": {"x": "y"}, "a": ' + _ONE + '}',           # metadata: non-string first
+    '{"a": ' + _ONE + ', "big": {"dtype": "F32", "shape": [%d, %d, 0], "data_offsets": [4, 4]}}' % (2 ** 63, 2 ** 63),
+    '{"a": ' + _ONE + ', "big": {"dtype": "F32", "shape": [0, %d, %d], "data_offsets": [4, 4]}}' % (2 ** 63, 2 ** 63),
+])
+def test_issue33_headers_the_official_reader_refuses_are_refused_in_one_line(tmp_path, header):
+    """Issue 33: a repeated key whose first entry is invalid, a repeated __metadata__ whose first value is not
+    strings, and a zero-element shape whose product overflows (or does not fit torch's int64 sizes)."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(4))
+    assert _official(path) is None
+    with pytest.raises(CheckpointError) as err:
+        with SafetensorsFile(path) as st:
+            [st.tensor(k) for k in st.keys()]
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 300
+
+
+def test_a_repeated_key_with_two_valid_entries_keeps_the_last_as_the_official_reader_does(tmp_path):
+    header = '{"a": {"dtype": "F32", "shape": [7, 7], "data_offsets": [0, 196]}, "a": ' + _ONE + '}'
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(4))
+    theirs = _official(path)
+    with SafetensorsFile(path) as st:
+        assert st.keys() == list(theirs) == ["a"] and tuple(st.tensor("a").shape) == tuple(theirs["a"].shape) == (1,)

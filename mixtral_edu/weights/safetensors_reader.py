@@ -33,21 +33,28 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("
     if hasattr(torch, _attr):
         ST_DTYPES[_name] = getattr(torch, _attr)
 _USIZE_MAX = 2 ** 64 - 1
+_INT64_MAX = 2 ** 63 - 1
 _MAX_HEADER = 100_000_000          # the official reader's limit
 _MAX_JSON_DEPTH = 127              # serde_json's recursion limit, as the official reader applies it
 _INFO_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 class _Obj(dict):
-    """A parsed JSON object that remembers which of its keys were repeated (json keeps the last one)."""
+    """A parsed JSON object that remembers its repeated keys (json keeps the last value) and their earlier
+    values: the official reader deserialises every value of a repeated tensor key, so each must be valid."""
     repeated: frozenset = frozenset()
+    earlier: dict = {}
 
 
 def _json_object(pairs):
     obj = _Obj(pairs)
     if len(obj) != len(pairs):
-        seen: set = set()
-        obj.repeated = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+        last = {k: i for i, (k, _) in enumerate(pairs)}
+        obj.earlier = {}
+        for i, (k, v) in enumerate(pairs):
+            if last[k] != i:
+                obj.earlier.setdefault(k, []).append(v)
+        obj.repeated = frozenset(obj.earlier)
     return obj
 
 
@@ -111,18 +118,25 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict]:
         raise bad("__metadata__ must map strings to strings")
     tensors = {}
     for key, info in header.items():
-        if isinstance(info, list) and len(info) == 3:       # serde also reads a struct from a 3-element array
-            info = dict(zip(_INFO_FIELDS, info))
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {info!r}")
-        twice = [f for f in _INFO_FIELDS if f in getattr(info, "repeated", ())]
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (twice or not isinstance(dtype, str) or dtype not in _ST_BITS or not isinstance(shape, list)
-                or not all(map(_is_usize, shape))
-                or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
-            raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {dict(info)!r}"[:400])
-        tensors[key] = (dtype, shape, (offsets[0], offsets[1]))
+        for earlier in header.earlier.get(key, ()):       # a repeated key: its earlier values must be valid too
+            _entry(path, key, earlier)
+        tensors[key] = _entry(path, key, info)
     return tensors, metadata
+
+
+def _entry(path: Path, key: str, info) -> tuple[str, list, tuple[int, int]]:
+    """One tensor's header entry as (dtype, shape, (begin, end)), checked as serde reads a TensorInfo."""
+    if isinstance(info, list) and len(info) == 3:       # serde also reads a struct from a 3-element array
+        info = dict(zip(_INFO_FIELDS, info))
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {info!r}"[:300])
+    twice = [f for f in _INFO_FIELDS if f in getattr(info, "repeated", ())]
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if (twice or not isinstance(dtype, str) or dtype not in _ST_BITS or not isinstance(shape, list)
+            or not all(map(_is_usize, shape))
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
+        raise CheckpointError(f"{path}: tensor {key}: corrupt header entry {dict(info)!r}"[:300])
+    return dtype, shape, (offsets[0], offsets[1])
 
 
 def _check_layout(path: Path, tensors: dict, data_start: int, size: int) -> None:
@@ -134,11 +148,13 @@ def _check_layout(path: Path, tensors: dict, data_start: int, size: int) -> None
             raise CheckpointError(f"{path}: tensor {key}: data_offsets {[begin, end]} overlap another tensor or "
                                   f"leave a gap (expected it to begin at byte {end_of_previous})")
         numel = 1
-        for d in shape:
+        for d in shape:              # as the official reader multiplies: overflow at any step refuses
             numel *= d
+            if numel > _USIZE_MAX:
+                raise CheckpointError(f"{path}: tensor {key}: shape {shape} is too large"[:300])
         bits = numel * _ST_BITS[dtype]
-        if numel > _USIZE_MAX or bits > _USIZE_MAX:
-            raise CheckpointError(f"{path}: tensor {key}: shape {shape} is too large")
+        if bits > _USIZE_MAX or any(d > _INT64_MAX for d in shape):   # torch's sizes are int64
+            raise CheckpointError(f"{path}: tensor {key}: shape {shape} is too large"[:300])
         if bits % 8:
             raise CheckpointError(f"{path}: tensor {key}: shape {shape} of {dtype} is not a whole number of bytes")
         if end - begin != bits // 8:
