@@ -206,6 +206,23 @@ def replay_hit_rate(expert_ids: torch.Tensor, slots: list[int], tokens_per_step:
     return hits / lookups if lookups else 0.0
 
 
+def expert_caches(num_layers: int, hidden: int, inter: int, device: torch.device | str, capacity: int,
+                  dtype: torch.dtype, per_layer: bool = True) -> list:
+    """The cache of each of `num_layers` layers: its own of `layer_slots(capacity, num_layers)` slots
+    (per_layer), or one of `capacity` slots that all layers share."""
+    if per_layer:
+        return [ExpertCache(n, hidden, inter, device=device, dtype=dtype) for n in layer_slots(capacity, num_layers)]
+    return [ExpertCache(capacity, hidden, inter, device=device, dtype=dtype)] * num_layers
+
+
+@torch.no_grad()
+def offload_layer_(layer: nn.Module, layer_idx: int, cache: ExpertCache, pin: Optional[bool] = None) -> None:
+    """One DecoderLayer in place: its experts to host memory behind `cache`, the rest to the cache's device."""
+    moe = layer.block_sparse_moe
+    moe.experts = OffloadedExperts(moe.experts, cache, layer_idx, pin=pin)   # frees the device copy
+    layer.to(cache.device)
+
+
 @torch.no_grad()
 def offload_experts(model: nn.Module, device: torch.device | str, capacity: int,
                     pin: Optional[bool] = None, per_layer: bool = False):
@@ -220,13 +237,8 @@ def offload_experts(model: nn.Module, device: torch.device | str, capacity: int,
     if not isinstance(first, Experts):
         raise ValueError(f"offload_experts needs in-memory Experts, found {type(first).__name__}")
     num_experts, inter, hidden = first.w1.shape
-    if per_layer:
-        caches = [ExpertCache(n, hidden, inter, device=device, dtype=first.w1.dtype)
-                  for n in layer_slots(capacity, len(model.layers))]
-    else:
-        caches = [ExpertCache(capacity, hidden, inter, device=device, dtype=first.w1.dtype)] * len(model.layers)
+    caches = expert_caches(len(model.layers), hidden, inter, device, capacity, first.w1.dtype, per_layer)
     for i, layer in enumerate(model.layers):
-        moe = layer.block_sparse_moe
-        moe.experts = OffloadedExperts(moe.experts, caches[i], i, pin=pin)   # frees the device copy
+        offload_layer_(layer, i, caches[i], pin)
     model.to(device)
     return CacheGroup(caches) if per_layer else caches[0]

@@ -17,11 +17,12 @@ bytes per token and keeps the sync-free decoder (decode.py), while a split runs 
 GPU's speed. `prefer_one_gpu=False` puts the exact bf16 split before int8. To choose which GPUs
 are seen at all, start Python with `CUDA_VISIBLE_DEVICES=0` (or `=2,3`).
 
-Host memory counts too: offloading stages the whole model in host memory before the experts are
-pinned there, and PyTorch's pinned allocator rounds each block up to a power of two (a layer's
-939,524,096-byte w1 stack takes 1 GiB: `pinned_block_bytes`), so a 24 GB GPU on a 64 GB desktop
-cannot offload 8x7B; `host_bytes_needed` says how much each strategy needs, and
-`plan_placement(..., host_free_bytes=...)` refuses what does not fit.
+Host memory counts too. int8 and offload loads build the model one decoder layer at a time, so
+the host holds one layer while it is read; but offloading keeps every expert in pinned host memory,
+and PyTorch's pinned allocator rounds each block up to a power of two (a layer's 939,524,096-byte
+w1 stack takes 1 GiB: `pinned_block_bytes`), so a 24 GB GPU on a 64 GB desktop cannot offload 8x7B;
+`host_bytes_needed` says how much each strategy needs, and `plan_placement(..., host_free_bytes=...)`
+refuses what does not fit.
 
 `load_placed(path, plan)` then loads a checkpoint the way a plan says.
 
@@ -153,24 +154,23 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     """Peak host (CPU) memory that `load_placed` needs for `strategy`, from sizes alone.
 
     single, split: tensors stream from the files straight to their GPU; the host holds about one
-    tensor at a time (the largest is the embedding or lm_head). int8: the host holds the decoder
-    layers that are not complete yet, about two at a time, each quantised onto the GPU as it
-    completes. offload: the whole model is staged in host memory in `dtype`, and each layer's
-    experts are copied into pinned memory (w1, w2, w3 stacks, each rounded by `pinned_block_bytes`)
-    before the unpinned copy is freed: the peak is the larger of the start (the staged model plus one
-    layer pinned) and the end (every layer pinned, the rest still staged).
+    tensor at a time (the largest is the embedding or lm_head). int8, offload: the model is built one
+    decoder layer at a time (`weights.partial.load_by_layer`), so the host holds one layer in `dtype`
+    and the tensor being read; int8 quantises that layer onto the GPU before the next one, offload
+    keeps its experts in pinned memory (w1, w2, w3 stacks, each rounded up by `pinned_block_bytes`),
+    so the pinned experts of every layer come on top.
     """
     p = count_parameters(cfg)
     b = dtype_bytes(dtype)
     largest_tensor = max(p["embeddings"], p["lm_head"]) * b
     if strategy in ("single", "split"):
         return int(largest_tensor)
+    one_layer = int(p["per_layer"] * b + largest_tensor)
     if strategy == "int8":
-        return int(2 * p["per_layer"] * b + largest_tensor)
+        return one_layer
     if strategy == "offload":
         pinned_layer = 3 * pinned_block_bytes(int(p["experts"] * b / cfg.num_hidden_layers / 3))
-        rest = (p["total"] - p["experts"]) * b
-        return int(max(p["total"] * b + pinned_layer, rest + cfg.num_hidden_layers * pinned_layer))
+        return cfg.num_hidden_layers * pinned_layer + one_layer
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
@@ -304,16 +304,18 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     """Load the checkpoint in folder `path` as `plan` says. Returns (model, expert cache or None).
 
     "single" and "split" stream every tensor straight to its device (for "split", each layer's own
-    GPU). "int8" streams into host memory in `dtype` and quantises each decoder layer onto the GPU
-    as soon as its last tensor has arrived, so the host holds a few layers at a time, never the
-    whole model (peak GPU memory: the int8 model plus one bf16 layer). "offload" streams the weights
-    into host memory in `dtype` (93 GB for 8x7B in bf16, never float32), where the experts stay,
-    pinned, and moves the rest to the GPU behind an LRU cache of `plan.cache_slots` experts.
+    GPU). "int8" and "offload" build the model one decoder layer at a time (`load_by_layer`): the
+    embeddings, final norm and lm_head go straight to the GPU, and each layer is read into host memory
+    in `dtype` and placed before the next is read, so the host never holds all layers. "int8"
+    quantises the layer onto the GPU (peak GPU memory: the int8 model plus one layer); "offload" keeps
+    its experts in (pinned) host memory behind per-layer LRU caches of `plan.cache_slots` experts in
+    all, and moves the rest of the layer to the GPU.
     The device's decoding machinery is installed (`optimize_for`). progress: a tqdm bar while loading.
     """
     import torch
 
     from ..weights.load import load_model
+    from ..weights.partial import load_by_layer
     from .optimize import optimize_for
 
     if dtype is None:       # an int8 plan loads bf16 and quantises
@@ -328,14 +330,16 @@ def load_placed(path, plan: Plan, dtype=None, pin: Optional[bool] = None, progre
     elif plan.strategy == "int8":
         from .quant import quantize_layer_
         device = plan.devices[0]
-        # The host check is skipped on purpose: layers leave host memory as they complete.
-        model = load_model(path, device="cpu", dtype=dtype, progress=progress, ignore_memory_check=True,
-                           on_layer_loaded=lambda i, layer: quantize_layer_(layer, device))
-        model.to(device)                                     # embeddings, final norm, lm_head
+        model = load_by_layer(path, dtype, device, lambda i, layer: quantize_layer_(layer, device), progress)
     elif plan.strategy == "offload":
-        from .offload import offload_experts
-        model = load_model(path, device="cpu", dtype=dtype, progress=progress)
-        cache = offload_experts(model, plan.devices[0], plan.cache_slots, pin=pin, per_layer=True)
+        from ..weights.layouts import read_config
+        from .offload import CacheGroup, expert_caches, offload_layer_
+        cfg = read_config(path)
+        caches = expert_caches(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, plan.devices[0],
+                               plan.cache_slots, dtype)
+        model = load_by_layer(path, dtype, plan.devices[0], lambda i, layer: offload_layer_(layer, i, caches[i], pin),
+                              progress)
+        cache = CacheGroup(caches)
     else:
         raise ValueError(f"unknown plan strategy {plan.strategy!r}; expected one of {STRATEGIES}")
     return optimize_for(model, plan.devices[0]), cache

@@ -518,42 +518,25 @@ def streamed_logits(path, sequences: Sequence[Sequence[int]], dtype: Optional[to
     dropped. The same modules in the same order as `Mixtral.forward`, so no second full model is needed.
     """
     from ..model.rope import RotaryEmbedding
-    from ..weights.keys import is_stacked_expert
     from ..weights.layouts import checkpoint_dtype, detect_layout, read_config, weight_files
     from ..weights.load import meta_skeleton
-    from ..weights.partial import missing, read_into
+    from ..weights.partial import fill_modules
 
     cfg = read_config(path)
     layout = detect_layout(path)
     dtype = dtype or checkpoint_dtype(Path(path), layout, weight_files(Path(path), layout)[0])
     model = meta_skeleton(cfg).to(dtype)
 
-    def fill(modules: dict) -> None:
-        """Storage for `modules` {prefix: module} on `device`, filled from the checkpoint."""
-        params = {}
-        for prefix, module in modules.items():
-            module.to_empty(device=device)
-            params.update(module.named_parameters(prefix=prefix))
-        needed = set()
-        for name, p in params.items():
-            needed |= {(name, j) for j in range(p.shape[0])} if is_stacked_expert(name) else {(name, None)}
-
-        def target(name: str, expert: Optional[int]) -> Optional[torch.Tensor]:
-            if name not in params:
-                return None
-            return params[name] if expert is None else params[name][expert]
-        missing(needed, read_into(path, target), path)
-
     ends = {"embed_tokens": model.embed_tokens, "norm": model.norm, "lm_head": model.lm_head}
     if cfg.tie_word_embeddings:
         del ends["lm_head"]
-    fill(ends)
+    fill_modules(path, ends, device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device, dtype)
     hidden = [model.embed_tokens(torch.tensor([list(ids)], device=device)) for ids in sequences]
     for i, layer in enumerate(model.layers):
-        fill({f"layers.{i}": layer})
+        fill_modules(path, {f"layers.{i}": layer}, device)
         for j, h in enumerate(hidden):
             positions = torch.arange(h.shape[1], device=device)
             hidden[j] = layer(h, *rope(positions), positions)[0]

@@ -97,3 +97,65 @@ def missing(needed: set, filled: set, folder: PathLike) -> None:
         shown = ", ".join(f"{n}[{e}]" if e is not None else n for n, e in absent[:4])
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(absent)} tensor(s) this part of the model "
                               f"needs: {shown}{' ...' if len(absent) > 4 else ''}")
+
+
+@torch.no_grad()
+def fill_modules(folder: PathLike, modules: dict, device, check_finite: bool = True) -> None:
+    """Give `modules` {name prefix: module of a meta model} storage on `device` and read their weights.
+
+    Only their tensors are read (`read_into`); an expert parameter needs every expert row. A tensor
+    holding NaN or infinity is refused as `load_model` refuses it (check_finite=False allows it).
+    """
+    from .keys import is_stacked_expert
+    from .load import _all_finite
+
+    params = {}
+    for prefix, module in modules.items():
+        module.to_empty(device=device)
+        params.update(module.named_parameters(prefix=prefix))
+    needed = set()
+    for name, p in params.items():
+        needed |= {(name, j) for j in range(p.shape[0])} if is_stacked_expert(name) else {(name, None)}
+
+    def target(name: str, expert: Optional[int]) -> Optional[torch.Tensor]:
+        if name not in params:
+            return None
+        return params[name] if expert is None else params[name][expert]
+
+    missing(needed, read_into(folder, target), folder)
+    if check_finite:
+        for name, p in params.items():
+            if p.device.type != "meta" and not _all_finite(p):
+                raise CheckpointError(f"{folder}: {name} holds NaN or infinite values in {p.dtype}")
+
+
+@torch.no_grad()
+def load_by_layer(folder: PathLike, dtype: torch.dtype, device, place_layer: Callable[[int, torch.nn.Module], None],
+                  progress: bool = False):
+    """A Mixtral read from `folder` with at most one decoder layer's weights in host memory at a time.
+
+    The model starts on the meta device (no memory). The embeddings, final norm and lm_head are read
+    straight onto `device`. Then each decoder layer i gets host storage in `dtype`, is filled with its
+    own tensors only, and goes to `place_layer(i, layer)`, which takes its weights off the host (int8 on
+    the GPU, experts into pinned memory, ...) before the next layer is read. Peak host memory: one layer
+    plus what `place_layer` keeps there; `load_model` instead gives every layer host storage up front.
+    progress: a tqdm bar over the layers (on stderr).
+    """
+    from tqdm.auto import tqdm
+
+    from ..model.rope import RotaryEmbedding
+    from .load import meta_skeleton
+
+    cfg = read_config(folder)
+    model = meta_skeleton(cfg).to(dtype)
+    ends = {"embed_tokens": model.embed_tokens, "norm": model.norm}
+    if not cfg.tie_word_embeddings:
+        ends["lm_head"] = model.lm_head
+    fill_modules(folder, ends, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device, dtype)
+    for i, layer in enumerate(tqdm(model.layers, desc="reading layer by layer", disable=not progress)):
+        fill_modules(folder, {f"layers.{i}": layer}, "cpu")
+        place_layer(i, layer)
+    return model.eval()
