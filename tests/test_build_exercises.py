@@ -3,6 +3,7 @@ refuses its output times 1.01, a zero output, the known shortcut (the package's 
 implementation) and at least two plausible mistakes, naming the case and the mistake."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -452,3 +453,38 @@ def test_expert_cache_checker():
     with pytest.raises(WrongAnswer):                          # counts the first choice only
         check(lambda ids, slots: sol_hit_rates(ids[..., :1], slots))
     assert not check(_blank_rope)
+
+
+def sol_count_exchange(expert_ids, ranges):
+    E = ranges[-1][1]
+    counts = torch.stack([torch.bincount(ids.reshape(-1), minlength=E) for ids in expert_ids])   # [world, E]
+    return [counts[:, start:stop] for start, stop in ranges]
+
+
+def test_count_exchange_checker():
+    from mixtral_edu.parallel import expert_parallel as ep
+
+    check = build.check_12_count_exchange
+    result = check(sol_count_exchange)
+    assert result and ": correct —" in repr(result)
+    for factor in (1.01, 0.0):
+        with pytest.raises(WrongAnswer):
+            check(lambda ids, ranges: [t * factor for t in sol_count_exchange(ids, ranges)])
+    with pytest.raises(WrongAnswer, match="whole numbers"):
+        check(lambda ids, ranges: [t.double() for t in sol_count_exchange(ids, ranges)])
+    with pytest.raises(WrongAnswer, match="count every slot"):
+        check(lambda ids, ranges: sol_count_exchange([i[:, :1] for i in ids], ranges))
+    with pytest.raises(WrongAnswer, match="own experts are counted too"):
+        check(lambda ids, ranges: [t.index_fill(0, torch.tensor([s]), 0)
+                                   for s, t in enumerate(sol_count_exchange(ids, ranges))])
+    with pytest.raises(WrongAnswer, match="not the rows routed to its experts"):      # sender and receiver swapped
+        check(lambda ids, ranges: [t.flip(0) for t in sol_count_exchange(ids, ranges)])
+    with pytest.raises(WrongAnswer, match="switched off"):                            # the package's own ranges
+        check(lambda ids, ranges: sol_count_exchange(ids, ep.expert_ranges(ranges[-1][1], len(ranges))))
+    assert not check(_blank_rope) and "not attempted yet" in repr(check(...))
+    for answer in (sol_count_exchange, lambda ids, ranges: [t * 0 for t in sol_count_exchange(ids, ranges)]):
+        try:
+            message = repr(check(answer))
+        except WrongAnswer as err:
+            message = str(err)
+        assert not re.search(r"\[\s*\d+,", message), message                         # no counts in any report

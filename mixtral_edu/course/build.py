@@ -619,3 +619,69 @@ def check_11_cache_hit_rates(my_hit_rates) -> Checked:
                 tol=1e-6, what="my_hit_rates",
                 done=f"{label}: correct — {len(cases)} traces (one slot, all experts cached, one token, every token on "
                 "the same experts) give the reference's hit rates, without the package's cache")
+
+
+# ------------------------------------------------------------------------- 12 the count exchange
+def _count_cases():
+    from ..parallel.expert_parallel import expert_ranges        # which rank holds which experts: given, not asked
+
+    g = _gen(120)
+
+    def routed(T, k, experts=range(8)):
+        experts = torch.tensor(list(experts))
+        return torch.stack([experts[torch.randperm(len(experts), generator=g)[:k]] for _ in range(T)]) if T else \
+            torch.empty(0, k, dtype=torch.long)
+
+    return [("2 ranks of 4 experts, top-2", ([routed(7, 2), routed(5, 2)], expert_ranges(8, 2))),
+            ("3 ranks holding 3, 3 and 2 experts", ([routed(6, 2), routed(9, 2), routed(4, 2)], expert_ranges(8, 3))),
+            ("a rank with no tokens", ([routed(5, 2), routed(0, 2), routed(3, 2)], expert_ranges(8, 3))),
+            ("every token routed to rank 1's experts", ([routed(6, 2, range(4, 8)), routed(4, 2, range(4, 8))],
+                                                        expert_ranges(8, 2))),
+            ("k = 1 on 4 ranks", ([routed(5, 1) for _ in range(4)], expert_ranges(8, 4))),
+            ("8 ranks of one expert each", ([routed(3, 2) for _ in range(8)], expert_ranges(8, 8)))]
+
+
+def _compare_counts(label: str, case: str, got, want: list, diagnoses=()) -> None:
+    """Whole-number tensors, one per rank, equal to `want`; a known mistake gets its hint. No number is shown."""
+    require(isinstance(got, (list, tuple)) and len(got) == len(want),
+            f"{label}, case '{case}': expected a list with one tensor per rank ({len(want)})")
+    for s, (g_s, w_s) in enumerate(zip(got, want)):
+        require(isinstance(g_s, torch.Tensor) and not g_s.is_floating_point() and not g_s.is_complex(),
+                f"{label}, case '{case}': rank {s}'s counts must be a tensor of whole numbers (an integer dtype)")
+        require(tuple(g_s.shape) == tuple(w_s.shape),
+                f"{label}, case '{case}': rank {s}'s counts must have one row per sending rank and one column per "
+                f"expert it holds: shape {tuple(w_s.shape)}, got {tuple(g_s.shape)}")
+    if all(torch.equal(g_s.long(), w_s) for g_s, w_s in zip(got, want)):
+        return
+    for hint, wrong in diagnoses:
+        if all(torch.equal(g_s.long(), w_s) for g_s, w_s in zip(got, wrong)):
+            raise WrongAnswer(f"{label}, case '{case}': {hint}")
+    bad = next(s for s, (g_s, w_s) in enumerate(zip(got, want)) if not torch.equal(g_s.long(), w_s))
+    raise WrongAnswer(f"{label}, case '{case}': the counts rank {bad} receives are not the rows routed to its experts")
+
+
+def check_12_count_exchange(my_count_exchange) -> Checked:
+    """`my_count_exchange(expert_ids, ranges)`: expert_ids a list of one `[T_r, k]` tensor per rank r (the
+    experts its router chose for its tokens), ranges each rank's experts as (start, stop) -> a list of one
+    integer tensor per rank s, `[world, stop_s - start_s]`: entry [r, j] is the number of (token, slot) rows
+    rank r sends to expert start_s + j, i.e. what the count all-to-all delivers to rank s."""
+    label = "build: the count exchange"
+    if blank_function(my_count_exchange):
+        return not_attempted(label, "the body of `my_count_exchange`")
+    cases = _count_cases()
+    for name, (ids, ranges) in cases:
+        want = naive.count_exchange(ids, ranges)
+        first_only = naive.count_exchange([i[:, :1] for i in ids], ranges)
+        own_zeroed = [w.clone().index_fill_(0, torch.tensor([s]), 0) for s, w in enumerate(want)]
+        with switched_off(["mixtral_edu.parallel.expert_parallel"]):
+            got = call(label, name, my_count_exchange, [i.clone() for i in ids], list(ranges))
+        if got is None:
+            return not_attempted(label, "the body of `my_count_exchange` (it returned None)")
+        _compare_counts(label, name, got, want, [
+            ("count every slot: a token sends one row to each of its k experts, not only to its first choice",
+             first_only),
+            ("a rank's rows for its own experts are counted too (all_to_all_single copies that chunk locally, "
+             "but it is part of the exchange)", own_zeroed)])
+    return correct(f"{label}: correct — {len(cases)} cases (uneven expert blocks, a rank with no tokens, every token "
+                   "on one rank, k = 1, one expert per rank) deliver the reference's counts, without the package's "
+                   "expert-parallel code")

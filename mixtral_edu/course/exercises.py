@@ -1,4 +1,4 @@
-"""Checkers for the notebooks' exercises (notebooks 00–11); the build-it-yourself ones live in `build.py`.
+"""Checkers for the notebooks' exercises (notebooks 00–12); the build-it-yourself ones live in `build.py`.
 
 Each course notebook leaves its answer cells blank (`...` or `None`) and calls one checker per
 exercise. A checker
@@ -27,7 +27,8 @@ import torch
 
 from .build import (check_02_rms_norm, check_02_rope, check_03_attention, check_03_attention_layer,  # noqa: F401
                     check_04_expert, check_05_dispatch, check_05_router, check_06_decoder_layer, check_06_forward,
-                    check_06_payoff, check_08_top_p, check_11_cache_hit_rates, model_weights)
+                    check_06_payoff, check_08_top_p, check_11_cache_hit_rates, check_12_count_exchange,
+                    model_weights)
 from .checking import Checked, WrongAnswer, call, refuse_shortcut_in_history, switched_off
 from .checking import blank as _blank
 from .checking import correct as _correct

@@ -174,3 +174,17 @@ def cache_hit_rates(expert_ids: torch.Tensor, slots: int) -> torch.Tensor:
                 cache.append(expert)
         rates.append(hits / uses)
     return torch.tensor(rates, dtype=torch.float64)
+
+
+def count_exchange(expert_ids: list, ranges: list) -> list:
+    """expert_ids: one `[T_r, k]` tensor per rank (its tokens' experts); ranges: each rank's experts
+    [start, stop) -> per rank s a `[world, stop_s - start_s]` int64 tensor: entry [r, j] counts the
+    (token, slot) rows rank r routes to expert start_s + j."""
+    received = [torch.zeros(len(expert_ids), stop - start, dtype=torch.long) for start, stop in ranges]
+    for sender, ids in enumerate(expert_ids):
+        for token in ids.tolist():
+            for expert in token:
+                for owner, (start, stop) in enumerate(ranges):
+                    if start <= expert < stop:
+                        received[owner][sender, expert - start] += 1
+    return received
