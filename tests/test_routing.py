@@ -11,7 +11,7 @@ from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.model.router import route, router_probs
 from mixtral_edu.analysis.routing import (
     RoutingTrace, coefficient_of_variation, default_layers, domain_repetition_rates, domain_usage,
-    expert_usage, normalized_entropy, pooled_repetition_rates, random_repetition_baselines,
+    expert_counts, expert_usage, normalized_entropy, pooled_repetition_rates, random_repetition_baselines,
     repetition_counts, repetition_rates, trace_domains, trace_routing,
 )
 
@@ -107,6 +107,8 @@ def test_expert_usage_hand_built():
         expert_usage(ids, 4, "second")
     with pytest.raises(ValueError, match="outside"):
         expert_usage(ids, 3)
+    assert expert_counts(ids, 4).tolist() == [[4, 2, 1, 1]]             # the tally expert_usage divides
+    assert expert_counts(ids, 4, "first").tolist() == [[3, 0, 0, 1]]
 
 
 def test_domain_usage_pools_tokens():

@@ -50,6 +50,22 @@ def test_layer_load_counts_top_k_picks_per_layer():
     assert load_cv(collapsed).item() == pytest.approx(math.sqrt(3.0))
 
 
+def test_the_logged_load_and_the_losss_counts_are_one_tally():
+    # issue 27: the share of top-k picks per expert is counted in one place (analysis.routing.expert_counts)
+    from mixtral_edu.analysis.routing import expert_counts, expert_usage
+    from mixtral_edu.training.losses import expert_load
+
+    g = torch.Generator().manual_seed(1)
+    layers = [torch.randn(37, 8, generator=g) * s for s in (0.5, 4.0, 9.0)]
+    load = layer_load(layers, top_k=2)
+    for logits, row in zip(layers, load):
+        ids = torch.topk(logits, 2, dim=-1).indices
+        counts, _ = expert_load(logits, 2)
+        assert torch.equal(counts, expert_counts(ids, 8).float())
+        assert torch.equal(row, expert_usage(ids, 8).float())
+        assert torch.allclose(row * 74, counts)
+
+
 def test_balance_loss_is_the_per_layer_mean():
     g = torch.Generator().manual_seed(0)
     layers = [torch.randn(50, 8, generator=g) * s for s in (0.1, 3.0)]

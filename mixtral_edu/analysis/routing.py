@@ -269,12 +269,12 @@ def evenly_spaced_windows(stream: torch.Tensor, window: int, count: int) -> list
 
 
 # ---------------------------------------------------------------------------------------- usage
-def expert_usage(expert_ids: torch.Tensor, num_experts: int, choice: str = "any") -> torch.Tensor:
-    """expert_ids `[..., T, k]` -> usage `[..., E]` float64, summing to 1 over experts.
+def expert_counts(expert_ids: torch.Tensor, num_experts: int, choice: str = "any") -> torch.Tensor:
+    """expert_ids `[..., T, k]` -> how many picks each expert got, `[..., E]` float64.
 
-    choice="first": share of tokens whose first choice is e.
-    choice="any": share of all T*k assignments that go to e (so the share of tokens that use e
-    at all is k times this).
+    The one place the picks are counted: `expert_usage`, the trainer's logged load
+    (`training.train.layer_load`) and the balancing loss's f (`training.losses.expert_load`) all call it.
+    choice="first" counts only each token's first choice; "any" counts all k.
     """
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
@@ -284,9 +284,19 @@ def expert_usage(expert_ids: torch.Tensor, num_experts: int, choice: str = "any"
         raise ValueError("expert_ids holds no tokens")
     if int(flat.min()) < 0 or int(flat.max()) >= num_experts:
         raise ValueError(f"expert_ids holds ids outside 0..{num_experts - 1}")
-    counts = torch.zeros(*flat.shape[:-1], num_experts, dtype=torch.float64)
-    counts.scatter_add_(-1, flat.long(), torch.ones_like(flat, dtype=torch.float64))
-    return counts / flat.shape[-1]
+    counts = torch.zeros(*flat.shape[:-1], num_experts, dtype=torch.float64, device=flat.device)
+    return counts.scatter_add_(-1, flat.long(), torch.ones_like(flat, dtype=torch.float64))
+
+
+def expert_usage(expert_ids: torch.Tensor, num_experts: int, choice: str = "any") -> torch.Tensor:
+    """expert_ids `[..., T, k]` -> usage `[..., E]` float64, summing to 1 over experts.
+
+    choice="first": share of tokens whose first choice is e.
+    choice="any": share of all T*k assignments that go to e (so the share of tokens that use e
+    at all is k times this).
+    """
+    counts = expert_counts(expert_ids, num_experts, choice)
+    return counts / counts.sum(-1, keepdim=True)
 
 
 def pooled_usage(traces: Sequence[RoutingTrace], choice: str = "any") -> torch.Tensor:

@@ -34,6 +34,8 @@ from typing import Sequence, Union
 
 import torch
 
+from ..analysis.routing import expert_counts
+
 RouterLogits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -53,10 +55,9 @@ def _pool_layers(router_logits: RouterLogits) -> torch.Tensor:
 def expert_load(router_logits: RouterLogits, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts `[E]` of top-k picks per expert, mean full-softmax probability P `[E]`), pooled over layers."""
     logits = _pool_layers(router_logits)
-    probs = torch.softmax(logits, dim=-1)
-    expert_ids = torch.topk(logits, top_k, dim=-1).indices
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1]).float()
-    return counts, probs.mean(dim=0)
+    expert_ids = torch.topk(logits.detach(), top_k, dim=-1).indices                   # [tokens, k]
+    counts = expert_counts(expert_ids, logits.shape[-1]).to(logits.dtype)
+    return counts, torch.softmax(logits, dim=-1).mean(dim=0)
 
 
 def load_balancing_loss(router_logits: RouterLogits, top_k: int, normalization: str = "hf") -> torch.Tensor:

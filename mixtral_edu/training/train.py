@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.routing import coefficient_of_variation as load_cv   # std/mean of a load [..., E]: 0 = even
+from ..analysis.routing import expert_usage
 from ..cli import Parser, say
 from ..config import MixtralConfig
 from .corpus import batches, heldout_windows
@@ -137,12 +138,8 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 def layer_load(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
     """Per-layer router logits (each `[tokens, E]`) -> share of top-k picks per expert `[layers, E]`."""
-    rows = []
-    for logits in router_logits:
-        ids = torch.topk(logits.detach(), top_k, dim=-1).indices
-        counts = torch.bincount(ids.reshape(-1), minlength=logits.shape[-1]).float()
-        rows.append(counts / counts.sum())
-    return torch.stack(rows)
+    expert_ids = torch.stack([torch.topk(logits.detach(), top_k, dim=-1).indices for logits in router_logits])
+    return expert_usage(expert_ids, router_logits[0].shape[-1]).float()      # [layers, tokens, k] -> [layers, E]
 
 
 def balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
