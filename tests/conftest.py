@@ -1,7 +1,18 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the tools/ scripts made importable.
+
+tools/ holds scripts run as `python tools/NAME.py`; Python puts a script's folder first on sys.path,
+so each imports its siblings as top-level modules (`import check_lock`). The tests see them the same way.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ tests FAIL, not skip, when it is missing, so a green run always means the page w
 """
 
 import base64
-import importlib.util
 import re
 import subprocess
 import tempfile
@@ -30,10 +29,8 @@ from mixtral_edu.analysis.explorer import SCALE, explorer_data, explorer_html, w
 from mixtral_edu.model.router import route
 from mixtral_edu.analysis.routing import RoutingTrace, repetition_rates, trace_routing
 from mixtral_edu.tokenizer import Tokenizer
+import preflight   # tools/preflight.py: tests/conftest.py puts tools/ on sys.path
 
-_spec = importlib.util.spec_from_file_location("preflight", Path(__file__).resolve().parents[1] / "tools" / "preflight.py")
-_preflight = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_preflight)
 
 CODE = "def square(x):\n    return x * x\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
 PROSE = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
@@ -46,7 +43,7 @@ WEIGHT_TOL = 0.0005 + 1.0 / SCALE     # 3 printed decimals of a uint16-quantised
 
 
 def chromium_binary() -> str:
-    found = _preflight.find_chromium()           # the lookup `make test` checks in its first second
+    found = preflight.find_chromium()           # the lookup `make test` checks in its first second
     if found is None:
         pytest.fail("chromium not found: these browser tests need Chromium; install it with "
                     "`apt-get update && apt-get install -y chromium` (.ci/run does this) or set CHROMIUM=/path")

@@ -1,14 +1,11 @@
 """The set-up promises: the lock pins the whole set, conda's file agrees, and `make lab` serves."""
 
 import json
-import importlib.util
 import os
-import platform
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.markers import default_environment
+
+import check_lock   # tools/check_lock.py and tools/install.py: tests/conftest.py puts tools/ on sys.path
+import install
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["torch", "numpy", "matplotlib", "safetensors", "sentencepiece", "protobuf",
@@ -23,24 +24,9 @@ REQUIRED = ["torch", "numpy", "matplotlib", "safetensors", "sentencepiece", "pro
             "pytest", "hypothesis"]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_lock = _load_tool("check_lock")
-install = _load_tool("install")
-HERE = {"sys_platform": sys.platform, "platform_machine": platform.machine(), "platform_system": platform.system(),
-        "os_name": os.name, "python_full_version": platform.python_version(), "python_version": "3.11",
-        "implementation_name": sys.implementation.name, "platform_python_implementation": platform.python_implementation(),
-        "platform_release": "", "platform_version": "", "implementation_version": platform.python_version()}
-
-
 def lock_pins(env=None):
     """name -> version for the lock's lines that apply on `env` (this machine by default)."""
-    return check_lock.expected(ROOT / "requirements.lock", env or HERE)
+    return check_lock.expected(ROOT / "requirements.lock", env or default_environment())
 
 
 def test_lock_pins_the_required_set_exactly():

@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import check_lock   # tools/check_lock.py: a script's own folder is first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_lock", ROOT / "tools" / "check_lock.py")
-check_lock = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_lock)
 
 HEADER = """\
 # Conda users (any platform):
