@@ -17,6 +17,7 @@ from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.model.norm import RMSNorm
 from mixtral_edu.inference.quant import quantize_layer_
 from mixtral_edu.model.rope import RotaryEmbedding
+from mixtral_edu.weights.load import meta_skeleton
 
 
 @torch.no_grad()
@@ -31,9 +32,7 @@ def random_model(cfg: MixtralConfig, device: torch.device | str, dtype: torch.dt
     if quant not in (None, "int8"):
         raise ValueError(f"quant must be None or 'int8', got {quant!r}")
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device("meta"):
-        model = Mixtral(cfg)
-    model = model.to(dtype=dtype)
+    model = meta_skeleton(cfg).to(dtype=dtype)      # shapes only: no random init, no RoPE table, nothing allocated
 
     def materialise(module: nn.Module) -> None:
         module.to_empty(device=device, recurse=True)
