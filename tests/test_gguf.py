@@ -8,6 +8,7 @@ its numpy `dequantize`; llama.cpp's own logits are compared in benchmarks/gguf_v
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from mixtral_edu.inference.gguf_stream import BudgetError, DequantCache, Streame
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.weights import load_model
 from mixtral_edu.weights.gguf_file import GGUFError, GGUFFile, our_name, permute_qk, unpermute_qk
+from mixtral_edu.weights import gguf_quants
 from mixtral_edu.weights.gguf_quants import BLOCKS, dequantize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- dequantization
 @pytest.mark.parametrize("qtype", sorted(BLOCKS))
-def test_dequantize_equals_gguf_package(qtype):
+def test_dequantize_equals_gguf_package(qtype, monkeypatch):
     """Every type, element for element (bit for bit), on random blocks with finite float16 scales."""
     rng = np.random.default_rng(list(BLOCKS).index(qtype))
     if qtype in ("F32", "F16", "BF16"):
@@ -48,6 +50,31 @@ def test_dequantize_equals_gguf_package(qtype):
     ours = dequantize(torch.from_numpy(raw.copy()), qtype, chunk_blocks=100)     # several chunks
     assert ours.dtype == torch.float32 and ours.shape == (ref.size,)
     assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))
+    # three worker threads, each over several scale groups and chunks that do not line up with them
+    monkeypatch.setattr(gguf_quants, "SCALE_CHUNK", 64)
+    threaded = dequantize(torch.from_numpy(raw.copy()), qtype, chunk_blocks=50, threads=3)
+    assert np.array_equal(threaded.numpy().view(np.uint32), ref.view(np.uint32))
+    one_block = dequantize(torch.from_numpy(raw[-(raw.size // 333):].copy()), qtype)        # notebook 07's case
+    assert np.array_equal(one_block.numpy().view(np.uint32), ref[-one_block.numel():].view(np.uint32))
+
+
+def test_dequantize_threads_leave_torch_thread_counts_alone(monkeypatch):
+    """The worker threads run their ops on one torch thread each; the caller's count, and the count a
+    thread started afterwards gets, stay as they were."""
+    raw = torch.from_numpy(random_blocks("Q4_K", 64, np.random.default_rng(0)).reshape(-1))
+    monkeypatch.setattr(gguf_quants, "SCALE_CHUNK", 8)                 # so that three workers share the blocks
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with ThreadPoolExecutor(1) as later:          # a thread of the caller's, set up before
+            later.submit(torch.get_num_threads).result()
+            one = dequantize(raw, "Q4_K")
+            many = dequantize(raw, "Q4_K", threads=3, chunk_blocks=5)
+            assert torch.equal(one, many) and torch.get_num_threads() == 3
+        with ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dequantize_refuses_partial_blocks_and_unknown_types():

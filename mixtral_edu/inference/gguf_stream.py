@@ -32,6 +32,7 @@ from ..model.experts import ExpertsBase
 from ..model.mixtral import Mixtral
 from ..model.rope import RotaryEmbedding
 from ..weights.gguf_file import GGUFError, GGUFFile
+from ..weights.load import meta_skeleton
 from .offload import CacheStats          # hits, misses, evictions; bytes_copied counts bytes dequantized
 
 GIB = 2 ** 30
@@ -189,8 +190,7 @@ def load_gguf(path, memory_budget: Optional[int] = None, check_tokenizer: bool =
                           f"at least {need / GIB:.2f} GiB (embeddings, lm_head, norms and routers resident, plus one "
                           f"layer's attention and one expert dequantized)")
     cache = DequantCache(budget - resident_bytes(file))
-    with torch.device("meta"):
-        model = Mixtral(cfg)
+    model = meta_skeleton(cfg)
     for module in (model.embed_tokens, model.norm, model.lm_head):
         module.to_empty(device="cpu")
     file.read("embed_tokens.weight", out=model.embed_tokens.weight)       # dequantized in place, no copy

@@ -226,6 +226,12 @@ class GGUFFile:
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(self._map, dtype=torch.uint8, count=m.nbytes, offset=m.offset)
 
+    def prefetch(self, m: Matrix) -> None:
+        """Ask the OS to read `m`'s pages now, in large requests, rather than at each 4 KB page fault."""
+        if hasattr(mmap, "MADV_WILLNEED"):
+            start = m.offset // PAGE * PAGE
+            self._map.madvise(mmap.MADV_WILLNEED, start, m.offset + m.nbytes - start)
+
     def release(self, m: Matrix) -> None:
         """Drop `m`'s pages from this process (they stay in the OS's file cache, not in our RSS)."""
         start = m.offset // PAGE * PAGE
@@ -237,6 +243,7 @@ class GGUFFile:
         `[out, in]` for a matrix, `[n]` for a vector; q and k rows permuted back to ours.
         """
         m = self.matrices[(name, expert)]
+        self.prefetch(m)
         w = dequantize(self.raw(m), m.qtype, out=None if out is None else out.view(-1)).view(m.shape)
         self.release(m)
         cfg = self.config

@@ -24,6 +24,10 @@ float16 `d` (and `dmin`), which is how Q4_K reaches 4.5 bits. Layouts follow ggm
 
 from __future__ import annotations
 
+import mmap
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import torch
 
 # type name -> (weights per block, bytes per block)
@@ -48,29 +52,64 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-# Each block function takes blocks `[n, type_size]` uint8 and returns (codes `[n, S, L]` as small
-# integers, scale `[n, S, 1]`, offset `[n, S, 1]` or None): weight = scale * code + offset for the
-# S sub-blocks of L weights. `dequantize` then does the float arithmetic once, in one fused pass.
+# Each type has two functions of its blocks `[n, type_size]` uint8:
+#   scales(b) -> (scale `[n, S, 1]`, offset `[n, S, 1]` or None), float32;
+#   codes(b)  -> codes `[n, S, L]`, small integers (uint8 or int8),
+# so that weight = code * scale + offset for the S sub-blocks of L weights. `dequantize` works out the
+# scales for many blocks at once (they are dozens of tiny ops) and the codes a cache-sized chunk at a
+# time, multiplying the integer codes straight into the float32 output (no float copy of the codes).
+# The unpacking works on 8 bytes at a time (int64 lanes): the masks and shifts act on every byte of a
+# lane alike, and no bit crosses into a neighbouring byte, so it equals unpacking byte by byte.
 
-def _q8_0(b):
-    return b[:, None, 2:].view(torch.int8), _f16(b[:, :2])[:, :, None], None
+NIBBLES = 0x0F0F0F0F0F0F0F0F      # the low 4 bits of each of 8 bytes
+LOW2 = 0x0303030303030303         # the low 2 bits of each byte
+BIT0 = 0x0101010101010101         # bit 0 of each byte
+BIT5 = 0x2020202020202020         # bit 5 of each byte
 
 
-def _q4_0(b):
+def _lanes(b: torch.Tensor, *shape: int) -> torch.Tensor:
+    """[n, k] uint8 (k a multiple of 8) -> int64 `[n, *shape]`, 8 bytes per element (a copy: b is strided)."""
+    b = b.contiguous()
+    if b.storage_offset() % 8 or b.stride(0) % 8:    # a single block's slice counts as contiguous
+        b = torch.empty(b.shape, dtype=torch.uint8).copy_(b)
+    return b.view(torch.int64).view(b.shape[0], *shape)
+
+
+def _as_bytes(lanes: torch.Tensor, *shape: int, dtype=torch.uint8) -> torch.Tensor:
+    """int64 lanes `[n, ...]` -> their bytes `[n, *shape]`."""
+    return lanes.view(dtype).view(lanes.shape[0], *shape)
+
+
+def _q8_0_scales(b):
+    return _f16(b[:, :2])[:, :, None], None
+
+
+def _q8_0_codes(b):
+    return b[:, None, 2:].view(torch.int8)
+
+
+def _q4_0_scales(b):
     d = _f16(b[:, :2])[:, :, None]
-    return _halves(b[:, 2:]), d, -8 * d                               # d * (q - 8)
+    return d, -8 * d                                                  # d * (q - 8), exact in float32
 
 
-def _q4_1(b):
-    return _halves(b[:, 4:]), _f16(b[:, :2])[:, :, None], _f16(b[:, 2:4])[:, :, None]
+def _q4_1_scales(b):
+    return _f16(b[:, :2])[:, :, None], _f16(b[:, 2:4])[:, :, None]
+
+
+def _q5_1_scales(b):
+    return _f16(b[:, :2])[:, :, None], _f16(b[:, 2:4])[:, :, None]
+
+
+def _q5_0_scales(b):
+    d = _f16(b[:, :2])[:, :, None]
+    return d, -16 * d                                                 # d * (q - 16), exact in float32
 
 
 def _halves(qs: torch.Tensor) -> torch.Tensor:
     """[n, 16] bytes -> [n, 1, 32] codes: weights 0-15 are the low nibbles, 16-31 the high ones."""
-    out = torch.empty(qs.shape[0], 2, qs.shape[1], dtype=torch.uint8)
-    torch.bitwise_and(qs, 0x0F, out=out[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=out[:, 1])
-    return out.view(qs.shape[0], 1, -1)
+    q = _lanes(qs, 1, 2)
+    return _as_bytes(torch.stack([q & NIBBLES, (q >> 4) & NIBBLES], 2), 1, 32)
 
 
 def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -79,13 +118,20 @@ def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     return (bits << 4).reshape(-1, 1, 32)
 
 
-def _q5_0(b):
-    d = _f16(b[:, :2])[:, :, None]
-    return _halves(b[:, 6:]) | _fifth_bits(b[:, 2:6]), d, -16 * d     # d * (q - 16)
+def _q4_0_codes(b):
+    return _halves(b[:, 2:])
 
 
-def _q5_1(b):
-    return _halves(b[:, 8:]) | _fifth_bits(b[:, 4:8]), _f16(b[:, :2])[:, :, None], _f16(b[:, 2:4])[:, :, None]
+def _q4_1_codes(b):
+    return _halves(b[:, 4:])
+
+
+def _q5_0_codes(b):
+    return _halves(b[:, 6:]) | _fifth_bits(b[:, 2:6])
+
+
+def _q5_1_codes(b):
+    return _halves(b[:, 8:]) | _fifth_bits(b[:, 4:8])
 
 
 def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,78 +145,131 @@ def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
-def _k4_codes(qs: torch.Tensor) -> torch.Tensor:
-    """128 bytes -> 256 codes `[n, 8, 32]`: each 32 bytes give 64 weights, their low nibbles then their high ones."""
-    n = qs.shape[0]
-    qs = qs.reshape(n, 4, 32)
-    out = torch.empty(n, 4, 2, 32, dtype=torch.uint8)
-    torch.bitwise_and(qs, 0x0F, out=out[:, :, 0])
-    torch.bitwise_right_shift(qs, 4, out=out[:, :, 1])
-    return out.view(n, 8, 32)
-
-
 def _k4_scale_offset(b):
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _k4_scales(b[:, 4:16])
     return (d * sc)[..., None], -(dmin * mn)[..., None]
 
 
-def _q4_k(b):
-    return (_k4_codes(b[:, 16:144]), *_k4_scale_offset(b))
+def _k4_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> 256 codes as int64 lanes `[n, 8, 4]`: each 32 bytes give 64 weights, low nibbles then high."""
+    q = _lanes(qs, 4, 1, 4)                                              # [n, 4 groups of 32 bytes]
+    return torch.cat([q & NIBBLES, (q >> 4) & NIBBLES], 2).view(-1, 8, 4)
 
 
-def _q5_k(b):
-    qh = b[:, 16:48]                                                      # bit i of byte l: sub-block i, weight l
-    high = (qh[:, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1   # [n, 8, 32]
-    return (_k4_codes(b[:, 48:176]) | (high << 4), *_k4_scale_offset(b))
+def _q4_k_codes(b):
+    return _as_bytes(_k4_nibbles(b[:, 16:144]), 8, 32)
 
 
-def _q6_k(b):
-    ql, qh = b[:, 0:128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
-    sc = b[:, 192:208].view(torch.int8).float().reshape(-1, 16, 1)
+def _q5_k_codes(b):
+    qh = _lanes(b[:, 16:48], 1, 4)                                       # bit i of byte l: sub-block i, weight l
+    high = (qh >> torch.arange(8)[:, None]) & BIT0                       # [n, 8, 4]
+    return _as_bytes(_k4_nibbles(b[:, 48:176]) | (high << 4), 8, 32)
+
+
+def _q6_k_scales(b):
     d = _f16(b[:, 208:210])
+    return (d * b[:, 192:208].view(torch.int8).float())[..., None], None
+
+
+def _q6_k_codes(b):
     # Each half of 128 weights: 64 ql bytes (low nibbles: weights 0-63, high: 64-127) and 32 qh bytes
     # (2 bits per weight for weights l, l+32, l+64, l+96).
-    low = torch.cat([ql & 0x0F, ql >> 4], 2)                             # [n, half, 4 groups of 32, 32]
-    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
-    q = (low | (high << 4)).view(torch.int8) - 32                        # codes 0..63 stored, minus 32
-    return q.reshape(-1, 16, 16), d[:, :, None] * sc, None
+    ql, qh = _lanes(b[:, 0:128], 2, 2, 4), _lanes(b[:, 128:192], 2, 1, 4)
+    low = torch.cat([ql & NIBBLES, (ql >> 4) & NIBBLES], 2)             # [n, half, 4 groups, 4 lanes]
+    high = (qh >> torch.tensor([0, 2, 4, 6]).view(1, 1, 4, 1)) & LOW2
+    # code q in 0..63 is stored for q - 32: flip bit 5 and copy it into bits 6 and 7 (a 6-bit
+    # two's complement sign-extended to 8 bits), all 8 bytes of a lane at once
+    v = (low | (high << 4)) ^ BIT5
+    return _as_bytes(v | (v & BIT5) * 6, 16, 16, dtype=torch.int8)     # bit 5 * 6 = bits 6 and 7
 
 
-def _q2_k(b):
-    scales, qs = b[:, 0:16], b[:, 16:80].reshape(-1, 2, 1, 32)
+def _q2_k_scales(b):
+    scales = b[:, 0:16]
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    return (d * (scales & 0x0F).float())[..., None], -(dmin * (scales >> 4).float())[..., None]
+
+
+def _q2_k_codes(b):
     # half h, shift j, byte l -> weight 128h + 32j + l; its scale byte is 8h + 2j + (l >= 16)
-    q = ((qs >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3).reshape(-1, 16, 16)
-    sc, mn = (scales & 0x0F).float(), (scales >> 4).float()
-    return q, (d * sc)[..., None], -(dmin * mn)[..., None]
+    qs = b[:, 16:80].reshape(-1, 2, 1, 32)
+    return ((qs >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3).reshape(-1, 16, 16)
 
 
-def _q3_k(b):
-    hmask, qs, s = b[:, 0:32], b[:, 32:96].reshape(-1, 2, 1, 32), b[:, 96:108]
-    d = _f16(b[:, 108:110])
+def _q3_k_scales(b):
+    s, d = b[:, 96:108], _f16(b[:, 108:110])
     # 16 six-bit scales: 4 low bits from bytes 0-7 (low nibbles give 0-7, high nibbles 8-15),
     # 2 high bits from bytes 8-11 (scale i: byte 8 + i % 4, shifted by 2 * (i // 4)); stored plus 32.
     low = torch.cat([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], 1)
     high = (s[:, None, 8:12] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3   # [n, 4, 4]
-    sc = (low | (high.reshape(-1, 16) << 4)).float() - 32
+    return (d * ((low | (high.reshape(-1, 16) << 4)).float() - 32))[..., None], None
+
+
+def _q3_k_codes(b):
+    hmask, qs = b[:, 0:32], b[:, 32:96].reshape(-1, 2, 1, 32)
     ql = (qs >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3          # [n, 2, 4, 32]
     # weight 128h + 32j + l loses 4 unless bit (4h + j) of hmask[l] is set
     bit = (hmask[:, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1                 # [n, 8, 32]
     q = ql.reshape(-1, 8, 32).view(torch.int8) - ((1 - bit) << 2).view(torch.int8)
-    return q.reshape(-1, 16, 16), (d * sc)[..., None], None
+    return q.reshape(-1, 16, 16)
 
 
-_BLOCK_FUNCS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-                "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+# type -> (scales, codes)
+_BLOCK_FUNCS = {"Q8_0": (_q8_0_scales, _q8_0_codes), "Q4_0": (_q4_0_scales, _q4_0_codes),
+                "Q4_1": (_q4_1_scales, _q4_1_codes), "Q5_0": (_q5_0_scales, _q5_0_codes),
+                "Q5_1": (_q5_1_scales, _q5_1_codes), "Q2_K": (_q2_k_scales, _q2_k_codes),
+                "Q3_K": (_q3_k_scales, _q3_k_codes), "Q4_K": (_k4_scale_offset, _q4_k_codes),
+                "Q5_K": (_k4_scale_offset, _q5_k_codes), "Q6_K": (_q6_k_scales, _q6_k_codes)}
+SCALE_CHUNK = 2 ** 14             # blocks whose scales are worked out together
+_workers: dict = {}                # thread count -> its ThreadPoolExecutor, made when first needed
+
+
+def _decode_blocks(blocks: torch.Tensor, out_blocks: torch.Tensor, qtype: str, chunk_blocks: int) -> None:
+    """Dequantize blocks `[n, type_size]` into out_blocks `[n, block_size]` float32, on this thread alone."""
+    scales_of, codes_of = _BLOCK_FUNCS[qtype]
+    for start in range(0, blocks.shape[0], SCALE_CHUNK):
+        group, out_group = blocks[start:start + SCALE_CHUNK], out_blocks[start:start + SCALE_CHUNK]
+        scale, offset = scales_of(group)
+        for at in range(0, group.shape[0], chunk_blocks):
+            codes = codes_of(group[at:at + chunk_blocks])
+            dst = out_group[at:at + chunk_blocks].view(codes.shape)
+            torch.mul(codes, scale[at:at + chunk_blocks], out=dst)      # int codes -> float32, one pass
+            if offset is not None:
+                dst.add_(offset[at:at + chunk_blocks])                  # rounded like the reference's d*q - m
+
+
+HUGE_PAGES_FROM = 2 ** 24          # bytes: from this size on, `empty_float32` maps huge pages
+
+
+def empty_float32(numel: int) -> torch.Tensor:
+    """A new float32 tensor `[numel]`; a large one in its own anonymous map, advised to use 2 MB pages.
+
+    Writing a fresh 4 KB page first costs a page fault: a dequantized 8x7B expert matrix (235 MB)
+    takes 57,000 of them, which cost more than the dequantization itself (0.10 of 0.15 CPU-seconds on
+    this EPYC); with huge pages 512 times fewer. Where the OS has no such advice, a plain torch.empty.
+    """
+    if 4 * numel < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(numel, dtype=torch.float32)
+    region = mmap.mmap(-1, 4 * numel, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.float32)        # keeps `region` alive; unmapped with it
+
+
+def _one_thread() -> None:
+    """A worker's start: torch sets up this thread (copying the process-wide count), then it gets 1."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def dequantize(raw: torch.Tensor, qtype: str, out: torch.Tensor | None = None,
-               chunk_blocks: int | None = None) -> torch.Tensor:
+               chunk_blocks: int | None = None, threads: int | None = None) -> torch.Tensor:
     """raw `[n_bytes]` uint8 of whole blocks -> float32 `[n_weights]` (written into `out` if given).
 
-    Works `chunk_blocks` blocks at a time (default: 2**19 weights' worth), so the temporaries stay a
-    few MB, in the CPU's cache, whatever the tensor's size.
+    Works `chunk_blocks` blocks at a time (default: 2**18 weights' worth), so the temporaries stay in
+    the CPU's cache whatever the tensor's size. `threads` (default: torch's thread count) threads of
+    our own each take a contiguous share of the blocks and run their torch ops on one thread: the
+    ops are short and memory-bound, and torch's own thread team would spin-wait between them on a
+    busy machine (py-spy on the full-size benchmark: 10x the CPU time per weight).
     """
     if qtype not in BLOCKS:
         raise ValueError(f"cannot dequantize GGML type {qtype}; supported: {', '.join(SUPPORTED)}")
@@ -179,25 +278,35 @@ def dequantize(raw: torch.Tensor, qtype: str, out: torch.Tensor | None = None,
         raise ValueError(f"{qtype} data must be a 1-D uint8 tensor of whole {nbytes}-byte blocks")
     n = raw.numel() // nbytes * size
     if out is None:
-        out = torch.empty(n, dtype=torch.float32)
+        out = empty_float32(n)
     if qtype in ("F32", "F16", "BF16"):
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]
         return out.copy_(raw.view(dtype))
     blocks, out_blocks = raw.view(-1, nbytes), out.view(-1, size)
-    func = _BLOCK_FUNCS[qtype]
-    chunk_blocks = chunk_blocks or max(1, 2 ** 19 // size)
-    # One thread: these passes are short and memory-bound, and on a busy machine a second torch thread
-    # mostly spin-waits for the first (py-spy on the full-size benchmark: 10x the CPU time per weight).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for start in range(0, blocks.shape[0], chunk_blocks):
-            codes, scale, offset = func(blocks[start:start + chunk_blocks])
-            dst = out_blocks[start:start + chunk_blocks].view(codes.shape)
-            if offset is None:
-                torch.mul(codes.float(), scale, out=dst)
-            else:
-                torch.addcmul(offset, codes.float(), scale, out=dst)   # offset + code * scale, one pass
-    finally:
-        torch.set_num_threads(threads)
+    chunk_blocks = chunk_blocks or max(1, 2 ** 18 // size)
+    threads = max(1, min(threads or torch.get_num_threads(), blocks.shape[0] // SCALE_CHUNK))
+    share = -(-blocks.shape[0] // threads)
+    shares = [(blocks[i:i + share], out_blocks[i:i + share]) for i in range(0, blocks.shape[0], share)]
+    if len(shares) == 1:
+        with _torch_threads(1):
+            _decode_blocks(*shares[0], qtype, chunk_blocks)
+        return out
+    if len(shares) not in _workers:
+        _workers[len(shares)] = ThreadPoolExecutor(len(shares), "dequantize", initializer=_one_thread)
+    pool = _workers[len(shares)]
+    for done in [pool.submit(_decode_blocks, b, o, qtype, chunk_blocks) for b, o in shares]:
+        done.result()
+    # a worker's set_num_threads(1) also set the count torch gives threads started later: put ours back
+    torch.set_num_threads(torch.get_num_threads())
     return out
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block with torch's thread count at `n` on this thread, then put it back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
