@@ -66,3 +66,13 @@ def test_the_answers_are_in_the_solutions():
     assert _fused_w1_forms()[0] in solved["07_checkpoints_and_memory.ipynb"]
     assert "√3" in solved["09_training_a_tiny_mixtral.ipynb"]
     assert _balancing_term_forms()[0] in solved["09_training_a_tiny_mixtral.ipynb"]
+
+
+def test_07_shows_the_packages_permutation_only_after_exercise_2():
+    # exercise 2 asks for the q/k permutation with loops; the package's code (a reshape and a transpose
+    # that would pass the check if copied) is printed after the check cell, not before it
+    texts = _cells_text("07_checkpoints_and_memory.ipynb")
+    check = next(i for i, text in enumerate(texts) if "check_07_permute(my_permute)" in text)
+    shown = [i for i, text in enumerate(texts) if "def permute_qk_for_rotate_half(" in text]
+    printed = [i for i, text in enumerate(texts) if "getsource(permute_qk_for_rotate_half)" in text]
+    assert shown and printed and min(shown + printed) > check, (check, shown, printed)
