@@ -21,7 +21,7 @@ def test_the_full_size_folder_is_checked_and_planned_for_given_gpus(capsys, full
     code, out, err = run(capsys, "check", full, "--gpus", "2x80GB")
     assert code == 0, err
     assert out.startswith(f"OK  {full}: hf-sharded layout, 19 weight files, 995 tensors in bfloat16, 93.41 GB")
-    assert "plan for the GPUs given: 2x80GB, 4096-token context: int8 on cuda:0" in out
+    assert "plan for the GPUs given: 2x80GB, 4096-token context: split on cuda:0, cuda:1" in out
     assert "host memory needed while loading: about" in out and "reading the weights: 93.41 GB at" in out
     code, out, _ = run(capsys, "check", full, "--gpu-memory", "141GB")
     assert code == 0 and "single on cuda:0" in out

@@ -90,3 +90,27 @@ def test_split_load_refuses_a_device_too_small_for_its_share(tmp_path, monkeypat
         load_split(tmp_path, ["cpu", "cpu"], [4, 1], progress=False)
     with pytest.raises(ValueError, match="one per decoder layer"):
         checkpoint.load_model(tmp_path, device=["cpu", "cpu"], progress=False)
+
+
+def test_fast_decoder_of_a_split_model_keeps_the_models_own_dispatch():
+    """A split model is not captured as one CUDA graph, so FastDecoder gives its MoE blocks the model's own
+    dispatch (the k experts as weight views) instead of the sync-free one that copies them; same tokens."""
+    from mixtral_edu.inference.decode import FastDecoder
+    from mixtral_edu.inference.generate import generate
+    from mixtral_edu.inference.split import decode_dispatch_for, is_split
+    from mixtral_edu.model.moe import DISPATCH
+
+    cfg = MixtralConfig.tiny(vocab_size=256, num_hidden_layers=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    whole = Mixtral(cfg).eval()
+    split = split_by_layers(copy.deepcopy(whole), ["cpu", "cpu"])
+    assert is_split(split) and not is_split(whole) and decode_dispatch_for(split) == "auto"
+    with pytest.raises(ValueError, match="split_by_layers"):
+        decode_dispatch_for(whole)
+    prompt = torch.randint(0, 256, (1, 6))
+    expected = generate(whole, prompt[0].tolist(), 8, eos_id=None)
+    decoder = FastDecoder(split, 16, use_kernel=False, cuda_graph=False)
+    assert all(layer.block_sparse_moe.dispatch is DISPATCH["auto"] for layer in split.layers)
+    assert decoder.generate(prompt, 8) == expected
+    FastDecoder(whole, 16, use_kernel=False, cuda_graph=False)            # one device: its sync-free step
+    assert whole.layers[0].block_sparse_moe.dispatch is not DISPATCH["auto"]

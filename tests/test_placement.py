@@ -29,15 +29,15 @@ def test_one_80gb_gpu_gets_int8():
     assert "47.0 GB" in plan.explanation and "per output channel" in plan.explanation
 
 
-def test_several_80gb_gpus_use_one_with_int8_by_default():
-    # an 8xH100 node: int8 on one GPU (half the bytes per token, the sync-free decoder), not a split
+def test_several_80gb_gpus_split_exact_bf16_over_the_fewest_by_default():
+    # the rule: the fastest exact plan first. An 8xH100 node: bf16 over 2 of them (the fewest that hold it), not int8
     plan = plan_placement(CFG, [80 * GB] * 8)
-    assert plan.strategy == "int8" and plan.devices == ["cuda:0"]
-    assert plan.rejected["single"].startswith("needs 96.1 GB") and "split" not in plan.rejected
+    assert plan.strategy == "split" and plan.devices == ["cuda:0", "cuda:1"] and plan.weight_dtype == "bf16"
+    assert plan.rejected["single"].startswith("needs 96.1 GB") and "int8" not in plan.rejected
 
 
-def test_two_80gb_gpus_split_bf16_by_layers_when_asked():
-    plan = plan_placement(CFG, [80 * GB, 80 * GB], prefer_one_gpu=False)
+def test_two_80gb_gpus_split_bf16_by_layers():
+    plan = plan_placement(CFG, [80 * GB, 80 * GB])
     assert plan.strategy == "split"
     assert plan.devices == ["cuda:0", "cuda:1"]
     assert plan.layers_per_device == [16, 16]
@@ -45,8 +45,13 @@ def test_two_80gb_gpus_split_bf16_by_layers_when_asked():
     assert "layers 0-15 on cuda:0, layers 16-31 on cuda:1" in plan.explanation
 
 
+def test_int8_on_one_gpu_before_a_split_when_asked():
+    plan = plan_placement(CFG, [80 * GB, 80 * GB], prefer_one_gpu=True)
+    assert plan.strategy == "int8" and plan.devices == ["cuda:0"] and "split" not in plan.rejected
+
+
 def test_uneven_gpus_split_in_proportion():
-    plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"], prefer_one_gpu=False)
+    plan = plan_placement(CFG, [40 * GB, 80 * GB], device_names=["cuda:0", "cuda:1"])
     assert plan.strategy == "split"
     assert plan.devices == ["cuda:1", "cuda:0"]          # the larger GPU first
     assert plan.layers_per_device[0] > plan.layers_per_device[1]

@@ -38,6 +38,7 @@ from ..model.mixtral import Mixtral
 from .dispatch import decode_dispatch, kernel_weights
 from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
+from .split import decode_dispatch_for, is_split
 
 
 def use_kernel_(model: nn.Module) -> nn.Module:
@@ -73,7 +74,8 @@ class FastDecoder:
         self.device = model.embed_tokens.weight.device
         self.use_kernel = triton_available(self.device) if use_kernel is None else use_kernel
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        model.set_dispatch(decode_dispatch(use_kernel=False))
+        # a split model hops devices and is not one graph: its own dispatch, no gathered copies (split.py)
+        model.set_dispatch(decode_dispatch_for(model) if is_split(model) else decode_dispatch(use_kernel=False))
         if self.use_kernel:
             use_kernel_(model)
         self.cache = model.new_kv_cache(1, max_seq_len)

@@ -5,16 +5,19 @@ weight dtype, the context length, how much memory each GPU has free and (optiona
 memory there is, and picks the first of these that fits:
 
 1. "single":   every weight in bf16 on one GPU (an H200's 141 GB holds it).
-2. "int8":     experts and attention stored as int8 with one scale per output channel, the
+2. "split":    bf16, the decoder layers split over the fewest GPUs that hold them, in order; the hidden
+               state `[batch, seq, hidden]` hops to the next GPU at each boundary (see split.py).
+3. "int8":     experts and attention stored as int8 with one scale per output channel, the
                rest bf16, about 47 GB on one GPU (see quant.py).
-3. "split":    bf16, the decoder layers split over several GPUs in order; the hidden state
-               `[batch, seq, hidden]` hops to the next GPU at each boundary (see split.py).
 4. "offload":  every weight but the experts on the GPU; the experts wait in pinned CPU memory
                and `cache_slots` experts live on the GPU, an LRU cache per layer (offload.py).
 
-One GPU comes before several (`prefer_one_gpu=True`, the default): int8 on one GPU reads half the
-bytes per token and keeps the sync-free decoder (decode.py), while a split runs at about one
-GPU's speed. `prefer_one_gpu=False` puts the exact bf16 split before int8. To choose which GPUs
+The rule: the fastest exact plan first, int8 only when no exact plan fits, offloading last. The exact
+plans give the checkpoint's own bf16 results; one GPU is the fastest of them, and a split runs at about
+one GPU's speed at batch 1 (the GPUs take turns; FastDecoder keeps the model's own dispatch on a split
+model, since gathering each token's experts would only add copies there: split.decode_dispatch_for,
+benchmarks/split_decode.py). int8 reads half the bytes per token, so on one GPU it is faster than either,
+but its outputs differ slightly; `prefer_one_gpu=True` asks for it before a split. To choose which GPUs
 are seen at all, start Python with `CUDA_VISIBLE_DEVICES=0` (or `=2,3`).
 
 Host memory counts too. int8 and offload loads build the model one decoder layer at a time, so
@@ -177,13 +180,14 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
 def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16", context_len: int = 4096,
                    batch_size: int = 1, reserve_bytes: float = DEFAULT_RESERVE_BYTES,
                    allow_int8: bool = True, device_names: Optional[Sequence[str]] = None,
-                   host_free_bytes: Optional[float] = None, prefer_one_gpu: bool = True) -> Plan:
+                   host_free_bytes: Optional[float] = None, prefer_one_gpu: bool = False) -> Plan:
     """Choose how to place `cfg`'s weights on GPUs with `free_bytes[i]` free bytes each.
 
     dtype: the unquantised weight dtype (bf16). context_len × batch_size tokens of KV cache are
     budgeted on the GPUs. reserve_bytes stay free on every GPU for activations and workspaces.
     host_free_bytes: host memory available (None: not checked); a strategy whose load needs more
-    (host_bytes_needed) is refused. prefer_one_gpu: try int8 on one GPU before a bf16 split.
+    (host_bytes_needed) is refused. prefer_one_gpu: try int8 on one GPU (faster, not exact) before a bf16
+    split; by default the exact plans come first (the module's docstring states the rule).
     Returns a Plan; raises ValueError when nothing fits.
     """
     if not free_bytes:

@@ -79,3 +79,20 @@ def load_split(path, devices: Sequence, layers_per_device: Optional[Sequence[int
     per_layer = layer_devices(read_config(path).num_hidden_layers, devices, layers_per_device)
     model = load_model(path, device=per_layer, **load_kwargs)
     return split_by_layers(model, devices, layers_per_device)
+
+
+def is_split(model: nn.Module) -> bool:
+    """True for a model placed by `split_by_layers` (its layers carry the device hooks)."""
+    return bool(getattr(model, "_split_hooks", None))
+
+
+def decode_dispatch_for(model: nn.Module) -> str:
+    """The MoE dispatch a decode step of a split `model` uses: "auto" (moe.py), the model's own.
+
+    The sync-free dispatch a one-device decoder installs gathers, i.e. copies, each token's k experts' w1,
+    w2, w3 so that no host sync breaks a CUDA graph; a split model is not captured as one graph (each
+    step hops devices), so the copies buy nothing, and "auto" reads the same weights as views (measured:
+    benchmarks/split_decode.py)."""
+    if not is_split(model):
+        raise ValueError("decode_dispatch_for is for a model placed by split_by_layers")
+    return "auto"
