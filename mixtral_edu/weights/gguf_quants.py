@@ -224,6 +224,7 @@ SCALE_CHUNK = 2 ** 14             # blocks whose scales are worked out together
 _workers: dict = {}                # thread count -> its ThreadPoolExecutor, made when first needed
 
 
+@torch.no_grad()          # on a worker thread too (grad mode is per thread): `out` may be a parameter
 def _decode_blocks(blocks: torch.Tensor, out_blocks: torch.Tensor, qtype: str, chunk_blocks: int) -> None:
     """Dequantize blocks `[n, type_size]` into out_blocks `[n, block_size]` float32, on this thread alone."""
     scales_of, codes_of = _BLOCK_FUNCS[qtype]
