@@ -160,3 +160,38 @@ def test_pinned_blocks_round_up_to_a_power_of_two():
     assert pinned_block_bytes(2 ** 30 + 1) == 2 ** 31 and pinned_block_bytes(1) == 1
 
 
+
+
+def test_an_offload_plan_states_the_hit_rate_of_a_routing_trace_and_the_load_has_it(tmp_path):
+    """The tiny trained model planned onto a "GPU" (the CPU) with room for 6 of its 32 experts: the plan states
+    the hit rate its per-layer caches have on the routing trace of a text, and the model load_placed builds,
+    decoding that text one token at a time, counts exactly that hit rate."""
+    import torch
+
+    from mixtral_edu.analysis.routing import trace_routing
+    from mixtral_edu.assets import TINY_MODEL_DIR
+    from mixtral_edu.inference.placement import load_placed
+    from mixtral_edu.params import kv_cache_bytes_per_token
+    from mixtral_edu.tokenizer import Tokenizer
+    from mixtral_edu.weights import load_model
+
+    model = load_model(TINY_MODEL_DIR, progress=False)
+    cfg = model.config
+    ids = [1] + Tokenizer(TINY_MODEL_DIR / "tokenizer.model").encode("def add(a, b):\n    return a + b\n" * 3)
+    trace = trace_routing(model, ids).expert_ids
+    counts = count_parameters(cfg)
+    kv = kv_cache_bytes_per_token(cfg, "float32") * 64
+    free = (counts["total"] - counts["experts"]) * 4 + kv + 6.5 * counts["one_expert"] * 4
+    plan = plan_placement(cfg, [free], dtype="float32", context_len=64, reserve_bytes=0, device_names=["cpu"],
+                          allow_int8=False, routing_trace=trace)
+    assert plan.strategy == "offload" and plan.cache_slots == 6
+    assert 0 < plan.expected_hit_rate < 1 and f"these caches hit {plan.expected_hit_rate:.1%}" in plan.explanation
+    with pytest.raises(ValueError, match="routing_trace has 2 layers"):
+        plan_placement(cfg, [free], dtype="float32", context_len=64, reserve_bytes=0, device_names=["cpu"],
+                       allow_int8=False, routing_trace=trace[:2])
+    offloaded, cache = load_placed(TINY_MODEL_DIR, plan, pin=False, progress=False)
+    kv_cache = offloaded.new_kv_cache(1, len(ids))
+    with torch.no_grad():
+        for t in ids:
+            offloaded(torch.tensor([[t]]), cache=kv_cache)
+    assert cache.stats.hit_rate == plan.expected_hit_rate

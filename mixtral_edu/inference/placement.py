@@ -42,7 +42,7 @@ from ..config import MixtralConfig
 from ..devices import gpu_memory
 from ..params import (DTYPE_NAMES, count_parameters, dtype_bytes, kv_cache_bytes_per_token, split_weight_bytes,
                       weight_bytes_per_device)
-from .offload import layer_slots
+from .offload import layer_slots, replay_hit_rate
 
 GB = 1e9
 GiB = 2 ** 30
@@ -113,6 +113,8 @@ class Plan:
     layers_per_device: decoder layers on each device, in order (split plans; otherwise all on one).
     bytes_per_device: planned GPU bytes (weights + KV cache + reserve) on each device.
     cache_slots: experts the GPU holds at once (offload plans only).
+    expected_hit_rate: for an offload plan given a routing trace, the hit rate its per-layer caches have
+        on it (offload.replay_hit_rate, one token per step).
     host_bytes: host memory the load needs at its peak (see host_bytes_needed).
     explanation: the reasoning in plain words.
     """
@@ -127,6 +129,7 @@ class Plan:
     explanation: str = ""
     rejected: dict = field(default_factory=dict)   # strategy -> why it did not fit
     host_bytes: int = 0                            # peak host memory while loading (host_bytes_needed)
+    expected_hit_rate: Optional[float] = None      # offload: the caches' hit rate on the routing trace given
 
     def __str__(self) -> str:
         return self.explanation
@@ -134,6 +137,11 @@ class Plan:
 
 def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def _gb2(n: float) -> str:
+    """Two decimals: one expert of 8x7B is 0.35 GB, of the tiny model 0.10 MB."""
+    return f"{n / GB:.2f} GB" if n >= 0.01 * GB else f"{n / 1e6:.2f} MB"
 
 
 def _split_layers(num_layers: int, capacities: Sequence[float]) -> list:
@@ -177,10 +185,23 @@ def host_bytes_needed(cfg: MixtralConfig, strategy: str, dtype="bf16") -> int:
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
+def _state_hit_rate(plan: Plan, cfg: MixtralConfig, expert_ids, expert_bytes: float) -> None:
+    """Add to an offload `plan` the hit rate its caches have on routing trace `expert_ids` `[L, T, k]`."""
+    layers, tokens, k = expert_ids.shape
+    if layers != cfg.num_hidden_layers:
+        raise ValueError(f"routing_trace has {layers} layers; this model has {cfg.num_hidden_layers}")
+    rate = replay_hit_rate(expert_ids, layer_slots(plan.cache_slots, layers))
+    plan.expected_hit_rate = rate
+    plan.explanation += (f" On the routing trace given ({tokens} tokens, one at a time) these caches hit {rate:.1%} of "
+                         f"the lookups (offload.replay_hit_rate), so a token copies about "
+                         f"{_gb((1 - rate) * k * layers * expert_bytes)}.")
+
+
 def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16", context_len: int = 4096,
                    batch_size: int = 1, reserve_bytes: float = DEFAULT_RESERVE_BYTES,
                    allow_int8: bool = True, device_names: Optional[Sequence[str]] = None,
-                   host_free_bytes: Optional[float] = None, prefer_one_gpu: bool = False) -> Plan:
+                   host_free_bytes: Optional[float] = None, prefer_one_gpu: bool = False,
+                   routing_trace=None) -> Plan:
     """Choose how to place `cfg`'s weights on GPUs with `free_bytes[i]` free bytes each.
 
     dtype: the unquantised weight dtype (bf16). context_len × batch_size tokens of KV cache are
@@ -188,6 +209,8 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
     host_free_bytes: host memory available (None: not checked); a strategy whose load needs more
     (host_bytes_needed) is refused. prefer_one_gpu: try int8 on one GPU (faster, not exact) before a bf16
     split; by default the exact plans come first (the module's docstring states the rule).
+    routing_trace: expert ids `[layers, tokens, k]` of this model (`trace_routing(...).expert_ids`); an offload
+    plan then states the hit rate its caches have on it, and the bytes a token copies at that rate.
     Returns a Plan; raises ValueError when nothing fits.
     """
     if not free_bytes:
@@ -266,18 +289,21 @@ def plan_placement(cfg: MixtralConfig, free_bytes: Sequence[float], dtype="bf16"
         slots = min(int(room // expert_bytes) if room > 0 else 0, total_experts)
         if slots >= cfg.num_hidden_layers:                   # at least one slot per layer's cache
             planned = int(resident + kv + reserve_bytes + slots * expert_bytes)
-            return Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv,
+            plan = Plan("offload", [names[biggest]], str(dtype), [cfg.num_hidden_layers], [planned], kv,
                         cache_slots=slots,
                         explanation=(f"expert offloading: neither {dtype} ({_gb(bf16_weights)}) nor int8 "
-                                     f"({_gb(int8_weights_bytes(cfg, dtype))}) fits "
+                                     f"({_gb(int8_weights_bytes(cfg, dtype))}{'' if allow_int8 else ', not allowed'}) fits "
                                      f"the {_gb(free_bytes[biggest])} free on {names[biggest]}. Everything but the experts "
                                      f"({_gb(resident)}) and the {need_line} stay on the GPU; the {total_experts} experts "
                                      f"({_gb(p['experts'] * b)}) wait in pinned CPU memory, and the GPU holds "
-                                     f"{slots} of them ({expert_bytes / GB:.2f} GB each, {100 * slots / total_experts:.0f}%) "
+                                     f"{slots} of them ({_gb2(expert_bytes)} each, {100 * slots / total_experts:.0f}%) "
                                      f"as one LRU cache per layer of {min(layer_slots(slots, cfg.num_hidden_layers))}-"
                                      f"{max(layer_slots(slots, cfg.num_hidden_layers))} experts: a token finds its expert there "
                                      "when that layer used it lately (offload.replay_hit_rate measures it on a routing trace). "
-                                     f"Results are exact; each miss copies {expert_bytes / GB:.2f} GB over PCIe."))
+                                     f"Results are exact; each miss copies {_gb2(expert_bytes)} over PCIe."))
+            if routing_trace is not None:
+                _state_hit_rate(plan, cfg, routing_trace, expert_bytes)
+            return plan
         rejected["offload"] = (f"after {_gb(resident)} of non-expert weights and the KV cache, room for {slots} experts; "
                                f"at least {cfg.num_hidden_layers} are needed (one per layer's cache)")
 
