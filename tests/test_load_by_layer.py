@@ -152,3 +152,27 @@ def test_peak_host_memory_of_an_int8_load_is_a_few_layers_not_the_model(tmp_path
           f"whole model on the host {whole / 2**20:.1f} MiB")
     assert whole > 7 * layer_bytes            # the measurement sees a whole model when there is one
     assert by_layer < 3 * layer_bytes, (by_layer, layer_bytes)
+
+
+@pytest.mark.parametrize("layout", ["mistral", "mistral-pt"])
+def test_every_layout_loads_layer_by_layer(tmp_path, layout):
+    """Mistral's consolidated.safetensors and the original release's fused .pt files (2 of them) give the
+    layer-by-layer loads the same weights as load_model reads from them."""
+    from mixtral_edu.weights import save_mistral
+
+    ref = _checkpoint(tmp_path / "hf")
+    kwargs = {"num_files": 2} if layout == "mistral-pt" else {}
+    save_mistral(ref, tmp_path / layout, layout=layout, **kwargs)
+    whole = load_model(tmp_path / layout, dtype=torch.float32, progress=False)
+    seen = []
+
+    def compare(i, layer):
+        for name, p in layer.named_parameters():
+            assert torch.equal(p, whole.layers[i].get_parameter(name)), (layout, i, name)
+        seen.append(i)
+        layer.to("meta")
+
+    model = load_by_layer(tmp_path / layout, torch.float32, "cpu", compare)
+    assert seen == [0, 1, 2]
+    for name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+        assert torch.equal(model.get_parameter(name), whole.get_parameter(name)), name
