@@ -472,10 +472,11 @@ def cmd_check(args) -> int:
     folder = Path(args.folder)
     if not str(args.folder).strip():
         raise CLIError("the folder is empty; give a checkpoint folder")
-    result = check_checkpoint(folder)            # CheckpointError naming the first problem
-    write(f"OK  {result}\n")
+    # Every argument is checked before anything is printed: a refusal is the whole output.
     if args.gpus is not None and args.gpu_memory is not None:
         raise CLIError("give --gpus or --gpu-memory, not both")
+    if args.context < 1:
+        raise CLIError(f"--context must be at least 1, got {args.context}")
     if args.gpus is not None:
         free, names, where = parse_gpus(args.gpus), None, f"the GPUs given: {args.gpus}"
     elif args.gpu_memory is not None:
@@ -484,11 +485,11 @@ def cmd_check(args) -> int:
         free = free_gpu_bytes()
         names = [f"cuda:{g.index}" for g in describe_gpus()] or None
         where = "the GPUs visible here"
-        if not free:
-            write("\nno CUDA GPU is visible here: pass --gpus 2x80GB or --gpu-memory 80GB to plan for others\n")
-            return 0
-    if args.context < 1:
-        raise CLIError(f"--context must be at least 1, got {args.context}")
+    result = check_checkpoint(folder)            # CheckpointError naming the first problem
+    write(f"OK  {result}\n")
+    if not free:
+        write("\nno CUDA GPU is visible here: pass --gpus 2x80GB or --gpu-memory 80GB to plan for others\n")
+        return 0
     host = host_free_bytes()
     plan = plan_placement(result.config, free, dtype="bf16", context_len=args.context, device_names=names,
                           host_free_bytes=host if args.gpus is None and args.gpu_memory is None else None)

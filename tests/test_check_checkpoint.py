@@ -84,14 +84,14 @@ def test_each_damage_is_named(full, tmp_path):
 
     for name, kwargs, pattern in [
         ("shape", dict(shard=18, tensors=[(k, (32001, 4096) if k == "lm_head.weight" else s) for k, s in last]),
-         r"tensor lm_head\.weight has shape \[32001, 4096\], the config needs \[32000, 4096\]"),
+         r"tensor lm_head\.weight: shape \(32001, 4096\), but config\.json implies \(32000, 4096\)"),
         ("dropped", dict(shard=18, tensors=[(k, s) for k, s in last if k != "model.norm.weight"],
                          drop_from_index="model.norm.weight"),
-         r"1 tensor\(s\) the config needs are missing: model\.norm\.weight"),
+         r"lacks 1 tensor\(s\) the model in config\.json needs \(HF names\): \['model\.norm\.weight'\]"),
         ("extra", dict(shard=18, tensors=last + [("model.layers.32.input_layernorm.weight", (4096,))]),
-         r"the config has no place for: model\.layers\.32\.input_layernorm\.weight"),
-        ("dtype", dict(shard=18, tensors=last, dtype="F16"), r"one float dtype.*bfloat16 \(e\.g\..*float16 \(e\.g\."),
-        ("total", dict(index_total=93_405_585_407), r"metadata\.total_size is 93405585407 but the shards hold 93405585408"),
+         r"tensor model\.layers\.32\.input_layernorm\.weight: unexpected key"),
+        ("dtype", dict(shard=18, tensors=last, dtype="I16"), r"model-00019-of-00019\.safetensors: tensor .*: dtype torch\.int16 "
+                                                            r"is not a float weight"),
     ]:
         folder = _variant(full, tmp_path / name, **kwargs)
         with pytest.raises(CheckpointError, match=pattern):
@@ -103,5 +103,19 @@ def test_a_config_that_disagrees_with_the_weights_is_named(full, tmp_path):
     (folder / "config.json").unlink()
     (folder / "config.json").write_text(json.dumps(dict(FULL.to_hf_config(), intermediate_size=14335)))
     with pytest.raises(CheckpointError,
-                       match=r"experts\.0\.w1\.weight has shape \[14336, 4096\], the config needs \[14335, 4096\]"):
+                       match=r"experts\.\d+\.w[123]\.weight: shape \((14336, 4096|4096, 14336)\), but config\.json implies"):
         check_checkpoint(folder)
+
+
+def test_float16_beside_bfloat16_loads_and_passes(full, tmp_path):
+    """load_model converts every float tensor to one dtype (config.json's), so check accepts a mixture too."""
+    folder = _variant(full, tmp_path / "mixed", shard=18, tensors=shard_plan(FULL)[-1], dtype="F16")
+    result = check_checkpoint(folder)
+    assert result.dtype == "bfloat16" and result.stored == ["bfloat16", "float16"]
+    assert "(stored as bfloat16 and float16; loaded as bfloat16)" in str(result)
+
+
+def test_a_wrong_total_size_is_a_note_not_a_refusal(full, tmp_path):
+    """load_model (and transformers) ignore the index's metadata.total_size, so check only notes it."""
+    result = check_checkpoint(_variant(full, tmp_path / "total", index_total=93_405_585_407))
+    assert "(note: the index's metadata.total_size says 93405585407, the shards hold 93405585408 bytes" in str(result)

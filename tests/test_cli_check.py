@@ -61,3 +61,11 @@ def test_mistrals_pth_layout_is_checked_and_planned(capsys, tmp_path):
     assert code == 0, err
     assert out.startswith(f"OK  {folder}: mistral-pt layout, 1 weight file, 323 tensors in bfloat16, 93.41 GB")
     assert "plan for the GPUs given: 2x80GB" in out and "reading the weights: 93.41 GB at" in out
+
+
+def test_bad_arguments_are_refused_before_anything_is_printed(capsys, full):
+    """Issue 33: `check --context 0 --gpu-memory 80GB` printed OK on stdout, then exited 1."""
+    for argv in [("--context", "0", "--gpu-memory", "80GB"), ("--gpus", "80GB", "--gpu-memory", "80GB"),
+                 ("--gpu-memory", "lots"), ("--context", "-5")]:
+        code, out, err = run(capsys, "check", full, *argv)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, argv

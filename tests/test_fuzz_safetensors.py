@@ -166,7 +166,8 @@ def _damage(rng, entries, metadata, data):
         end = len(data)
         shape = rng.choice([[2 ** 63, 2 ** 63, 0], [0, 2 ** 63, 2 ** 63], [2 ** 63, 0], [2 ** 62, 0],
                             [2 ** 64 - 1, 0], [2 ** 32, 2 ** 32, 0], [0, 2 ** 64 - 1], [2 ** 63 - 1, 0]])
-        extra.append(f'"big": {json.dumps({"dtype": rng.choice(["F32", "U8", "F64"]), "shape": shape, "data_offsets": [end, end]})}')
+        big = {"dtype": rng.choice(["F32", "U8", "F64"]), "shape": shape, "data_offsets": [end, end]}
+        extra.append(f'"big": {json.dumps(big)}')
     # other kinds: leave the file valid
     if header is None:
         header = prefix + _header_text(entries, metadata, extra, first).encode() + pad

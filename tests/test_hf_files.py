@@ -264,8 +264,8 @@ def test_a_dangling_symlink_is_refused_too(tmp_path):
 
 def test_save_model_writes_the_tokenizer_files_with_the_weights(tmp_path):
     """save_model's folder is a Mixtral checkpoint other tools read: weights, config and tokenizer files in
-    one atomic commit; a symlinked tokenizer.model is replaced, never written through; small test
-    vocabularies get no tokenizer files."""
+    one atomic commit; a tokenizer.model already there (a symlink here) is left as it is, never written
+    through or replaced; small test vocabularies get no tokenizer files."""
     import torch
     from transformers import AutoTokenizer
 
@@ -278,13 +278,15 @@ def test_save_model_writes_the_tokenizer_files_with_the_weights(tmp_path):
     torch.manual_seed(0)
     model = Mixtral(MixtralConfig.tiny(hidden_size=16, intermediate_size=32, head_dim=4, num_hidden_layers=1))
     folder = tmp_path / "save"
-    folder.mkdir()
-    outside = tmp_path / "outside.model"
-    outside.write_bytes(b"not a tokenizer")
-    (folder / "tokenizer.model").symlink_to(outside)
     written = save_model(model, folder)
     assert set(TOKENIZER_FILES) <= set(written) and all((folder / n).is_file() for n in TOKENIZER_FILES)
-    assert not (folder / "tokenizer.model").is_symlink() and outside.read_bytes() == b"not a tokenizer"
+    linked = tmp_path / "linked"                # a user's file (here a symlink) is never replaced (issue 33)
+    linked.mkdir()
+    outside = tmp_path / "outside.model"
+    outside.write_bytes(b"not a tokenizer")
+    (linked / "tokenizer.model").symlink_to(outside)
+    assert "tokenizer.model" not in save_model(model, linked)
+    assert (linked / "tokenizer.model").is_symlink() and outside.read_bytes() == b"not a tokenizer"
     ours, hf = Tokenizer(), AutoTokenizer.from_pretrained(folder)
     assert hf.encode("Hello world", add_special_tokens=False) == ours.encode("Hello world")
     chat = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"},

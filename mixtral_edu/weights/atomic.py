@@ -1,13 +1,14 @@
 """Writes that an interruption cannot leave half done: the new content is built beside its target
 (on the same file system), flushed to disk, then renamed into place; a rename is all or nothing.
 
-Three sizes of the one idea, used by the tokenizer files, the checkpoint savers and training:
+Two sizes of the one idea, used by the tokenizer files, the checkpoint savers and training:
 
 * `write_atomic(path, data)`: one file;
-* `replace_files(folder, staging, names, stale)`: a set of finished files into a folder, the old ones
-  moved aside first and put back if anything fails;
 * `replace_folder(staging, out)`: a whole finished folder at `out`, the old one removed only once the
   new one is there.
+
+A set of files inside a folder that stays (a checkpoint beside the user's own files) is published
+through a journal instead: publish.py.
 """
 
 from __future__ import annotations
@@ -63,38 +64,6 @@ def write_atomic(path: PathLike, data: bytes) -> None:
             pass
         raise
     fsync(path.parent)
-
-
-def replace_files(folder: Path, staging: Path, names: list[str], stale: list[Path]) -> None:
-    """Move the finished files `names` from `staging` into `folder`, replacing the files of the same
-    names there and removing the `stale` ones.
-
-    Every new file is complete and on disk before this starts. The old files are first moved aside
-    (renames, no copying), then the new ones moved in; if anything fails, the old ones are put back.
-    A rename replaces a symlink itself, never the file it points to. Should the process die in the
-    middle, both sets are still complete on disk (the new one in `staging`, the old one in the
-    `.mixtral-edu-old-*` folder beside it).
-    """
-    backup = Path(tempfile.mkdtemp(prefix=".mixtral-edu-old-", dir=folder))
-    moved_aside: list[tuple[Path, Path]] = []
-    moved_in: list[Path] = []
-    try:
-        for old in [*(folder / n for n in names if (folder / n).is_file() or (folder / n).is_symlink()), *stale]:
-            aside = backup / old.name
-            os.replace(old, aside)
-            moved_aside.append((old, aside))
-        for name in names:
-            os.replace(staging / name, folder / name)
-            moved_in.append(folder / name)
-        fsync(folder)
-    except BaseException:
-        for new in moved_in:
-            os.replace(new, staging / new.name)
-        for old, aside in reversed(moved_aside):
-            os.replace(aside, old)
-        os.rmdir(backup)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def replace_folder(staging: Path, out: Path) -> None:

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import CheckpointError
-from .layouts import FLOAT_DTYPES as LOADABLE_DTYPES
-from .layouts import detect_layout, read_config
+from .layouts import MAX_INDEX_BYTES, checkpoint_dtype, detect_layout, read_config
 from .layouts import weight_files as layout_weight_files
+from .load import WeightFiller, _to_hf_tensors, meta_skeleton
+from .publish import leftovers, read_whole, save_in_progress
 from .pt_header import read_pt_header, storage_bytes
 from .safetensors_reader import ST_DTYPES, SafetensorsFile
 from ..config import MixtralConfig, read_json_file
+from ..params import count_parameters
 from .convert import hf_to_mistral_key, hf_to_original_state_dict
 from .keys import to_hf_state_dict
 from ..devices import gpu_memory, host_free_bytes
@@ -170,11 +172,6 @@ def report(folder) -> str:
 
 
 # ----------------------------------------------------------------------------- checking a download
-# torch's names: "bfloat16", "float16", "float32" (layouts.FLOAT_DTYPES), and of safetensors' dtypes ("BF16": "bfloat16")
-FLOAT_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in LOADABLE_DTYPES)
-_ST_DTYPES = {name: str(dtype).removeprefix("torch.") for name, dtype in ST_DTYPES.items() if dtype in LOADABLE_DTYPES}
-
-
 @dataclass
 class CheckResult:
     """What `check_checkpoint` found: a folder that will load as `config`."""
@@ -183,10 +180,14 @@ class CheckResult:
     layout: str
     config: MixtralConfig
     tensors: int
-    dtype: str            # "bfloat16", "float16" or "float32"
+    dtype: str            # the dtype load_model gives the weights: "bfloat16", "float16", "float32", ...
     weight_bytes: int     # bytes of tensor data in the layout's files
     files: list
-    ignored: list = field(default_factory=list)   # weight files of another layout in the same folder
+    ignored: list = field(default_factory=list)    # weight files of another layout in the same folder
+    stored: list = field(default_factory=list)     # the dtypes the files store, when more than one
+    leftovers: list = field(default_factory=list)  # what killed saves left (publish.leftovers)
+    saving: bool = False                           # a save holds the folder's lock right now
+    notes: list = field(default_factory=list)      # what is odd but does not stop load_model
 
     def __str__(self) -> str:
         c = self.config
@@ -194,9 +195,18 @@ class CheckResult:
                 f"{'s' if len(self.files) != 1 else ''}, {self.tensors} tensors in {self.dtype}, "
                 f"{_size(self.weight_bytes)}; {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
                 f"{c.num_local_experts} experts (top-{c.num_experts_per_tok}), vocabulary {c.vocab_size}")
+        if len(self.stored) > 1:
+            text += f" (stored as {' and '.join(self.stored)}; loaded as {self.dtype})"
         if self.ignored:
             text += (f" (the folder also holds {len(self.ignored)} weight file{'s' if len(self.ignored) != 1 else ''}"
                      f" of another layout, {self.ignored[0].name} ...: not counted, not loaded)")
+        for note in self.notes:
+            text += f" (note: {note})"
+        if self.leftovers:
+            names = ", ".join(self.leftovers[:3]) + (f" and {len(self.leftovers) - 3} more" if len(self.leftovers) > 3 else "")
+            text += (f" (a save is writing into it now: {names})" if self.saving else
+                     f" (an interrupted save left {names}: what is checked is what loads; the next save into "
+                     "this folder removes them)")
         return text
 
 
@@ -205,86 +215,133 @@ def expected_tensors(cfg: MixtralConfig, layout: str) -> dict:
 
     "mistral-pt" is the original release: experts fused per layer, `[E * I, H]` (convert.py).
     """
-    import torch
-
-    from ..model.mixtral import Mixtral
-
-    with torch.device("meta"):
-        model = Mixtral(cfg)
-        hf = to_hf_state_dict(model)
-        if layout == "mistral-pt":
-            return {key: tuple(t.shape) for key, t in hf_to_original_state_dict(hf, cfg).items()}
+    hf = to_hf_state_dict(meta_skeleton(cfg))
+    if layout == "mistral-pt":
+        return {key: tuple(t.shape) for key, t in hf_to_original_state_dict(hf, cfg).items()}
     shapes = {key: tuple(t.shape) for key, t in hf.items()}
     if layout == "mistral":
         return {hf_to_mistral_key(key): shape for key, shape in shapes.items()}
     return shapes
 
 
-def _list(keys, limit: int = 3) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def _headers(layout: str, files: list) -> dict:
+    """{key: (dtype name as stored, torch dtype or None, shape, file)} from the files' headers alone: a
+    safetensors JSON header, or a torch archive's pickle (pt_header). A key in two files is refused."""
+    import torch
+
+    found = {}
+    for path in files:
+        if layout == "mistral-pt":
+            entries = [(k, i.dtype, getattr(torch, i.dtype, None), i.shape) for k, i in read_pt_header(path).items()]
+        else:
+            with SafetensorsFile(path) as st:
+                entries = [(k, i["dtype"], ST_DTYPES.get(i["dtype"]), tuple(i["shape"])) for k, i in st.header.items()]
+        for key, name, dtype, shape in entries:
+            if key in found:
+                raise CheckpointError(f"{path}: tensor {key} is also in {found[key][3].name}")
+            found[key] = (name, dtype, tuple(shape), path)
+    return found
 
 
-def _safetensors_headers(files: list) -> tuple[dict, int]:
-    """({key: (dtype name, shape, file)}, data bytes) from safetensors headers (offsets tile each file)."""
-    found, data_bytes = {}, 0
+def _data_bytes(layout: str, files: list) -> int:
+    if layout == "mistral-pt":
+        return sum(storage_bytes(read_pt_header(path)) for path in files)
+    total = 0
     for path in files:
         with SafetensorsFile(path) as st:
-            for key, info in st.header.items():
-                if key in found:
-                    raise CheckpointError(f"{path}: tensor {key} is also in {found[key][2].name}")
-                found[key] = (_ST_DTYPES.get(info["dtype"], info["dtype"]), tuple(info["shape"]), path)
-                begin, end = info["data_offsets"]
-                data_bytes += end - begin
-    return found, data_bytes
+            total += sum(i["data_offsets"][1] - i["data_offsets"][0] for i in st.header.values())
+    return total
 
 
-def _pt_headers(files: list) -> tuple[dict, int]:
-    """The same from torch zip archives (pt_header: the pickle's tensor records, no data read)."""
-    found, data_bytes = {}, 0
-    for path in files:
-        tensors = read_pt_header(path)
-        for key, info in tensors.items():
-            if key in found:
-                raise CheckpointError(f"{path}: tensor {key} is also in {found[key][2].name}")
-            found[key] = (info.dtype, info.shape, path)
-        data_bytes += storage_bytes(tensors)
-    return found, data_bytes
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_folder(folder: Path) -> CheckResult:
+    """check_checkpoint's work on one checkpoint folder, as it stands: load_model's own steps (layout,
+    config, files, key mapping, conversion and `WeightFiller`) on meta tensors of the headers' shapes."""
+    import torch
+
+    layout = detect_layout(folder)
+    cfg = read_config(folder, layout)
+    files = layout_weight_files(folder, layout)[0]     # hf-sharded: index, shard names and headers agree
+    found = _headers(layout, files)
+    # The config's claims against what the files hold, before anything of the config's size is built:
+    # every parameter needs a value of its own, so a 650-byte config cannot make this take minutes.
+    needed, held = count_parameters(cfg)["total"], sum(_numel(shape) for _, _, shape, _ in found.values())
+    tensors = cfg.num_hidden_layers * (7 + 3 * cfg.num_local_experts) + 3      # about; the filler names them
+    if needed > held and tensors > 2 * len(found) + 64:
+        raise CheckpointError(f"{folder}: the config describes {needed:,} parameters, but the weight files hold "
+                              f"only {held:,} values ({len(found)} tensors)")
+    config_name = "config.json" if layout.startswith("hf") else "params.json"
+    filler = WeightFiller(meta_skeleton(cfg), config_name)
+    with torch.no_grad():
+        _fill_from_headers(filler, layout, cfg, found)
+    filler.check_complete(folder)
+    if filler.tied_lm_head is not None:                 # the only check that reads weights: two tensors
+        _check_tied_head(filler, folder, layout, files)
+    data_bytes, notes = _data_bytes(layout, files), []
+    if layout == "hf-sharded":
+        metadata = read_json_file(folder / "model.safetensors.index.json", MAX_INDEX_BYTES).get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        if total is not None and total != data_bytes:     # loaders ignore it; it still hints at a damaged index
+            notes.append(f"the index's metadata.total_size says {total!r}, the shards hold {data_bytes} bytes; "
+                         "load_model does not use it"[:200])
+    dtype = str(checkpoint_dtype(folder, layout, files)).removeprefix("torch.")
+    stored = sorted({str(d).removeprefix("torch.") for _, d, _, _ in found.values()})
+    ignored = [p for p in weight_files(folder) if p not in set(files)]
+    return CheckResult(folder, layout, cfg, len(found), dtype, data_bytes, files, ignored,
+                       stored if len(stored) > 1 else [], notes=notes)
+
+
+def _fill_from_headers(filler: WeightFiller, layout: str, cfg: MixtralConfig, found: dict) -> None:
+    """Feed `filler` one meta tensor per header entry, through load_model's conversion."""
+    import torch
+
+    for key, (name, dtype, shape, path) in found.items():
+        where = f"{path}: tensor {key}"
+        if dtype is None:
+            raise CheckpointError(f"{where}: dtype {name} has no torch equivalent here")
+        try:
+            pairs = _to_hf_tensors(layout, key, torch.empty(shape, dtype=dtype, device="meta"), cfg)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{where}: {err.args[0] if err.args else err}") from None
+        for hf_key, tensor in pairs:
+            filler.fill(hf_key, tensor, where, origin=path.name)
+
+
+def _check_tied_head(filler: WeightFiller, folder: Path, layout: str, files: list) -> None:
+    """A config that ties lm_head to the embeddings, and files that hold both: load_model accepts them only
+    when they are equal, so compare them (the embeddings and the head, nothing else, are read)."""
+    _, tensors_of = layout_weight_files(folder, layout)
+    embed = None
+    for file in files:
+        for key, tensor in tensors_of(file):
+            for hf_key, t in _to_hf_tensors(layout, key, tensor, filler.cfg):
+                if hf_key == "lm_head.weight":
+                    filler.tied_lm_head = (f"{file}: tensor {key}", t.clone())
+                elif hf_key == "model.embed_tokens.weight":
+                    embed = t.clone()
+    filler.check_tied(embed)
 
 
 def check_checkpoint(folder) -> CheckResult:
     """Verify a checkpoint folder without reading its weights; raise CheckpointError naming the first problem.
 
     Reads config.json/params.json, the index and each file's header (a safetensors JSON header, or a
-    .pt archive's directory and pickle): that is the whole cost, however large the weights. A folder
-    with two layouts is checked in the one load_model reads; the other's files are listed as ignored.
+    .pt archive's directory and pickle): that is the whole cost, however large the weights, and it is
+    bounded by the files' real size, whatever the config claims. The checks are load_model's own, on meta
+    tensors, so what passes here loads there (NaN or infinite values, which only reading every weight
+    finds, aside). A folder with two layouts is checked in the one load_model reads; the other's files
+    are listed as ignored. A save publishing into the folder meanwhile makes it check again (as
+    load_model does); what killed saves left behind is reported (`CheckResult.leftovers`).
     """
     folder = Path(folder)
-    layout = detect_layout(folder)
-    cfg = read_config(folder)
-    files = checkpoint_files(folder)                    # hf-sharded: index, shard names and headers agree
-    found, data_bytes = (_pt_headers if layout == "mistral-pt" else _safetensors_headers)(files)
-    expected = expected_tensors(cfg, layout)
-    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
-    if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) the config needs are missing: {_list(missing)}")
-    if unexpected:
-        raise CheckpointError(f"{folder}: {len(unexpected)} tensor(s) the config has no place for: "
-                              f"{_list(unexpected)} (in {found[sorted(unexpected)[0]][2].name})")
-    for key, shape in expected.items():
-        if found[key][1] != shape:
-            raise CheckpointError(f"{found[key][2]}: tensor {key} has shape {list(found[key][1])}, "
-                                  f"the config needs {list(shape)}")
-    dtypes = {dtype for dtype, _, _ in found.values()}
-    if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
-        by = {d: next(k for k, v in found.items() if v[0] == d) for d in sorted(dtypes)}
-        raise CheckpointError(f"{folder}: expected one float dtype (bfloat16, float16 or float32) for all tensors, "
-                              "found " + ", ".join(f"{d} (e.g. {k})" for d, k in by.items()))
-    if layout == "hf-sharded":
-        total = read_json_file(folder / "model.safetensors.index.json", 64 << 20).get("metadata", {}).get("total_size")
-        if total is not None and total != data_bytes:
-            raise CheckpointError(f"{folder / 'model.safetensors.index.json'}: metadata.total_size is {total} "
-                                  f"but the shards hold {data_bytes} bytes of tensors")
-    ignored = [p for p in weight_files(folder) if p not in set(files)]
-    return CheckResult(folder, layout, cfg, len(found), dtypes.pop(), data_bytes, files, ignored)
+    result = read_whole(folder, _check_folder)
+    result.folder = folder
+    result.leftovers = leftovers(folder)
+    result.saving = bool(result.leftovers) and save_in_progress(folder)
+    return result

@@ -78,10 +78,11 @@ def detect_layout(path: PathLike) -> str:
     return layout
 
 
-def read_config(path: PathLike) -> MixtralConfig:
-    """The architecture of the checkpoint in folder `path` (config.json or params.json by layout)."""
+def read_config(path: PathLike, layout: Optional[str] = None) -> MixtralConfig:
+    """The architecture of the checkpoint in folder `path` (config.json or params.json by layout);
+    `layout` when the caller has detected it already (so its warnings are not given twice)."""
     folder = Path(path)
-    layout = detect_layout(folder)
+    layout = layout or detect_layout(folder)
     try:
         if layout.startswith("hf"):
             return MixtralConfig.from_hf_config(folder / "config.json")

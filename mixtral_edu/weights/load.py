@@ -4,8 +4,8 @@ Loading never holds two copies of the model. The model is built on the "meta" de
 then given uninitialised storage in the target dtype on the target device; each tensor is read
 from the memory-mapped file (safetensors_reader.py), converted (names, q/k permutation, fused
 experts; convert.py), copied into place by the one `WeightFiller`, and its file pages released.
-Peak host memory is the final model plus one tensor (plus one .pt file for the original release,
-1/8 of the model).
+Peak host memory is the final model plus one tensor: .pt files of the original release are read by
+pt_header.py's restricted unpickler (tensor records only), each tensor mapped on its own.
 
 Everything is checked: each key must be known and fill a parameter exactly once, with the shape the
 config implies; every parameter must be filled; weights holding NaN or infinity are refused by
@@ -37,6 +37,7 @@ from .errors import CheckpointError
 from .gguf_file import is_gguf
 from .keys import hf_to_ours_key, is_stacked_expert, ours_to_hf_key, split_fused_experts
 from .layouts import LAYOUT_NAMES, PathLike, checkpoint_dtype, detect_layout, read_config, weight_files
+from .publish import read_whole
 
 
 class InsufficientMemoryError(MemoryError):
@@ -195,6 +196,13 @@ class WeightFiller:
             missing += [ours_to_hf_key(name, j, dense=not self.cfg.is_moe) for j in experts if (name, j) not in self.filled]
         return missing
 
+    def check_complete(self, folder) -> None:
+        """CheckpointError unless every parameter (and expert row) has been filled."""
+        missing = self.missing()
+        if missing:
+            raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "
+                                  f"{self.source} needs (HF names): {missing[:8]}")
+
     def check_tied(self, embed_tokens: torch.Tensor) -> None:
         """A tied model's lm_head, if the tensors held one, must equal the embeddings it is tied to."""
         if self.tied_lm_head is None:
@@ -241,21 +249,31 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
     allow_non_finite: load weights holding NaN or infinity (after conversion to `dtype`); by default
         such a tensor is refused by name, since a model with them only ever predicts NaN.
     Raises CheckpointError (file and tensor named) for anything wrong with the files, and
-    InsufficientMemoryError when the weights would not fit.
+    InsufficientMemoryError when the weights would not fit. A save publishing into the folder meanwhile
+    makes it read again (publish.read_whole): the model is the old checkpoint or the new one, whole, and
+    `on_layer_loaded` may then see a layer twice.
     """
-    from tqdm.auto import tqdm
-
     folder = Path(path)
     if is_gguf(folder):
         from ..inference.gguf_stream import load_gguf
         if torch.device(device) != torch.device("cpu") or dtype not in (None, torch.float32):
             raise ValueError(f"{folder}: a GGUF file streams on the CPU in float32 only (got {device}, {dtype})")
         return load_gguf(folder, memory_budget=memory_budget)
-    layout = detect_layout(folder)
-    cfg = read_config(folder)
-    files, tensors_of = weight_files(folder, layout)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    # One whole checkpoint even while a save publishes a new one (publish.py): read again if it changed.
+    return read_whole(folder, lambda source: _load_folder(source, device, dtype, progress, ignore_memory_check,
+                                                          on_layer_loaded, allow_non_finite))
+
+
+def _load_folder(folder: Path, device, dtype, progress, ignore_memory_check, on_layer_loaded,
+                 allow_non_finite) -> Mixtral:
+    """load_model's work on one checkpoint folder, as it stands."""
+    from tqdm.auto import tqdm
+
+    layout = detect_layout(folder)
+    cfg = read_config(folder, layout)
+    files, tensors_of = weight_files(folder, layout)
     dtype = dtype or checkpoint_dtype(folder, layout, files)
     if isinstance(device, (list, tuple)):
         if len(device) != cfg.num_hidden_layers:
@@ -307,10 +325,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
             del tensor, pairs, t
     bar.close()
 
-    missing = filler.missing()
-    if missing:
-        raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model in "
-                              f"{config_name} needs (HF names): {missing[:8]}")
+    filler.check_complete(folder)
     filler.check_tied(model.embed_tokens.weight)
     return model.eval()
 

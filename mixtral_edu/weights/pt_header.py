@@ -31,6 +31,7 @@ from typing import Iterator, NamedTuple, Union
 import torch
 
 from .errors import CheckpointError
+from .safetensors_reader import open_regular
 
 MAX_PICKLE_BYTES = 64 << 20      # Mixtral's data.pkl is about 100 KB
 #: torch's storage classes, as the pickle names them -> (dtype name, bytes per element)
@@ -130,10 +131,13 @@ def read_pt_header(path: Union[str, os.PathLike]) -> dict[str, TensorInfo]:
 def _read_header(path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     """(tensors, {storage key: byte offset of its data in the file})."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
+    with open_regular(path) as handle:        # never a FIFO or a device, even one swapped in
+        return _read_archive(path, handle)
+
+
+def _read_archive(path: Path, handle) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: not a readable weights-only torch file (not a zip archive, or truncated: "
                               f"its directory at the end is unreadable: {err}; files from torch < 1.6 are not read)"
@@ -168,9 +172,9 @@ def _read_header(path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
 
 
 def _check_storages(path: Path, members: dict, prefix: str, state: dict) -> dict[str, int]:
-    length = path.stat().st_size
     seen = {}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        length = os.fstat(f.fileno()).st_size
         for key, tensor in state.items():
             ref = tensor.storage
             member = members.get(f"{prefix}data/{ref.key}")
@@ -224,7 +228,7 @@ def pt_file_tensors(path: Union[str, os.PathLike]) -> Iterator[tuple[str, torch.
     path = Path(path)
     tensors, starts = _read_header(path)
     page = mmap.ALLOCATIONGRANULARITY
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for key, info in sorted(tensors.items(), key=lambda kv: (starts[kv[1].storage.key], kv[0])):
             ref = info.storage
             dtype = getattr(torch, ref.dtype)

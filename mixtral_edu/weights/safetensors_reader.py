@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,6 +38,22 @@ _INT64_MAX = 2 ** 63 - 1
 _MAX_HEADER = 100_000_000          # the official reader's limit
 _MAX_JSON_DEPTH = 127              # serde_json's recursion limit, as the official reader applies it
 _INFO_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def open_regular(path: Path):
+    """`path` opened for binary reading, refused (CheckpointError) unless it is a regular file. The open
+    itself cannot block (O_NONBLOCK: a FIFO put in the file's place after a check would hang a plain
+    open), and the check is made on what was opened, so nothing can be swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be opened ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 class _Obj(dict):
@@ -185,10 +202,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._file = self._mm = None
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: file not found" if not self.path.exists()
-                                  else f"{self.path}: not a regular file")
-        f = open(self.path, "rb")
+        f = open_regular(self.path)
         try:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)

@@ -1,10 +1,13 @@
 """Save a model as a Hugging Face checkpoint (what transformers' from_pretrained reads) or in Mistral's layouts.
 
 `save_model` writes the Hugging Face layout; `save_mistral` writes Mistral's two layouts (used by the
-tests and notebook 07). Both are atomic: the files are written into a hidden folder inside the
-target and flushed, then renamed into place, so a failure at any point leaves the old checkpoint
-loadable (this needs room for both on the disk). Of the files already there, a save replaces only
-those of its own layout (see `_stale_files`), and it replaces a symlink rather than writing through it.
+tests and notebook 07). Both are atomic and crash-safe (publish.py): the files are written into a
+hidden folder inside the target and flushed, then published through a journal, so a kill at any
+instant leaves the folder loading as the old checkpoint or the new one, and a reader loading meanwhile
+never sees a mixture (this needs room for both on the disk). Of the files already there, a save
+replaces only the checkpoint it supersedes (`_stale_files`), never a file it did not write
+(tokenizer.model, tokenizer_config.json and generation_config.json are added only where absent), and
+it replaces a symlink rather than writing through it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import torch
 from ..config import MixtralConfig, read_json_file
 from ..model.mixtral import Mixtral
 from .atomic import fsync
-from .atomic import replace_files as _commit     # the name save_model's docstring (shown in notebook 07) uses
+from .publish import JOURNAL, STAGING_PREFIX, clean, finish, save_lock
+from .publish import publish as _commit          # the name save_model's docstring (shown in notebook 07) uses
 from .convert import hf_to_mistral_state_dict, hf_to_original_state_dict
 from .errors import CheckpointError
 from .keys import to_hf_state_dict
-from .layouts import HF_INDEX, HF_SINGLE, MAX_INDEX_BYTES, MISTRAL_SAFETENSORS, PathLike
+from .layouts import HF_INDEX, HF_SINGLE, MAX_INDEX_BYTES, MISTRAL_SAFETENSORS, PT_FILE, PathLike
 from .safetensors_reader import SafetensorsFile
 
 MIXTRAL_VOCAB_SIZE = 32000
@@ -90,30 +94,42 @@ def _index_shards(folder: Path) -> set[str]:
         return set()
 
 
-def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> list[Path]:
+def _stale_files(folder: Path, keep: set[str], layout_names: Sequence[str]) -> list[str]:
     """Files of the checkpoint being replaced that the new one does not overwrite by name.
 
-    `layout_names` (config.json, model.safetensors, the index) define the layout, so a save of that
-    layout owns them. A numbered shard `model-000NN-of-000MM.safetensors` goes only if an earlier save of
-    ours wrote it or the index being replaced lists it; anything else (a user's own
-    `model-final-of-run3.safetensors`, tokenizer files, notes) stays.
+    `layout_names` are the saved layout's config and fixed weight names: config.json for the Hugging Face
+    family, params.json for Mistral's. A save supersedes its own family's checkpoint: for Hugging Face
+    config.json, model.safetensors, the index and the numbered shards an earlier save of ours wrote or
+    the replaced index lists (a user's `model-final-of-run3.safetensors` stays); for Mistral params.json,
+    consolidated.safetensors and every consolidated.NN.pt/.pth (they share params.json). Of the other
+    family it removes only what an earlier save of ours wrote: a Hugging Face checkpoint would be loaded
+    before a Mistral one, so one that is not ours makes a Mistral save refuse (CheckpointError) before
+    writing anything. Tokenizer files, notes and anything else stay.
     """
+    names = {p.name for p in folder.iterdir() if p.is_file() or p.is_symlink()}
     listed = _index_shards(folder)
-    stale = []
-    for entry in folder.iterdir():
-        if entry.name in keep or not (entry.is_file() or entry.is_symlink()):
-            continue
-        if entry.name in layout_names or (_NUMBERED_SHARD.fullmatch(entry.name)
-                                          and (entry.name in listed or _ours(entry))):
-            stale.append(entry)
-    return stale
+    hf = [n for n in names if n in ("config.json", HF_SINGLE, HF_INDEX)
+          or (_NUMBERED_SHARD.fullmatch(n) and (n in listed or _ours(folder / n)))]
+    mistral = [n for n in names if n in ("params.json", MISTRAL_SAFETENSORS) or PT_FILE.match(n)]
+    if "config.json" in layout_names:
+        stale = hf + [n for n in mistral if n == MISTRAL_SAFETENSORS and _ours(folder / n)]
+    else:
+        stale = mistral
+        weights = [n for n in (HF_SINGLE, HF_INDEX) if n in names]
+        if weights:
+            if not all(_ours(folder / n) for n in weights):
+                raise CheckpointError(f"{folder}: holds a Hugging Face checkpoint ({', '.join(weights)}) that "
+                                      "mixtral-edu did not write; load_model would go on loading it instead of this "
+                                      "save. Save into another folder, or remove it first")
+            stale += hf
+    return sorted(n for n in set(stale) if n not in keep)
 
 
 def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names: Sequence[str]) -> list[str]:
-    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then `_commit` them.
-
-    A failure while writing (a full disk, an interrupt) removes the staging folder and leaves the old
-    checkpoint exactly as it was.
+    """Run `write(staging_folder) -> names` in a fresh hidden folder inside `folder`, then publish them
+    (`_commit`, publish.py) under the folder's save lock, after finishing or removing what a killed save
+    left behind. A failure while writing (a full disk, an interrupt) removes the staging folder and leaves
+    the old checkpoint exactly as it was.
     """
     import shutil
     import tempfile
@@ -123,15 +139,29 @@ def _staged_save(folder: Path, write: Callable[[Path], list[str]], layout_names:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mixtral-edu-save-", dir=folder))
-    try:
-        names = write(staging)
-        for name in names:
-            _readable(staging / name)
-            fsync(staging / name)
-        _commit(folder, staging, names, _stale_files(folder, set(names), layout_names))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with save_lock(folder):
+        clean(folder)
+        _stale_files(folder, set(), layout_names)        # a refusal comes before anything is written
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+        try:
+            names = write(staging)
+            for name in names:
+                _readable(staging / name)
+                fsync(staging / name)
+                if (folder / name).is_dir() and not (folder / name).is_symlink():
+                    raise CheckpointError(f"{folder / name}: a folder where the save puts a file")
+            fsync(staging)
+            new_only = [n for n in names if n in TOKENIZER_FILES]
+            try:
+                _commit(folder, staging, [n for n in names if n not in new_only], new_only,
+                        _stale_files(folder, set(names), layout_names))
+            except OSError:
+                if not (folder / JOURNAL).exists():
+                    raise                   # not published: the old checkpoint stands
+                finish(folder)              # published: complete it (failing again, the next save does)
+        finally:
+            if not (folder / JOURNAL).exists():     # not published, or published and done: the copy can go
+                shutil.rmtree(staging, ignore_errors=True)
     return names
 
 
@@ -200,16 +230,21 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
 def _tokenizer_files(staging: Path, cfg: MixtralConfig) -> list[str]:
     """tokenizer.model, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json, so that
     transformers, llama.cpp's converter and other tools read the save as a Mixtral checkpoint (hf_files.py).
-    Only for Mixtral's 32000-piece vocabulary; skipped, with a warning, when the tokenizer file is absent."""
-    if cfg.vocab_size != MIXTRAL_VOCAB_SIZE:
+    Only for Mixtral's 32000-piece vocabulary, and only those the target folder (`staging`'s parent) lacks:
+    a file of the user's is never replaced. Skipped, with a warning, when the tokenizer file is absent."""
+    absent = [n for n in TOKENIZER_FILES if not (staging.parent / n).exists() and not (staging.parent / n).is_symlink()]
+    if cfg.vocab_size != MIXTRAL_VOCAB_SIZE or not absent:
         return []
     from .hf_files import write_tokenizer_files
 
     try:
-        return write_tokenizer_files(staging, model_max_length=cfg.max_position_embeddings)
+        write_tokenizer_files(staging, model_max_length=cfg.max_position_embeddings)
     except FileNotFoundError as err:
         warnings.warn(f"saved without tokenizer files: {err}", stacklevel=4)
         return []
+    for name in set(TOKENIZER_FILES) - set(absent):
+        (staging / name).unlink()
+    return absent
 
 
 @torch.no_grad()
