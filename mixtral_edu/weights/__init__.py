@@ -7,6 +7,7 @@
     convert.py             Mistral's names, q/k permutation and fused experts <-> Hugging Face
     load.py                load_model and load_hf_state_dict through one WeightFiller; the memory check
     save.py                save_model (Hugging Face) and save_mistral, atomic
+    publish.py             how a save publishes a checkpoint (a journal), how readers see one whole
     hf_files.py            tokenizer_config.json, generation_config.json, the chat template
     check.py               `mixtral-edu check`: a checkpoint folder checked without loading it
 """
