@@ -22,6 +22,7 @@ Nothing here needs a GPU or reads the weights themselves.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -253,13 +254,6 @@ def _data_bytes(layout: str, files: list) -> int:
     return total
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _check_folder(folder: Path) -> CheckResult:
     """check_checkpoint's work on one checkpoint folder, as it stands: load_model's own steps (layout,
     config, files, key mapping, conversion and `WeightFiller`) on meta tensors of the headers' shapes."""
@@ -271,7 +265,7 @@ def _check_folder(folder: Path) -> CheckResult:
     found = _headers(layout, files)
     # The config's claims against what the files hold, before anything of the config's size is built:
     # every parameter needs a value of its own, so a 650-byte config cannot make this take minutes.
-    needed, held = count_parameters(cfg)["total"], sum(_numel(shape) for _, _, shape, _ in found.values())
+    needed, held = count_parameters(cfg)["total"], sum(math.prod(shape) for _, _, shape, _ in found.values())
     tensors = cfg.num_hidden_layers * (7 + 3 * cfg.num_local_experts) + 3      # about; the filler names them
     if needed > held and tensors > 2 * len(found) + 64:
         raise CheckpointError(f"{folder}: the config describes {needed:,} parameters, but the weight files hold "

@@ -53,8 +53,8 @@ T = TypeVar("T")
 
 
 @contextmanager
-def save_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (flock on the folder itself, no extra file): one save at a time.
+def _flock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a lock on `folder` itself (flock, no extra file); closing the descriptor releases it.
     A no-op where there is no flock (Windows)."""
     try:
         import fcntl
@@ -63,26 +63,20 @@ def save_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)                       # closing releases the lock
-
-
-@contextmanager
-def _shared_lock(folder: Path) -> Iterator[None]:
-    """Hold a shared lock on `folder`: no save starts, and a running one is waited for."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
+
+
+def save_lock(folder: Path):
+    """The exclusive lock a save holds: one save at a time, and leftovers found under it are a dead save's."""
+    return _flock(folder, exclusive=True)
+
+
+def _shared_lock(folder: Path):
+    """The lock a reader waits for when saves keep changing the folder: no save starts while it is held."""
+    return _flock(folder, exclusive=False)
 
 
 def save_in_progress(folder: Path) -> bool:
