@@ -497,7 +497,7 @@ def cmd_check(args) -> int:
     write(textwrap.fill(plan.explanation, 100, initial_indent="  ", subsequent_indent="  ") + "\n")
     write(f"host memory needed while loading: about {plan.host_bytes / 1e9:.1f} GB"
           + (f" ({host / 1e9:.1f} GB available here)\n" if host else "\n"))
-    speed = measure_read_speed(folder)
+    speed = measure_read_speed(folder, files=result.files)      # the files checked: no second layout warning
     if speed:
         write(f"reading the weights: {result.weight_bytes / 1e9:.2f} GB at {speed / 1e9:.2f} GB/s "
               f"(measured on the folder's files) -> about {result.weight_bytes / speed:.0f} s\n")

@@ -204,3 +204,25 @@ def test_200k_missing_shards_give_one_short_line(tmp_path):
         with pytest.raises(CheckpointError, match="names shard") as err:
             run()
         assert len(str(err.value)) <= 300 and "\n" not in str(err.value)
+
+
+def test_a_folder_with_two_layouts_warns_once(tmp_path):
+    """Issue 33: the mixed-layout warning was given twice per load (detect_layout, then read_config)."""
+    import warnings
+
+    _single(tmp_path)
+    save_mistral(_model(), tmp_path / "m")
+    (tmp_path / "m" / "consolidated.safetensors").rename(tmp_path / "consolidated.safetensors")
+    for run in (lambda: load_model(tmp_path, progress=False), lambda: check_checkpoint(tmp_path)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        assert [str(w.message).count("more than one layout") for w in caught] == [1]
+
+
+def test_the_read_speed_probe_never_opens_a_fifo(tmp_path):
+    from mixtral_edu.weights.check import measure_read_speed
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        measure_read_speed(tmp_path, files=[tmp_path / "model.safetensors"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,19 +97,22 @@ def _read_from_disk(path: Path, offset: int, count: int) -> tuple[int, float]:
     offset, count = offset // page * page, max(page, count // page * page)
     buffer = mmap.mmap(-1, count)                         # page-aligned
     try:
-        for flags in (os.O_RDONLY | getattr(os, "O_DIRECT", 0), os.O_RDONLY):
+        nonblocking = getattr(os, "O_NONBLOCK", 0)       # a FIFO swapped in must not hang the open
+        for flags in (os.O_RDONLY | nonblocking | getattr(os, "O_DIRECT", 0), os.O_RDONLY | nonblocking):
             try:
                 fd = os.open(path, flags)
             except OSError:
                 continue
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CheckpointError(f"{path}: not a regular file")
                 if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
                     os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
                 start = time.perf_counter()
                 n = _pread(fd, buffer, offset)
                 return n, time.perf_counter() - start
             except OSError:
-                if flags == os.O_RDONLY:
+                if flags == os.O_RDONLY | nonblocking:
                     raise
             finally:
                 os.close(fd)
@@ -124,15 +128,16 @@ def _pread(fd: int, buffer, offset: int) -> int:
     return len(os.read(fd, len(buffer)))
 
 
-def measure_read_speed(folder, sample_bytes: int = SAMPLE_BYTES, max_files: int = 4) -> Optional[float]:
+def measure_read_speed(folder, sample_bytes: int = SAMPLE_BYTES, max_files: int = 4,
+                       files: Optional[list] = None) -> Optional[float]:
     """Bytes per second read from the disk: the middle of up to `max_files` of the checkpoint's files.
 
-    Only the layout load_model reads (checkpoint_files); the middle of a file, because its start (the
-    header) was just read; from the disk, not the page cache (`_read_from_disk`). None when the files
-    are too small to time.
+    Only the layout load_model reads (checkpoint_files, or `files` when the caller has them: a
+    CheckResult's); the middle of a file, because its start (the header) was just read; from the disk,
+    not the page cache (`_read_from_disk`). None when the files are too small to time.
     """
     read, seconds = 0, 0.0
-    for path in checkpoint_files(folder)[:max_files]:
+    for path in (checkpoint_files(folder) if files is None else files)[:max_files]:
         size = path.stat().st_size
         count = min(sample_bytes, size)
         n, took = _read_from_disk(path, max(0, size // 2 - count // 2), count)
