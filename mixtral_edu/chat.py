@@ -59,6 +59,11 @@ def validate_chat(messages: Any) -> tuple[str, list[tuple[str, str]]]:
             raise ValueError(
                 f"message {index} ({message['role']}) content must be a str, got {type(message['content']).__name__}"
             )
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate, e.g. from JSON's "\udc80": no tokenizer can encode it
+            raise ValueError(f"message {index} ({message['role']}) content is not valid Unicode: a lone surrogate "
+                             f"U+{ord(message['content'][err.start]):04X} at character {err.start}") from None
 
     system = ""
     first_turn = 0

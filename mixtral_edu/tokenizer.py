@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -31,6 +32,8 @@ ENV_VAR = "MIXTRAL_TOKENIZER"
 BUNDLED_FILE = "tokenizer.model.v1"
 # SHA-256 of Mixtral-8x7B(-Instruct)'s tokenizer.model, the same bytes mistral-common ships.
 MIXTRAL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+# Mixtral's file is 493 KB; SentencePiece models of 256k-piece vocabularies are a few MB.
+MAX_TOKENIZER_BYTES = 64 << 20
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,6 +52,30 @@ def bundled_tokenizer_path() -> Optional[Path]:
         if candidate.is_file():
             return candidate
     return None
+
+
+def read_tokenizer_file(path: Path, max_bytes: int = MAX_TOKENIZER_BYTES) -> bytes:
+    """The bytes of a tokenizer file: FileNotFoundError when it cannot be opened, ValueError when it is not a
+    regular file (a FIFO would block, /dev/zero never ends) or is larger than `max_bytes`, before reading it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))   # opening a FIFO must not wait
+    except OSError as err:  # missing, a folder, no permission ...
+        raise FileNotFoundError(f"Cannot read the tokenizer file {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise FileNotFoundError(f"Cannot read the tokenizer file {path}: it is a folder")
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"the tokenizer file {path} is not a regular file")
+        raise ValueError(f"the tokenizer file {path} is {info.st_size:,} bytes, more than the {max_bytes:,} a "
+                         "SentencePiece model may have here")
+    with os.fdopen(fd, "rb") as f:
+        blob = f.read(max_bytes + 1)
+    if len(blob) > max_bytes:
+        raise ValueError(f"the tokenizer file {path} is more than the {max_bytes:,} bytes a SentencePiece model "
+                         "may have here")
+    return blob
 
 
 def resolve_tokenizer_path(path: Optional[PathLike] = None) -> tuple[Path, str]:
@@ -80,10 +107,7 @@ class Tokenizer:
 
     def __init__(self, path: Optional[PathLike] = None) -> None:
         self.path, self.source = resolve_tokenizer_path(path)
-        try:
-            blob = self.path.read_bytes()
-        except OSError as err:  # missing, a folder, no permission ...
-            raise FileNotFoundError(f"Cannot read the tokenizer file {self.path}: {err}") from err
+        blob = read_tokenizer_file(self.path)
         self.sha256 = hashlib.sha256(blob).hexdigest()
         if self.source == "mistral-common" and self.sha256 != MIXTRAL_SHA256:
             # A different mistral-common release could ship a different file under this name.
@@ -115,6 +139,11 @@ class Tokenizer:
         """Text -> ids, with the dummy prefix and without BOS/EOS. Never yields a control id."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate (from JSON's "\udc80", or undecodable argv bytes)
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at "
+                             f"character {err.start}") from None
         ids = self._sp.encode(text, out_type=int)
         leaked = self.control_ids.intersection(ids)
         if leaked:  # cannot happen with SentencePiece's defaults; checked because prompts rely on it
