@@ -13,7 +13,11 @@ Jupyter, transformers or mistral-common; those serve notebooks and tests.
 
 from importlib import import_module
 
-from .config import MixtralConfig
+from .interrupt import on_command_line
+
+on_command_line()       # `mixtral-edu ...`: from here on Ctrl-C is one line and status 130 (interrupt.py)
+
+from .config import MixtralConfig  # noqa: E402
 
 # public name -> the module that defines it
 _PUBLIC = {

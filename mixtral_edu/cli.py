@@ -9,23 +9,29 @@
 
 Every command that runs the model takes `--weights DIR` (default: $MIXTRAL_EDU_WEIGHTS, else the
 embedded tiny model in data/tiny-mixtral) and `--device` (cpu, cuda, cuda:1, mps, ...).
-Every failure is reported on stderr in one line, with exit status 1 (2 for a command line argparse
-cannot read, 130 for Ctrl-C); never a traceback, unless `--debug` (anywhere on the line) asks for it.
+Every failure is reported on stderr in one line of at most ~300 characters, with exit status 1 (2 for
+a command line argparse cannot read, 130 for Ctrl-C at any instant, start-up included: interrupt.py);
+never a traceback, unless `--debug` (anywhere on the line) asks for it. Python warnings are held back
+and shown, one line each and once, only when the command gets as far as printing its result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .interrupt import exit_on_ctrl_c, ignore_ctrl_c, launched_as_command, raising_keyboard_interrupt
 from .params import DTYPE_NAMES
 
 PROG = "mixtral-edu"
-MIN_SAMPLING = 1e-6   # below this a temperature or top-p only ever keeps the argmax (and float32 underflows)
+if launched_as_command():   # as early as this module can: Ctrl-C during the imports still to come is one line
+    exit_on_ctrl_c(f"{PROG}: interrupted")
 CONFIGS = {"8x7b": "mixtral_8x7b", "tiny": "tiny", "7b": "mistral_7b"}
 DTYPES = tuple(DTYPE_NAMES.values())     # "float32", "bfloat16", "float16"
 
@@ -55,8 +61,9 @@ def check_device(name: str):
     elif device.type not in ("cpu", "cuda", "mps"):
         try:
             torch.empty(0, device=device)
-        except Exception as err:  # the backend's own message says what is missing
-            raise CLIError(f"--device {name} cannot be used here: {err}") from None
+        except Exception as err:  # torch's message runs to kilobytes: its first sentence says what is missing
+            first = str(err).split(". ")[0][:120]
+            raise CLIError(f"--device {name} cannot be used here ({type(err).__name__}: {first})") from None
     return device
 
 
@@ -124,7 +131,7 @@ def read_stdin(what: str) -> str:
     data = raw.read() if raw is not None else sys.stdin.read()
     if isinstance(data, bytes):
         try:
-            return data.decode("utf-8")
+            return data.decode("utf-8-sig")      # a byte-order mark (Windows editors write one) is not text
         except UnicodeDecodeError as err:
             raise CLIError(f"the {what} on stdin is not valid UTF-8 (byte 0x{data[err.start]:02x} at "
                            f"offset {err.start})") from None
@@ -140,29 +147,18 @@ def text_argument(text: str, what: str) -> str:
 
 
 def sampling_kwargs(args) -> dict:
-    import math
+    """--temperature/--top-k/--top-p/--seed as generate's keywords, checked by the same code as generate's
+    (inference/arguments.py), so the messages are the same."""
+    from .inference.arguments import check_sampling
 
-    from .inference.generate import check_sampling_args
-
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if not math.isfinite(args.temperature):
-        raise CLIError(f"--temperature must be a finite number, got {args.temperature}")
-    if 0 < args.temperature < MIN_SAMPLING:
-        raise CLIError(f"--temperature {args.temperature:g} is too small to sample with (below {MIN_SAMPLING:g} "
-                       "every draw is the likeliest token); use --temperature 0 for greedy decoding")
-    if args.top_p < MIN_SAMPLING:
-        raise CLIError(f"--top-p {args.top_p:g} is too small (below {MIN_SAMPLING:g} only the likeliest token "
-                       "is ever kept); use --top-k 1 or --temperature 0 for that")
-    if args.top_k is not None and args.top_k > 2 ** 31 - 1:
-        raise CLIError(f"--top-k {args.top_k} is larger than any vocabulary")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
-        raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def write(text: str) -> None:
+    show_warnings()
     if sys.stdout is None:
         raise CLIError("stdout is closed; there is nowhere to print")
     sys.stdout.write(text)
@@ -221,6 +217,9 @@ def cmd_chat(args) -> int:
     sampling = sampling_kwargs(args)
     model, tokenizer = load(args)
     context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context:   # each turn would forget the whole conversation to make room
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} is not below the model's {context}-token context: "
+                       "every turn would forget the conversation to make room for the answer; give a smaller number")
     system = [{"role": "system", "content": utf8_text(args.system, "system prompt")}] if args.system else []
     history = list(system)
     raw = stdin_bytes()
@@ -244,14 +243,13 @@ def cmd_chat(args) -> int:
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as err:
-                print(f"{PROG}: error: this line is not valid UTF-8 (byte 0x{line[err.start]:02x}); "
-                      "it was not sent", file=sys.stderr)
+                say(f"{PROG}: error: this line is not valid UTF-8 (byte 0x{line[err.start]:02x}); it was not sent")
                 refused += 1
                 continue
         line = line.rstrip("\n").rstrip("\r")
         command = line.strip()
         if command == "/exit":
-            return 0
+            return 1 if refused else 0
         if command == "/reset":
             history = list(system)
             continue
@@ -260,8 +258,9 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         try:
             _prompt, max_new = fit_history(tokenizer, history, args.max_new_tokens, context)
-        except CLIError as err:
-            print(f"{PROG}: {err}", file=sys.stderr)
+        except CLIError as err:      # refused: the conversation goes on, the exit status will say it
+            say(f"{PROG}: error: {err}; it was not sent")
+            refused += 1
             history.pop()
             continue
         if interactive:
@@ -340,6 +339,7 @@ def cmd_route(args) -> int:
 
     text = text_argument(args.text, "text")
     layers = parse_layers(args.layers)
+    out = route_out(args.out)
     model, tokenizer = load(args)
     ids = [tokenizer.bos_id] + tokenizer.encode(text)
     context = model.config.max_position_embeddings
@@ -364,13 +364,67 @@ def cmd_route(args) -> int:
                  "route_tokens.html": "the same as a web page",
                  "route_usage.png": "share of each expert per layer (heat map, %)",
                  "route_repetition.png": "repetition of the same expert for consecutive tokens vs random"}
-    for path in write_route_report(traces[0], tokenizer.pieces(ids), args.out, layers=layers, heading=heading):
+
+    def write_all(staging: Path) -> list[Path]:
+        paths = write_route_report(traces[0], tokenizer.pieces(ids), staging, layers=layers, heading=heading)
+        return paths + [write_explorer(staging / "explorer.html", traces, [tokenizer.pieces(i) for _, i in texts],
+                                       model_name=model_name)]
+
+    *pictures, page = publish(out, write_all)
+    for path in pictures:
         write(f"{path}  {described.get(path.name, '')}\n")
-    page = write_explorer(Path(args.out) / "explorer.html", traces, [tokenizer.pieces(i) for _, i in texts],
-                          model_name=model_name)
     write(f"{page}  the routing explorer: every layer, every token's 8-way distribution "
           f"{'(both texts side by side) ' if len(texts) > 1 else ''}- open it in a browser\n")
     return 0
+
+
+ROUTE_FILES = ("route_tokens.png", "route_tokens.html", "route_usage.png", "route_repetition.png", "explorer.html")
+
+
+def route_out(name: str) -> Path:
+    """--out, checked before the model is loaded: a folder (or none yet) whose files route may replace."""
+    if not name.strip():
+        raise CLIError("--out is empty; give a folder for the pictures")
+    out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    for file in ROUTE_FILES:
+        target = out / file
+        if target.is_symlink():
+            raise CLIError(f"{target} is a symlink; refusing to write through or replace it")
+        if target.exists() and not target.is_file():
+            raise CLIError(f"{target} exists and is not a regular file")
+    return out
+
+
+def publish(out: Path, write_all) -> list[Path]:
+    """Run `write_all(staging)` in a hidden folder inside `out`, then rename each file it wrote into `out`.
+
+    A failure while writing (a full disk) leaves `out` as it was: no partial file, no staging folder. A file
+    is renamed over the old one (a symlink put there meanwhile is replaced, not written through).
+    Returns the published paths."""
+    import shutil
+    import tempfile
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mixtral-edu-route-", dir=out))
+    try:
+        with raising_keyboard_interrupt():     # Ctrl-C while writing: clean up, then exit 130
+            try:
+                written = write_all(staging)
+                published = []
+                for path in written:
+                    os.replace(path, out / path.name)
+                    published.append(out / path.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if created and not any(out.iterdir()):
+                    out.rmdir()
+    except OSError as err:
+        raise CLIError(f"--out {out}: writing the pictures failed ({err.strerror or err}); no partial file was "
+                       "left there") from None
+    return published
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -513,13 +567,46 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+MAX_LINE = 300      # characters of one message line; longer ones are cut (a list of 200k missing files ...)
+
+
 def say(line: str) -> None:
-    """One line on stderr, if there is a stderr to write to."""
+    """One line on stderr (at most MAX_LINE characters), if there is a stderr to write to."""
+    line = line.replace("\r", " ").replace("\n", " ").rstrip()
+    if len(line) > MAX_LINE:
+        line = line[:MAX_LINE - 3] + "..."
     if sys.stderr is not None:
         try:
-            print(line.replace("\n", " ").rstrip(), file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
+
+
+# Python warnings met while a command runs (an unknown config key, two layouts in one folder): held back,
+# then shown one line each and once, when the command has something to print; never before an error.
+_held_warnings: list[str] = []
+_shown_warnings: set[str] = set()
+
+
+def _hold_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    if text not in _shown_warnings and text not in _held_warnings:
+        _held_warnings.append(text)
+
+
+def show_warnings() -> None:
+    while _held_warnings:
+        text = _held_warnings.pop(0)
+        _shown_warnings.add(text)
+        say(f"{PROG}: warning: {text}")
+
+
+def error_text(err: BaseException) -> str:
+    """An exception as the text of one error line; never empty."""
+    text = " ".join(str(err).split())
+    if isinstance(err, MemoryError) or "bad_alloc" in text or "DefaultCPUAllocator: can't allocate" in text:
+        return f"out of memory{f' ({text})' if text else ''}: try a smaller model, dtype or input"
+    return text or type(err).__name__
 
 
 def sampling_options(max_new_tokens: int) -> argparse.ArgumentParser:
@@ -681,7 +768,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Whatever goes wrong ends as one line on stderr; `--debug` anywhere on the line shows the traceback.
     """
+    command_line = argv is None                 # this process's own command line, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
+    if command_line and launched_as_command():
+        exit_on_ctrl_c(f"{PROG}: interrupted")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _hold_warning
+            _held_warnings.clear()
+            _shown_warnings.clear()
+            code = _main(argv)
+            if code == 0:
+                show_warnings()
+            _held_warnings.clear()
+            return code
+    finally:
+        if command_line:
+            ignore_ctrl_c()        # done: a late Ctrl-C must not kill the interpreter as it exits
+
+
+def _main(argv: list) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
@@ -694,18 +800,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
-    except (CLIError, ValueError, FileNotFoundError, MemoryError, OSError) as err:
+    except Exception as err:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        text = error_text(err)
         # User errors: our modules raise ValueError/CheckpointError/... with messages that name the problem.
-        if debug:
-            import traceback
-            traceback.print_exc()
-        say(f"{PROG}: error: {err or type(err).__name__}")
-        return 1
-    except Exception as err:   # a bug, or a library's failure we did not foresee: still one line
-        if debug:
-            import traceback
-            traceback.print_exc()
-        say(f"{PROG}: error: {type(err).__name__}: {err} (unexpected; rerun with --debug for the traceback)")
+        # Anything else is a bug, or a library's failure we did not foresee: still one line.
+        known = isinstance(err, (CLIError, ValueError, OSError, MemoryError)) or text.startswith("out of memory")
+        say(f"{PROG}: error: {text}" if known else
+            f"{PROG}: error: {type(err).__name__}: {text} (unexpected; rerun with --debug for the traceback)")
         return 1
 
 

@@ -164,11 +164,16 @@ def write_explorer(path: Union[str, Path], traces: Union[RoutingTrace, Sequence[
                    names: Optional[Sequence[str]] = None, model_name: str = "model",
                    layers: Optional[Sequence[int]] = None, title: Optional[str] = None,
                    fragment: str = "") -> Path:
-    """Write `explorer_html(...)` to `path` (parent folders created) and return the path."""
+    """Write `explorer_html(...)` to `path` (parent folders created) and return the path.
+
+    Atomic (a temporary file renamed over `path`: a full disk leaves the old page); a symlink at `path` is
+    refused, never written through."""
+    from ..weights.atomic import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(explorer_html(traces, pieces, names=names, model_name=model_name, layers=layers, title=title,
-                                  fragment=fragment), encoding="utf-8")
+    write_atomic(path, explorer_html(traces, pieces, names=names, model_name=model_name, layers=layers, title=title,
+                                     fragment=fragment).encode("utf-8"))
     return path
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..model.mixtral import Mixtral
+from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
 from .dispatch import decode_dispatch, kernel_weights
 from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
@@ -70,6 +71,7 @@ class FastDecoder:
 
     def __init__(self, model: Mixtral, max_seq_len: int, use_kernel: Optional[bool] = None,
                  cuda_graph: Optional[bool] = None, compile: bool = False) -> None:
+        check_max_seq_len(max_seq_len, model.config.max_position_embeddings)
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.use_kernel = triton_available(self.device) if use_kernel is None else use_kernel
@@ -152,7 +154,12 @@ class FastDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> list:
-        """Greedy: the prompt's next token, then `max_new_tokens - 1` more decode steps. Returns ids."""
+        """Greedy: the prompt's next token, then `max_new_tokens - 1` more decode steps. Returns ids
+        (none for max_new_tokens=0, as `generate`)."""
+        check_max_new_tokens(max_new_tokens)
+        check_cache_room(input_ids.shape[-1], max_new_tokens, self.cache.max_seq_len)
+        if max_new_tokens == 0:
+            return []
         self.prefill(input_ids)
         tokens = [self.token.clone()]
         for _ in range(max_new_tokens - 1):

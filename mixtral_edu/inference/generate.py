@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 
 from ..chat import encode_chat
+from .arguments import check_sampling
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -132,6 +133,7 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     The model runs once over the whole prompt (filling the KV cache), then once per new token on
     that token alone (`last_only=True`: only the last position's logits are computed).
     """
+    check_sampling(temperature, top_k, top_p, seed)     # the CLI's checks and messages (arguments.py)
     ids = _prompt_ids(input_ids)
     if not ids:
         raise ValueError("the prompt is empty: generate() needs at least one token (e.g. BOS)")
