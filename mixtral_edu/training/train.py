@@ -31,17 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+from ..interrupt import exit_on_ctrl_c, ignore_ctrl_c, installed, raising_keyboard_interrupt
 
-from ..analysis.routing import coefficient_of_variation as load_cv   # std/mean of a load [..., E]: 0 = even
-from ..analysis.routing import expert_usage
-from ..cli import Parser, say
-from ..config import MixtralConfig
-from .corpus import batches, heldout_windows
-from .losses import load_balancing_loss, router_z_loss
-from ..model.mixtral import Mixtral
-from ..weights.atomic import replace_folder
+if __name__ == "__main__":      # the command line: from here on Ctrl-C is one line and status 130, even in torch's import
+    exit_on_ctrl_c("interrupted; nothing was saved")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ..analysis.routing import coefficient_of_variation as load_cv  # noqa: E402  (std/mean of a load [..., E])
+from ..analysis.routing import expert_usage  # noqa: E402
+from ..cli import Parser, error_text, say  # noqa: E402
+from ..config import MixtralConfig  # noqa: E402
+from .corpus import batches, heldout_windows  # noqa: E402
+from .losses import load_balancing_loss, router_z_loss  # noqa: E402
+from ..model.mixtral import Mixtral  # noqa: E402
+from ..params import count_parameters  # noqa: E402
+from ..weights.atomic import replace_folder  # noqa: E402
 
 
 @dataclass
@@ -363,10 +369,59 @@ mistral-common); training text: PSF licence (Python code), public domain (KJV), 
 """
 
 
+def training_memory(cfg: MixtralConfig, batch_size: int, seq_len: int) -> dict:
+    """About how many bytes of host memory training `cfg` takes, before it starts: {"state", "activations",
+    "rope", "total"}.
+
+    state: float32 weights, their gradients and AdamW's two moments, 16 bytes per parameter.
+    activations: what backward keeps, per token in float32: per layer about 8 hidden-size vectors, the
+        attention probabilities before and after softmax (2 x heads x seq_len) and, for each of the top-k
+        experts, 4 vectors of the expert size and 2 of the hidden size; then the logits 3 times (logits,
+        log-softmax, gradient).
+    rope: the cos/sin tables [max_position_embeddings, head_dim], counted twice (they are built from
+        tables of angles of the same size).
+    An estimate, not a measurement: it is there to refuse what cannot fit, before the first step.
+    """
+    params = count_parameters(cfg)["total"]
+    k = cfg.num_experts_per_tok if cfg.is_moe else 1
+    per_layer = 8 * cfg.hidden_size + 2 * cfg.num_attention_heads * seq_len + k * (4 * cfg.intermediate_size
+                                                                                 + 2 * cfg.hidden_size)
+    per_token = cfg.num_hidden_layers * per_layer + 3 * cfg.vocab_size
+    plan = {"state": 16 * params, "activations": 4 * batch_size * seq_len * per_token,
+            "rope": 2 * 2 * cfg.max_position_embeddings * cfg.head_dim * 4}
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def host_free_bytes():       # a name of this module's own: tests replace it
+    from ..devices import host_free_bytes as free
+
+    return free()
+
+
+def _check_memory(cfg: MixtralConfig, tc: "TrainConfig") -> None:
+    plan = training_memory(cfg, tc.batch_size, tc.seq_len)
+    free = host_free_bytes()
+    if free is not None and plan["total"] > free:
+        gib = 2 ** 30
+        raise UsageError(f"training needs about {plan['total'] / gib:,.1f} GiB (weights, gradients and AdamW state "
+                         f"{plan['state'] / gib:,.1f} GiB, activations of --batch-size {tc.batch_size} x --seq-len "
+                         f"{tc.seq_len} {plan['activations'] / gib:,.1f} GiB, RoPE tables {plan['rope'] / gib:,.1f} "
+                         f"GiB), but only {free / gib:,.1f} GiB of memory is free; use a smaller model, batch or "
+                         "sequence")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that training could not (or should not) write, before any step is taken."""
     import tempfile
 
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UsageError(f"--out {out} is the current folder or holds it: the finished checkpoint replaces --out "
+                         "by a rename, which cannot move the folder you are in; choose another folder")
+    if out.is_dir() and os.path.ismount(resolved):
+        raise UsageError(f"--out {out} is a mount point: the finished checkpoint replaces --out by a rename, which "
+                         "cannot move it; choose a folder inside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -388,6 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The training command line: 0 when the checkpoint is saved, 2 for bad input found before training,
     1 for a failure during it (e.g. a non-finite loss), 130 for Ctrl-C. Every error is one line on
     stderr (`--debug` adds the traceback), and nothing is left at --out unless the run completed."""
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -401,18 +457,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        known = isinstance(err, (ValueError, OSError, MemoryError))
-        message = str(err) or type(err).__name__
+        message = error_text(err)
+        known = isinstance(err, (ValueError, OSError, MemoryError)) or message.startswith("out of memory")
         say(f"error: {message}" if known else f"error: {type(err).__name__}: {message} (unexpected; rerun "
              "with --debug for the traceback)")
         return 2 if isinstance(err, UsageError) else 1
+    finally:
+        if command_line:
+            ignore_ctrl_c()        # done: a late Ctrl-C must not kill the interpreter as it exits
 
 
 def _main(argv: list) -> int:
-    import tempfile
-
     args = _parse_args(argv)
-    from ..weights.save import _parse_size, save_model
+    from ..weights.save import _parse_size
     from .corpus import heldout_windows, load_split, token_streams
     from ..tokenizer import Tokenizer
 
@@ -441,6 +498,7 @@ def _main(argv: list) -> int:
                          f"{cfg.max_position_embeddings}")
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    _check_memory(cfg, tc)
     torch.set_num_threads(args.threads)
 
     tokenizer = Tokenizer()
@@ -473,7 +531,20 @@ def _main(argv: list) -> int:
     print("held-out loss: " + ", ".join(f"{d} {v:.4f}" for d, v in heldout.items()))
     print(f"training time: {seconds:.0f} s")
 
-    # ---- written beside --out, then renamed into place: a failure leaves no partial checkpoint
+    # ---- written beside --out, then renamed into place: a failure or Ctrl-C leaves no partial checkpoint
+    with raising_keyboard_interrupt():
+        _save(out, argv, model, tokenizer, cfg, tc, args, heldout, history, seconds)
+    if installed():
+        exit_on_ctrl_c(f"interrupted; the checkpoint was saved to {out}")
+    print(f"saved to {out}")
+    return 0
+
+
+def _save(out: Path, argv: list, model, tokenizer, cfg, tc, args, heldout, history, seconds) -> None:
+    import tempfile
+
+    from ..weights.save import save_model
+
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
     try:
@@ -490,10 +561,12 @@ def _main(argv: list) -> int:
                        "heldout_loss": heldout, "history": history.to_dict()}, f)
             f.write("\n")
         replace_folder(staging, out)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:   # safetensors reports a full disk as SafetensorError, not OSError
+        raise OSError(f"saving the checkpoint failed ({error_text(err)}); nothing was saved") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"saved to {out}")
-    return 0
 
 
 if __name__ == "__main__":
