@@ -1,7 +1,8 @@
 """Read part of a checkpoint: the tensors a caller has room for, and nothing else.
 
 Expert parallelism gives each of N ranks the shared weights and 1/N of every layer's experts; the
-reference it is checked against holds one decoder layer at a time. Both fill their parameters with
+reference it is checked against holds one decoder layer at a time; int8 and offload loads
+(`load_by_layer`) give one decoder layer host memory at a time. All fill their parameters with
 
     read_into(folder, target)        target(name, expert) -> the tensor to copy into, or None to skip
 
@@ -11,7 +12,7 @@ safetensors files are memory-mapped and its pages are not touched; the original 
 files are memory-mapped too, so of a fused `[E * I, H]` expert tensor only the wanted experts' rows
 are read. Names, q/k permutation and fused experts are converted as `load_model` converts them
 (convert.py, keys.py). Every copy checks the shape; the caller checks that everything it needs was
-filled (the returned set).
+filled (the returned set); `fill_modules` does both for whole modules of a meta-device model.
 """
 
 from __future__ import annotations
