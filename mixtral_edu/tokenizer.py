@@ -139,11 +139,6 @@ class Tokenizer:
         """Text -> ids, with the dummy prefix and without BOS/EOS. Never yields a control id."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:  # a lone surrogate (from JSON's "\udc80", or undecodable argv bytes)
-            raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at "
-                             f"character {err.start}") from None
         ids = self._sp.encode(text, out_type=int)
         leaked = self.control_ids.intersection(ids)
         if leaked:  # cannot happen with SentencePiece's defaults; checked because prompts rely on it

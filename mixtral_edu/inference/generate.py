@@ -30,13 +30,9 @@ TokenIds = Union[Sequence[int], torch.Tensor]
 # ---------------------------------------------------------------- one step: logits -> next id
 
 def check_sampling_args(temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0) -> None:
-    """Raise ValueError naming the argument unless temperature >= 0, top_k >= 1 (or None), 0 < top_p <= 1."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    """Raise ValueError naming the argument unless temperature is 0 or finite and >= 1e-6, top_k >= 1 (or None),
+    1e-6 <= top_p <= 1: `arguments.check_sampling`, the command line's checks and messages."""
+    check_sampling(temperature, top_k, top_p)
 
 
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -133,7 +129,6 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     The model runs once over the whole prompt (filling the KV cache), then once per new token on
     that token alone (`last_only=True`: only the last position's logits are computed).
     """
-    check_sampling(temperature, top_k, top_p, seed)     # the CLI's checks and messages (arguments.py)
     ids = _prompt_ids(input_ids)
     if not ids:
         raise ValueError("the prompt is empty: generate() needs at least one token (e.g. BOS)")
