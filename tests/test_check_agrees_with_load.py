@@ -226,3 +226,13 @@ def test_the_read_speed_probe_never_opens_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a regular file"):
         measure_read_speed(tmp_path, files=[tmp_path / "model.safetensors"])
+
+
+def test_a_pt_file_with_a_huge_zip_directory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import mixtral_edu.weights.pt_header as pt_header
+
+    save_mistral(_model(), tmp_path, layout="mistral-pt", num_files=1)
+    monkeypatch.setattr(pt_header, "MAX_DIRECTORY_BYTES", 100)      # the real limit is 64 MB
+    for run in (lambda: load_model(tmp_path, progress=False), lambda: check_checkpoint(tmp_path)):
+        with pytest.raises(CheckpointError, match=r"consolidated\.00\.pt: a zip directory of \d+ bytes"):
+            run()

@@ -260,7 +260,7 @@ def load_model(path: PathLike, device: Union[str, torch.device, Sequence] = "cpu
             raise ValueError(f"{folder}: a GGUF file streams on the CPU in float32 only (got {device}, {dtype})")
         return load_gguf(folder, memory_budget=memory_budget)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r:.80}")
     # One whole checkpoint even while a save publishes a new one (publish.py): read again if it changed.
     return read_whole(folder, lambda source: _load_folder(source, device, dtype, progress, ignore_memory_check,
                                                           on_layer_loaded, allow_non_finite))

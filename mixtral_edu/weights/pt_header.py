@@ -34,6 +34,7 @@ from .errors import CheckpointError
 from .safetensors_reader import open_regular
 
 MAX_PICKLE_BYTES = 64 << 20      # Mixtral's data.pkl is about 100 KB
+MAX_DIRECTORY_BYTES = 64 << 20   # the zip's central directory, read whole by zipfile: Mixtral's is about 100 KB
 #: torch's storage classes, as the pickle names them -> (dtype name, bytes per element)
 STORAGE_TYPES = {
     "BFloat16Storage": ("bfloat16", 2), "HalfStorage": ("float16", 2), "FloatStorage": ("float32", 4),
@@ -136,6 +137,13 @@ def _read_header(path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
 
 
 def _read_archive(path: Path, handle) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    try:
+        end = zipfile._EndRecData(handle)   # the end record zipfile reads first: size the directory before
+    except (AttributeError, OSError):       # zipfile reads it whole (a private helper; skipped if it goes)
+        end = None
+    if end and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
+        raise CheckpointError(f"{path}: a zip directory of {end[zipfile._ECD_SIZE]} bytes, more than a torch "
+                              f"file of tensors needs ({MAX_DIRECTORY_BYTES})")
     try:
         archive = zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, OSError) as err:

@@ -46,15 +46,15 @@ def _parse_size(size: Union[int, str]) -> int:
             raise ValueError(f"max_shard_size must be at least 1 byte, got {size}")
         return size
     if not isinstance(size, str):
-        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+        raise ValueError(f"max_shard_size {size!r:.80}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
     m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+        raise ValueError(f"max_shard_size {size!r:.80}: expected bytes (int) or e.g. '500MB', '5GB', '2GiB'")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
     value = int(float(m.group(1)) * scale[unit])
     if value < 1:
-        raise ValueError(f"max_shard_size {size!r} is less than one byte")
+        raise ValueError(f"max_shard_size {size!r:.80} is less than one byte")
     return value
 
 
@@ -261,7 +261,7 @@ def save_mistral(model: Mixtral, path: PathLike, layout: str = "mistral", num_fi
     cfg = model.config
     folder = Path(path)
     if layout not in ("mistral", "mistral-pt"):
-        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r}")
+        raise ValueError(f"layout must be 'mistral' or 'mistral-pt', got {layout!r:.80}")
     params = cfg.to_params_json()
     if cfg.max_position_embeddings != 32768:          # from_params_json's default, Mixtral's context
         params["max_seq_len"] = cfg.max_position_embeddings
