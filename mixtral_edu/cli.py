@@ -125,10 +125,18 @@ def stdin_bytes():
     return getattr(sys.stdin, "buffer", None)
 
 
+# Reads of stdin are bounded: `tokens - < /dev/zero` must not fill the memory. 64 MiB of text is some 16
+# million tokens, far more than any context; one chat message is at most 1 MiB.
+MAX_STDIN_BYTES = 64 << 20
+MAX_CHAT_LINE = 1 << 20
+
+
 def read_stdin(what: str) -> str:
-    """All of stdin as text, strictly UTF-8."""
+    """All of stdin as text, strictly UTF-8, at most MAX_STDIN_BYTES."""
     raw = stdin_bytes()
-    data = raw.read() if raw is not None else sys.stdin.read()
+    data = raw.read(MAX_STDIN_BYTES + 1) if raw is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise CLIError(f"the {what} on stdin is longer than {MAX_STDIN_BYTES:,} bytes, more than any context holds")
     if isinstance(data, bytes):
         try:
             return data.decode("utf-8-sig")      # a byte-order mark (Windows editors write one) is not text
@@ -211,6 +219,18 @@ def fit_history(tokenizer, messages: list, max_new_tokens: int, context: int) ->
     return prompt, min(max_new_tokens, room)
 
 
+def read_line(stream):
+    """One line of `stream` (bytes or str; empty at the end), or None when it is longer than MAX_CHAT_LINE:
+    then the rest of it is read and dropped, a piece at a time."""
+    line = stream.readline(MAX_CHAT_LINE + 1)
+    if len(line) <= MAX_CHAT_LINE or line[-1:] in (b"\n", "\n"):
+        return line
+    while True:
+        rest = stream.readline(MAX_CHAT_LINE)
+        if not rest or rest[-1:] in (b"\n", "\n"):
+            return None
+
+
 def cmd_chat(args) -> int:
     from .inference.generate import chat_reply
 
@@ -234,7 +254,11 @@ def cmd_chat(args) -> int:
     while True:
         if interactive:
             write("you> ")
-        line = raw.readline() if raw is not None else sys.stdin.readline()
+        line = read_line(raw if raw is not None else sys.stdin)
+        if line is None:
+            say(f"{PROG}: error: this line is longer than {MAX_CHAT_LINE:,} bytes; it was not sent")
+            refused += 1
+            continue
         if not line:  # end of input
             if interactive:
                 write("\n")

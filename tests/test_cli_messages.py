@@ -84,6 +84,20 @@ def test_a_real_tokenizer_file_still_loads(tmp_path):
     assert Tokenizer(copy).encode("[INST]") == [733, 16289, 28793]
 
 
+def test_stdin_is_read_bounded(capsys, monkeypatch, weights):
+    import mixtral_edu.cli as cli
+
+    monkeypatch.setattr(cli, "MAX_STDIN_BYTES", 100)
+    code, out, err = run(capsys, monkeypatch, "tokens", "-", stdin=b"x" * 101)
+    assert code == 1 and out == ""
+    assert one_line(err) == "mixtral-edu: error: the text on stdin is longer than 100 bytes, more than any context holds"
+    monkeypatch.setattr(cli, "MAX_CHAT_LINE", 50)
+    code, out, err = run(capsys, monkeypatch, "chat", "--weights", weights, "--max-new-tokens", 2,
+                         stdin=b"y" * 170 + b"\nHi\n")
+    assert code == 1 and out.count("\n") == 1                      # the long line was refused, "Hi" answered
+    assert one_line(err) == "mixtral-edu: error: this line is longer than 50 bytes; it was not sent"
+
+
 # ---------------------------------------------------------------- one line, never empty (item 5)
 
 def test_a_memory_error_says_out_of_memory(capsys, monkeypatch):
