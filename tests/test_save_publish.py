@@ -18,7 +18,7 @@ from mixtral_edu.config import MixtralConfig
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.weights import CheckpointError, load_model, save_mistral, save_model
 from mixtral_edu.weights.check import check_checkpoint
-from mixtral_edu.weights.publish import leftovers
+from mixtral_edu.weights.publish import JOURNAL, leftovers
 
 CFG = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -214,3 +214,22 @@ def test_a_mistral_save_over_someone_elses_hf_checkpoint_is_refused_before_writi
     with pytest.raises(CheckpointError, match="did not write"):
         save_mistral(model(1), tmp_path)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_kill_while_finishing_an_interrupted_save_is_survived_too(tmp_path, monkeypatch):
+    """A save killed mid-publish, then the next save (which first finishes it) killed at each of its calls:
+    the folder always loads as one of the checkpoints whole, and a third save leaves it clean."""
+    first, second, third = model(0), model(1), model(2)
+    probe = tmp_path / "probe"
+    _save("sharded", first, probe)
+    calls = _count_calls(monkeypatch, lambda: _save("sharded", second, probe))
+    for n in range(1, calls + 1):
+        folder = tmp_path / f"k{n}"
+        _save("sharded", first, folder)
+        assert _killed_at(calls - 12, lambda: _save("sharded", second, folder))     # inside the publish:
+        assert (folder / JOURNAL).exists()                                          # the journal is left
+        if _killed_at(n, lambda: _save("single", third, folder)):
+            assert which(folder, [first, second, third]) in (1, 2), n
+        _save("single", third, folder)
+        assert not leftovers(folder) and which(folder, [first, second, third]) == 2
+        shutil.rmtree(folder)
