@@ -13,11 +13,13 @@ says up front what it found and what it expects, instead of going quiet:
 * `estimate_load_seconds(folder)`: the layout's weight bytes over that speed;
 * `check_checkpoint(folder)`: the download is complete and is the model its config describes —
   from the headers alone, in seconds for 93 GB: the layout, every expected tensor present with its
-  shape and one float dtype, no unexpected tensor, every file exactly as long as its header says.
+  shape and a float dtype, no unexpected tensor, every file exactly as long as its header says. It
+  runs load_model's own key mapping and `WeightFiller` on meta tensors, so it passes what loads.
   Safetensors headers are JSON; Mistral's `.pt`/`.pth` files are zip archives whose pickle gives the
   shapes, read by `pt_header` without unpickling anything but tensor records.
 
-Nothing here needs a GPU or reads the weights themselves.
+Nothing here needs a GPU or reads the weights themselves (but for a tied config whose files also hold
+lm_head: load_model compares it with the embeddings, so check does too).
 """
 
 from __future__ import annotations
