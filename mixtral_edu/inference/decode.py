@@ -23,19 +23,32 @@ forward hooks on `self_attn`, `block_sparse_moe` or `gate` fire on every eager s
 `trace_routing`-style hooks see fast decoding too), and int8, offloaded and split models decode
 through it unchanged.
 
+On a CPU, `compile=True` is also what `generate` switches to for a long generation
+(`DefaultStep`): the step compiled by inductor with every one-token product written as a sum
+(`cpu.use_summed_products_`), kernels cached on disk per CPU capability (`compile_cache_dir`), so
+only the first run on a machine pays the C++ compile.
+
 (`benchmarks/random_weights.py` builds full-size models with random weights on the GPU, so the speed of
 this can be measured without downloading 93 GB.)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from ..model.attention import KVCache
 from ..model.mixtral import Mixtral
 from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
+from .cpu import use_summed_products_
 from .dispatch import decode_dispatch, kernel_weights
 from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
@@ -55,6 +68,46 @@ def use_kernel_(model: nn.Module) -> nn.Module:
     return model
 
 
+# ----------------------------------------------------------------------------- inductor's cache on disk
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def compile_cache_dir() -> Path:
+    """The folder inductor caches this process's compiled kernels in, one per torch version, ATen CPU
+    capability, MKL instruction limit and CPU flag set: a kernel built for another instruction set is
+    never reused (one reused across capabilities once gave wrong tokens). Under $TORCHINDUCTOR_CACHE_DIR
+    when set, else ~/.cache/mixtral_edu/inductor ($XDG_CACHE_HOME respected)."""
+    key = "|".join([torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                    os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+                    _cpu_flags()])
+    name = "mixtral_edu-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if base and Path(base).name == name:
+        return Path(base)
+    if not base:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mixtral_edu",
+                            "inductor")
+    return Path(base) / name
+
+
+def can_compile_on_cpu() -> bool:
+    """Inductor builds C++ for this CPU: ATen's vector capability is not the generic one (torch 2.13's
+    generated C++ does not build under ATEN_CPU_CAPABILITY=default) and a C++ compiler is on PATH."""
+    import shutil
+
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT" and any(
+        shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- the decoder
 class FastDecoder:
     """Greedy batch-1 generation through `model(token, cache, positions=pos)`, optionally compiled and
@@ -65,12 +118,15 @@ class FastDecoder:
 
     use_kernel: the Triton expert kernel (default: when available for the model's device).
     cuda_graph: capture the step once and replay it (default: on CUDA). compile: torch.compile the
-    step first (fuses the small kernels; the first call takes a while). The sync-free dispatch (and
-    the kernel) stay installed on the model for its later calls too (same results).
+    step first (fuses the small kernels; the first call takes a while, announced through `progress`;
+    on a CPU the one-token products become sums, `cpu.use_summed_products_`, and the kernels read the
+    thread count at run time, so the model's `DecodeThreads` still applies). The dispatch (and the
+    kernel) stay installed on the model for its later calls too (same results).
     """
 
     def __init__(self, model: Mixtral, max_seq_len: int, use_kernel: Optional[bool] = None,
-                 cuda_graph: Optional[bool] = None, compile: bool = False) -> None:
+                 cuda_graph: Optional[bool] = None, compile: bool = False,
+                 progress: Optional[Callable[[str], None]] = _say) -> None:
         check_max_seq_len(max_seq_len, model.config.max_position_embeddings)
         self.model = model
         self.device = model.embed_tokens.weight.device
@@ -85,19 +141,44 @@ class FastDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits = None
         self.graph = None
+        self.threads = None           # a compiled CPU step ticks the model's DecodeThreads itself
+        self.progress = progress
+        self.compile_seconds: Optional[float] = None
         self._run = self._step
         if compile:
             # Dynamo reuses a compiled step across models and does not guard on hooks, so a step compiled
             # for another model would skip this one's hooks: start from an empty cache. Hooks registered
             # before the first step are compiled in; one added later needs a new FastDecoder.
             torch._dynamo.reset()
-            self._run = torch.compile(self._step, fullgraph=True, dynamic=False)
+            options = None
+            if self.device.type == "cpu":
+                use_summed_products_(model)
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+                options = {"cpp.dynamic_threads": True}      # the thread count is read when a kernel runs
+                self.threads = getattr(model, "decode_threads", None)
+            self._run = self._first_compiled_call
+            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(token, cache=self.cache, positions=pos)[:, -1]          # [1, vocab]
         return logits, logits.argmax(dim=-1, keepdim=True)
 
+    def _first_compiled_call(self, token: torch.Tensor, pos: torch.Tensor):
+        if self.progress is not None:
+            where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's cache")
+            self.progress(f"compiling the decode step with torch.compile: up to a minute the first time on a "
+                          f"machine, seconds once its kernels are cached ({where}) ...")
+        start = time.perf_counter()
+        out = self._compiled(token, pos)
+        self.compile_seconds = time.perf_counter() - start
+        if self.progress is not None:
+            self.progress(f"compiled in {self.compile_seconds:.1f} s")
+        self._run = self._compiled
+        return out
+
     def _eager_step(self) -> torch.Tensor:
+        if self.threads is not None:
+            self.threads.tick()
         logits, next_token = self._run(self.token, self.pos)
         self.token.copy_(next_token)
         self.pos.add_(1)
@@ -153,16 +234,175 @@ class FastDecoder:
         return logits
 
     @torch.no_grad()
+    def adopt(self, cache: KVCache) -> None:
+        """Continue from another cache of the same model (eager steps so far): copy its `pos` cached
+        keys and values into this decoder's cache and move the position there."""
+        n = cache.pos
+        if n > self.cache.max_seq_len:
+            raise ValueError(f"KV cache is full: {n} tokens to adopt, max_seq_len {self.cache.max_seq_len}")
+        for mine, theirs in zip(self.cache.k + self.cache.v, cache.k + cache.v):
+            mine[:, :, :n].copy_(theirs[:, :, :n])
+        self.cache.pos = n
+
+    @torch.no_grad()
+    def next_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The step `generate.sample_loop` calls: ids `[1, seq]`, the prompt when the cache is empty
+        (prefill), else the one new token -> logits `[1, vocab]` of the last position."""
+        if self.cache.pos == 0:
+            return self.prefill(ids)
+        self.token.copy_(ids)
+        self.pos.fill_(self.cache.pos)
+        return self.step()
+
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> list:
         """Greedy: the prompt's next token, then `max_new_tokens - 1` more decode steps. Returns ids
         (none for max_new_tokens=0, as `generate`)."""
+        from .generate import sample_loop
+
         check_max_new_tokens(max_new_tokens)
         check_cache_room(input_ids.shape[-1], max_new_tokens, self.cache.max_seq_len)
-        if max_new_tokens == 0:
-            return []
-        self.prefill(input_ids)
-        tokens = [self.token.clone()]
-        for _ in range(max_new_tokens - 1):
-            self.step()
-            tokens.append(self.token.clone())
-        return torch.cat(tokens, dim=1)[0].tolist()                 # the one host sync, at the end
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"FastDecoder decodes one sequence: input_ids must be [1, seq], got {tuple(input_ids.shape)}")
+        self.cache.reset()
+        return sample_loop(self.next_logits, input_ids, max_new_tokens)[0]
+
+
+# ----------------------------------------------------------------------------- generate's step: eager or compiled
+# When compiling pays (measured, benchmarks/README.md "The default decode path"): the compiled CPU step
+# saves at least SAVED_FRACTION of an eager step's time; its start-up when the on-disk cache holds the
+# kernels defaults to WARM_START_S (the last one measured on this machine is used once known), and the
+# first compile on a machine to COLD_START_S.
+SAVED_FRACTION = 0.3
+WARM_START_S = 10.0
+COLD_START_S = 60.0
+PROBE_STEPS = 3                                     # eager steps timed before deciding
+
+
+class _CompiledSlot:
+    """Holds generate's compiled decoder on its model (`model.compiled_step`); a copy of the model
+    (copy.deepcopy) starts with an empty slot, since the compiled code belongs to the original."""
+
+    def __init__(self) -> None:
+        self.decoder: Optional[FastDecoder] = None
+
+    def __deepcopy__(self, memo) -> "_CompiledSlot":
+        return _CompiledSlot()
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Any forward hook on the model or its modules (a compiled step keeps only those it saw), other
+    than the thread policy's own pre-hook."""
+    from torch.nn.modules import module as nn_module
+
+    own = getattr(model, "thread_policy", None)
+    for m in model.modules():
+        pre = [k for k in m._forward_pre_hooks if not (m is model and own is not None and k == own.id)]
+        if pre or m._forward_hooks:
+            return True
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def compiles_well(model: nn.Module) -> bool:
+    """The compiled CPU step applies: a `Mixtral` with every weight a float tensor on the CPU, float
+    `Experts` in every MoE block (not int8, offloaded or streamed), no hooks, and inductor builds C++ here."""
+    from ..model.experts import Experts
+
+    return (isinstance(model, Mixtral)
+            and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in model.parameters())
+            and all(type(layer.block_sparse_moe.experts) is Experts for layer in model.layers)
+            and not _has_hooks(model) and can_compile_on_cpu())
+
+
+def _startup_record() -> Path:
+    return compile_cache_dir() / "mixtral_edu_startup.json"
+
+
+def _graph_key(model: nn.Module, max_seq_len: int) -> str:
+    return hashlib.sha256(f"{model.config}|{model.embed_tokens.weight.dtype}|{max_seq_len}".encode()).hexdigest()[:16]
+
+
+def expected_startup(model: nn.Module, max_seq_len: int) -> float:
+    """Seconds a new compiled step for this model and cache length is expected to take before its first token."""
+    try:
+        known = json.loads(_startup_record().read_text()).get(_graph_key(model, max_seq_len))
+    except (OSError, ValueError):
+        known = None
+    if known is None:
+        return COLD_START_S
+    return known.get("warm_s") or WARM_START_S
+
+
+def _record_startup(model: nn.Module, decoder: FastDecoder, cold: bool) -> None:
+    path = _startup_record()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    entry = record.setdefault(_graph_key(model, decoder.cache.max_seq_len), {})
+    entry["cold_s" if cold else "warm_s"] = round(decoder.compile_seconds, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(record, indent=1))
+    part.replace(path)
+
+
+def cache_length(model: nn.Module, needed: int) -> int:
+    """A compiled step's cache length: the next power of two >= needed (at least 256, at most the context),
+    so that generations of similar lengths share one compiled step."""
+    return max(needed, min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length())))
+
+
+class DefaultStep:
+    """`generate`'s step (`next_logits` for `sample_loop`): `Mixtral.forward` with a KV cache, switched
+    to the compiled `FastDecoder` step on a CPU when the tokens left repay its start-up.
+
+    The prompt and the first PROBE_STEPS tokens run eagerly and the steps are timed; then, when
+    `compiles_well(model)`, it compiles if  tokens left x eager step x SAVED_FRACTION  exceeds the
+    expected start-up: 0 when this process already compiled a step for this model with room enough,
+    else `expected_startup`. The eager cache is copied into the decoder's (`FastDecoder.adopt`).
+    """
+
+    def __init__(self, model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.device = model.embed_tokens.weight.device
+        # The last new token is returned, never fed back, so the cache needs one slot less.
+        self.cache = model.new_kv_cache(1, prompt_len + max_new_tokens - 1)
+        self.may_compile = self.device.type == "cpu" and compiles_well(model)
+        self.step_times: list[float] = []
+        self.decoder: Optional[FastDecoder] = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.decoder is not None:
+            return self._compiled(ids)
+        start = time.perf_counter()
+        logits = self.model(ids.to(self.device), cache=self.cache, last_only=True)[:, -1]   # [batch, vocab]
+        if self.cache.pos > ids.shape[1]:
+            self.step_times.append(time.perf_counter() - start)
+        if self.may_compile and len(self.step_times) == PROBE_STEPS:
+            self.decoder = self.compiled_decoder()
+        return logits
+
+    def compiled_decoder(self) -> Optional[FastDecoder]:
+        """The compiled decoder to continue with, or None where the eager steps left are cheaper."""
+        steps_left = self.max_new_tokens - 1 - len(self.step_times)
+        saving = steps_left * min(self.step_times) * SAVED_FRACTION
+        slot = self.model.__dict__.setdefault("compiled_step", _CompiledSlot())
+        decoder = slot.decoder
+        if decoder is None or decoder.cache.max_seq_len < self.cache.max_seq_len:
+            length = cache_length(self.model, self.cache.max_seq_len)
+            if saving <= expected_startup(self.model, length):
+                return None
+            decoder = slot.decoder = FastDecoder(self.model, length, compile=True)
+        decoder.adopt(self.cache)
+        return decoder
+
+    def _compiled(self, ids: torch.Tensor) -> torch.Tensor:
+        first = self.decoder.compile_seconds is None
+        if first:
+            misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+        logits = self.decoder.next_logits(ids)
+        if first and self.decoder.compile_seconds is not None:
+            cold = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"] > misses
+            _record_startup(self.model, self.decoder, cold)
+        return logits

@@ -6,9 +6,12 @@ and cannot be captured in a CUDA graph. These compute the same sum without it:
 
 * `dispatch_sync_free`: gather the chosen experts' weights on the device (`forward_gathered`);
 * `dispatch_kernel`: for one token, the Triton kernel (kernels.py) reads the ids on the GPU and
-  streams only the chosen experts' rows, with no gathered copy (float or int8 experts).
+  streams only the chosen experts' rows, with no gathered copy (float or int8 experts);
+* `dispatch_summed`: for one token on a CPU under torch.compile, each product written as an
+  elementwise product and a sum over the input dimension, which inductor fuses with the gather
+  into one pass over the chosen experts' rows (no copy, no BLAS call).
 
-`decode_dispatch(use_kernel)` is what FastDecoder and `decode.use_kernel_` install: grouped for a
+`decode_dispatch(...)` is what FastDecoder and `decode.use_kernel_` install: grouped for a
 prompt, one of these for a single token.
 """
 
@@ -18,8 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..model.experts import Experts, ExpertsBase
-from ..model.moe import dispatch_grouped
+from ..model.experts import Experts, ExpertsBase, swiglu_expert
+from ..model.moe import dispatch_auto, dispatch_grouped
+from .cpu import summed_linear
 from .kernels import gathered_glu, gathered_matvec
 from .quant import Int8Experts
 
@@ -50,9 +54,23 @@ def dispatch_kernel(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor
     return (per_slot * weights[0, :, None]).sum(dim=0, keepdim=True)
 
 
-def decode_dispatch(use_kernel: bool) -> Callable:
-    """Grouped for several tokens (a prompt), sync-free (or the kernel) for one."""
-    one_token = dispatch_kernel if use_kernel else dispatch_sync_free
+def dispatch_summed(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor,
+                    expert_ids: torch.Tensor) -> torch.Tensor:
+    """One token (x `[1, hidden]`) through its k float experts with `cpu.summed_linear` products:
+    under torch.compile each becomes one loop that reads each chosen row once. Outside a compile
+    trace (where it would build `[k, out, in]` temporaries) it is the model's `dispatch_auto`; other
+    storages (int8, offloaded) go through `dispatch_sync_free`. Same arguments and result."""
+    if not torch.compiler.is_compiling():                 # eager calls keep the model's own dispatch
+        return dispatch_auto(experts, x, weights, expert_ids)
+    if type(experts) is not Experts:
+        return dispatch_sync_free(experts, x, weights, expert_ids)
+    per_slot = swiglu_expert(x[0], *experts.gathered_weights(expert_ids[0]), summed_linear)   # [k, hidden]
+    return (per_slot * weights[0, :, None]).sum(dim=0, keepdim=True)
+
+
+def decode_dispatch(use_kernel: bool = False, summed: bool = False) -> Callable:
+    """Grouped for several tokens (a prompt); for one: the Triton kernel, the summed form, or sync-free."""
+    one_token = dispatch_kernel if use_kernel else dispatch_summed if summed else dispatch_sync_free
 
     def dispatch(experts, x, weights, expert_ids):
         return (one_token if x.shape[0] == 1 else dispatch_grouped)(experts, x, weights, expert_ids)

@@ -8,10 +8,13 @@ repeats three steps:
     next_id = a draw from probs                     # with a seeded torch.Generator, reproducible
 
 `next_token_probs` and `sample_next` are those steps as pure functions of the logits.
-`generate` runs the loop with the model's static KV cache: the prompt is processed once
-("prefill"), then each new token is fed alone and attends to the cached keys and values, so a
-step costs one token's work instead of the whole sequence's. `chat_reply` wraps it for the
-instruct template of `mixtral_edu.chat`, and `TextStream` turns ids into text as they arrive.
+`sample_loop` is the loop, written once: the prompt is processed once ("prefill"), then each new
+token is fed alone and attends to the cached keys and values, so a step costs one token's work
+instead of the whole sequence's. `generate` runs it on one prompt with the model's KV cache (its
+step, `decode.DefaultStep`, is `Mixtral.forward`, compiled on a CPU when that pays);
+`FastDecoder.generate` and training's `greedy_batch` call the same loop. `chat_reply` wraps
+`generate` for the instruct template of `mixtral_edu.chat`, and `TextStream` turns ids into text
+as they arrive.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from ..chat import encode_chat
 from .arguments import check_sampling
+from .decode import DefaultStep
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -85,6 +89,37 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
 
 # ---------------------------------------------------------------- the loop, with the KV cache
 
+@torch.inference_mode()
+def sample_loop(next_logits: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, max_new_tokens: int,
+                temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+                stream: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+    """The generation loop, for a batch of prompts of one length; returns each row's new ids.
+
+    next_logits(ids) -> logits `[batch, vocab]` of each row's last position: called first with the
+    prompt `[batch, seq]` (it fills its KV cache), then with each row's new token `[batch, 1]`.
+    Each row's next id is `sample_next` of its logits (on the CPU, with `generator`). A row is done
+    after `eos_id` (kept as its last id); the loop stops when every row is done or after
+    max_new_tokens, and never feeds back the last token. stream: called with each new id (batch 1).
+    """
+    batch = prompt.shape[0]
+    new_ids: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    ids = prompt
+    for _ in range(max_new_tokens):
+        chosen = sample_next(next_logits(ids).float().cpu(), temperature, top_k, top_p, generator)  # [batch]
+        for row, token in enumerate(chosen.tolist()):
+            if not done[row]:
+                new_ids[row].append(token)
+                done[row] = token == eos_id
+                if stream is not None:
+                    stream(token)
+        if all(done):
+            break
+        ids = chosen[:, None]
+    return new_ids
+
+
 def _prompt_ids(input_ids: TokenIds) -> list[int]:
     """A prompt given as a list of ints, a `[seq]` tensor or a `[1, seq]` tensor -> list of ints."""
     if isinstance(input_ids, torch.Tensor):
@@ -127,7 +162,8 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     stream: called with each new id (an int) as soon as it is chosen.
 
     The model runs once over the whole prompt (filling the KV cache), then once per new token on
-    that token alone (`last_only=True`: only the last position's logits are computed).
+    that token alone (only the last position's logits are computed); on a CPU a long generation
+    switches to the compiled step (`decode.DefaultStep` says when), which gives the same tokens.
     """
     ids = _prompt_ids(input_ids)
     if not ids:
@@ -148,27 +184,15 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     if max_new_tokens == 0:
         return []
 
-    device = model.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     try:
-        # The last new token is returned, never fed back, so the cache needs one slot less.
-        cache = model.new_kv_cache(1, len(ids) + max_new_tokens - 1)
-        step_input = torch.tensor([ids], dtype=torch.long, device=device)
-        new_ids: list[int] = []
-        for _ in range(max_new_tokens):
-            logits = model(step_input, cache=cache, last_only=True)[0, -1]  # [vocab]
-            next_id = int(sample_next(logits.float().cpu(), temperature, top_k, top_p, generator))
-            new_ids.append(next_id)
-            if stream is not None:
-                stream(next_id)
-            if eos_id is not None and next_id == eos_id:
-                break
-            step_input = torch.tensor([[next_id]], dtype=torch.long, device=device)
+        step = DefaultStep(model, len(ids), max_new_tokens)       # Mixtral.forward with a KV cache
+        return sample_loop(step, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, generator,
+                           eos_id, stream)[0]
     finally:
         model.train(was_training)
-    return new_ids
 
 
 # ---------------------------------------------------------------- ids -> text, as they come

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from ..assets import DATA_DIR, TINY_MODEL_DIR
 from ..chat import chat_segments, encode_chat
+from ..inference.generate import sample_loop
 
 INSTRUCT_MODEL_DIR = DATA_DIR / "tiny-mixtral-instruct"   # the shipped model this module trains
 
@@ -336,23 +337,14 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     for index, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(index)
     for length, rows in by_length.items():
-        batch = torch.tensor([list(prompts[r]) for r in rows], dtype=torch.long)
         cache = model.new_kv_cache(len(rows), length + max_new_tokens)
-        out = [[] for _ in rows]
-        done = [False] * len(rows)
-        step_input = batch
-        for _ in range(max_new_tokens):
-            logits = model(step_input, cache=cache, last_only=True)[:, -1]
-            nxt = logits.float().argmax(dim=-1).tolist()
-            for j, t in enumerate(nxt):
-                if not done[j]:
-                    out[j].append(t)
-                    done[j] = t == eos_id
-            if all(done):
-                break
-            step_input = torch.tensor([[t] for t in nxt], dtype=torch.long)
-        for j, r in enumerate(rows):
-            results[r] = out[j]
+
+        def next_logits(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids, cache=cache, last_only=True)[:, -1]
+
+        batch = torch.tensor([list(prompts[r]) for r in rows], dtype=torch.long)
+        for r, new_ids in zip(rows, sample_loop(next_logits, batch, max_new_tokens, eos_id=eos_id)):
+            results[r] = new_ids
     return results  # type: ignore[return-value]
 
 
