@@ -1,0 +1,116 @@
+"""generate's default step (decode.DefaultStep): eager Mixtral.forward, switched on a CPU to the compiled
+FastDecoder step when the measured rule says it pays; the same tokens either way. No timing is asserted:
+the rule's inputs (start-up, step times) are set by the tests where a decision is checked."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mixtral_edu.config import MixtralConfig
+from mixtral_edu.inference import decode
+from mixtral_edu.inference.cpu import use_thread_policy_
+from mixtral_edu.inference.generate import generate, sample_loop
+from tiny_models import random_tiny
+
+PROMPT = [5, 17, 3, 99, 42, 8]
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_vs_transformers.py"
+
+
+def model_with_threads():
+    model = random_tiny(num_hidden_layers=3, std=0.08)
+    return use_thread_policy_(model)
+
+
+def test_the_compiled_default_gives_eager_tokens_and_is_what_the_benchmark_times(monkeypatch, tmp_path):
+    """decode_ours (the benchmark's "ours") goes through generate; when the rule picks the compiled step
+    (start-up set to 0 here) the tokens equal the eager ones, and the switch really happened."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("cpu_vs_transformers", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.generate is generate
+
+    model = model_with_threads()
+    eager = generate(model, PROMPT, 20, eos_id=None)               # expected start-up 60 s: stays eager
+    assert getattr(model, "compiled_step", None) is None or model.compiled_step.decoder is None
+
+    monkeypatch.setattr(decode, "expected_startup", lambda model, length: 0.0)
+    _, compiled = bench.decode_ours(model, torch.tensor([PROMPT]), 20)
+    decoder = model.compiled_step.decoder
+    assert decoder is not None and decoder.compile_seconds is not None and decoder.threads is model.decode_threads
+    assert compiled == eager
+    assert generate(model, PROMPT, 12, eos_id=None) == eager[:12]          # the compiled step is reused
+    record = (decode.compile_cache_dir() / "mixtral_edu_startup.json").read_text()
+    assert '"cold_s"' in record or '"warm_s"' in record                   # the start-up is recorded for next time
+
+
+def test_the_rule_stays_eager_where_compiling_does_not_apply(monkeypatch):
+    monkeypatch.setattr(decode, "expected_startup", lambda model, length: 0.0)
+    model = model_with_threads()
+    handle = model.layers[0].self_attn.register_forward_hook(lambda *a: None)
+    assert not decode.compiles_well(model)                    # a hook: a compiled step would keep the old set
+    handle.remove()
+    assert decode.compiles_well(model)                        # the thread policy's own pre-hook does not count
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not decode.compiles_well(model)                    # inductor's C++ does not build for generic ATen
+
+
+def test_the_rule_weighs_start_up_against_the_steps_left(monkeypatch):
+    model = model_with_threads()
+    monkeypatch.setattr(decode, "expected_startup", lambda model, length: 10.0)
+    step = decode.DefaultStep(model, len(PROMPT), 100)
+    step.step_times = [1e-3] * decode.PROBE_STEPS             # 96 steps left x 1 ms x 0.3 = 29 ms < 10 s
+    assert step.compiled_decoder() is None
+    step.step_times = [1.0] * decode.PROBE_STEPS              # 96 steps x 1 s x 0.3 = 29 s > 10 s
+
+    class Chosen(Exception):
+        pass
+
+    def compiled(model, length, compile):
+        raise Chosen(length)
+    monkeypatch.setattr(decode, "FastDecoder", compiled)
+    with pytest.raises(Chosen):
+        step.compiled_decoder()
+
+
+def test_the_inductor_cache_is_kept_apart_per_cpu_capability(monkeypatch, tmp_path):
+    """A kernel built for one instruction set is never offered to another (a reused one gave wrong tokens)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    here = decode.compile_cache_dir()
+    assert here.parent == tmp_path
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(here))
+    assert decode.compile_cache_dir() == here                 # set once, it stays put
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert decode.compile_cache_dir() != here
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(decode, "_cpu_flags", lambda: "fpu sse sse2")
+    assert decode.compile_cache_dir().parent == tmp_path and decode.compile_cache_dir() != here
+
+
+def test_cache_lengths_are_shared_buckets():
+    model = SimpleNamespace(config=MixtralConfig.tiny(max_position_embeddings=2048))
+    assert [decode.cache_length(model, n) for n in (10, 256, 257, 1500, 2048)] == [256, 256, 512, 2048, 2048]
+
+
+def test_one_loop_stops_each_row_at_its_eos_and_streams():
+    """sample_loop: a row is done after eos (kept), the loop ends when all rows are, the last token is never fed."""
+    script = {0: [[4], [2]], 1: [[2], [7]], 2: [[9], [9]]}     # per call: each row's next token
+    fed = []
+
+    def next_logits(ids):
+        fed.append(ids.tolist())
+        logits = torch.zeros(2, 10)
+        for row, (token,) in enumerate(script[len(fed) - 1]):
+            logits[row, token] = 1.0
+        return logits
+
+    assert sample_loop(next_logits, torch.tensor([[1, 1], [1, 1]]), 5, eos_id=2) == [[4, 2], [2]]
+    assert fed == [[[1, 1], [1, 1]], [[4], [2]]]
+    seen, fed[:] = [], []
+    assert sample_loop(next_logits, torch.tensor([[1]]).expand(2, 1), 1, stream=seen.append) == [[4], [2]]
+    assert len(fed) == 1 and seen == [4, 2]
+
