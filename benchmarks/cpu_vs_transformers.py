@@ -21,11 +21,12 @@ What happens, in one process:
    tokens/s <= read bandwidth / active bytes per token. The read bandwidth is measured in the same
    run (the sum of a tensor much larger than the caches).
 5. Both greedy continuations must be identical; the script exits with status 1 when they are not.
-6. --opt-in: the same decode through what a user may switch on: `to_column_major_` (row-sum
-   products), `FastDecoder(model, compile=True)` (torch.compile on the CPU; its warm-up is timed)
-   and bfloat16 weights (speed only: bf16 tokens are not expected to equal float32 ones).
-7. --busy N: decode again with N busy-looping processes beside it (contention), ours and
-   transformers, and ours with a fixed thread count (without the thread policy's `DecodeThreads`).
+6. --opt-in: the same decode through other paths: `to_column_major_` (row-sum products),
+   `FastDecoder(model, compile=True)` (the compiled step `generate` switches to for long generations;
+   its warm-up is timed) and bfloat16 weights, eager and compiled (speed only: bf16 tokens are not
+   expected to equal float32 ones).
+7. --busy N: decode again with N busy-looping processes beside it (contention), ours, its compiled
+   step and transformers, and ours with a fixed thread count (without the thread policy's `DecodeThreads`).
 
 Timings are best-of-N wall-clock times with the two models interleaved, so a busy machine slows
 both alike; the ratios are the numbers to compare, the absolute times depend on the load.
@@ -255,25 +256,38 @@ def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: fl
     rowsum = to_column_major_(copy.deepcopy(ours))
     report("to_column_major_ (row sums)", *best_decode(decode_ours, rowsum, prompt, n, args.repeats))
     del rowsum
-    decoder = FastDecoder(copy.deepcopy(ours), max_seq_len=prompt.shape[1] + n, compile=True)
-    t = time.perf_counter()
-    decode_fast(decoder, prompt, 3)                   # compiles
-    warmup = time.perf_counter() - t
+    decoder, warmup = compiled_decoder(ours, prompt.shape[1] + n, prompt)
     tps, ids = best_decode(decode_fast, decoder, prompt, n, args.repeats)
     report("FastDecoder(compile=True)", tps, ids, f"; compile warm-up {warmup:.1f} s")
     del decoder
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
     tps, _ = best_decode(decode_ours, bf16, prompt, n, args.repeats)
     report("bfloat16 weights (default path)", tps, None, f"; bound at bf16 bytes {2 * bound:.1f} tok/s")
+    decoder, warmup = compiled_decoder(bf16, prompt.shape[1] + n, prompt)
+    tps, _ = best_decode(decode_fast, decoder, prompt, n, args.repeats)
+    report("bfloat16 weights, FastDecoder(compile=True)", tps, None,
+           f"; compile warm-up {warmup:.1f} s; bound at bf16 bytes {2 * bound:.1f} tok/s")
+
+
+def compiled_decoder(model, max_seq_len: int, prompt: torch.Tensor) -> tuple[FastDecoder, float]:
+    """The compiled step `generate` switches to for long generations, on a copy of `model`; and the seconds
+    its first steps took (the compile, or reading the kernels from inductor's cache)."""
+    decoder = FastDecoder(copy.deepcopy(model), max_seq_len=max_seq_len, compile=True)
+    t = time.perf_counter()
+    decode_fast(decoder, prompt, 3)
+    return decoder, time.perf_counter() - t
 
 
 def busy_runs(ours, hf, prompt: torch.Tensor, args, quiet_ours: float, quiet_hf: float) -> None:
     """Decode while `args.busy` other processes spin; print each rate against its quiet one."""
+    n, r = args.new_tokens, args.repeats
+    decoder, _ = compiled_decoder(ours, prompt.shape[1] + n, prompt)
+    quiet_compiled, _ = best_decode(decode_fast, decoder, prompt, n, r)
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         time.sleep(1.0)
-        n, r = args.new_tokens, args.repeats
         tps_ours, _ = best_decode(decode_ours, ours, prompt, n, r)
+        tps_compiled, _ = best_decode(decode_fast, decoder, prompt, n, r)
         tps_hf, _ = best_decode(decode_hf, hf, prompt, n, r)
         use_thread_policy_(ours, fixed_threads())
         try:
@@ -286,7 +300,8 @@ def busy_runs(ours, hf, prompt: torch.Tensor, args, quiet_ours: float, quiet_hf:
             p.wait()
     print(f"under contention ({args.busy} busy process(es) beside it): ours {tps_ours:.1f} tok/s "
           f"({tps_ours / quiet_ours:.0%} of quiet), transformers {tps_hf:.1f} ({tps_hf / quiet_hf:.0%} of quiet), "
-          f"ours with a fixed {args.threads} threads {tps_fixed:.1f} ({tps_fixed / quiet_ours:.0%} of quiet)")
+          f"ours with a fixed {args.threads} threads {tps_fixed:.1f} ({tps_fixed / quiet_ours:.0%} of quiet), "
+          f"ours compiled step {tps_compiled:.1f} ({tps_compiled / quiet_compiled:.0%} of its quiet {quiet_compiled:.1f})")
 
 
 # ------------------------------------------------------------------ main

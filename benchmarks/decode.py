@@ -30,13 +30,13 @@ import time
 import traceback
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # random_weights.py
 
 from mixtral_edu.config import MixtralConfig  # noqa: E402
+from mixtral_edu.devices import free_bytes  # noqa: E402
 from mixtral_edu.params import count_parameters  # noqa: E402
 from mixtral_edu.inference.decode import FastDecoder  # noqa: E402
 from random_weights import random_model  # noqa: E402  (benchmarks/random_weights.py, beside this script)
@@ -244,12 +244,11 @@ def main(argv=None) -> int:
                "tokens": args.tokens, "prompt_len": args.prompt_len, "runs": []}
     print(f"device: {results['device']}   torch {torch.__version__}   config {args.config}   "
           f"triton kernel: {triton_available(device)}")
+    free = free_bytes(device)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        print(f"GPU memory: {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free")
-    else:
-        free = psutil.virtual_memory().available
-    if not args.weights:            # random weights: refuse, in one line, a model the device cannot hold
+        print(f"GPU memory: {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB total, "
+              f"{free / 2**30:.1f} GiB free")
+    if not args.weights and free is not None:            # random weights: refuse, in one line, a model the device cannot hold
         per_param = dtype.itemsize if "none" in args.quant.split(",") else 1   # int8: a byte a weight, plus scales
         need = count_parameters(cfg)["total"] * per_param
         if need > 0.9 * free:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/llama_cpp.py                    # the 139M random model of cpu_vs_transformers.py
     .venv/bin/python benchmarks/llama_cpp.py --weights DIR      # any Mixtral checkpoint folder (HF layout)
     .venv/bin/python benchmarks/llama_cpp.py --skip-bench       # build (or reuse) and the correctness line only
+    .venv/bin/python benchmarks/llama_cpp.py --startup          # + the compiled step's start-up, cold and warm cache
 
 What happens:
 
@@ -20,7 +21,8 @@ What happens:
    prompt, ours against llama.cpp's (through the bindings, logits_all, an F32 KV cache: llama.cpp's
    default F16 cache alone moves them by ~1e-3). The script fails when max |diff| > --tolerance.
 5. Speed: llama-bench (-t THREADS, -p 512, -n 128, JSON) on both GGUF files; ours and transformers
-   measured with the functions of benchmarks/cpu_vs_transformers.py on the same weights, and the
+   measured with the functions of benchmarks/cpu_vs_transformers.py on the same weights (ours: `generate`,
+   the default, and the compiled step it switches to for long generations, float32 and bfloat16), and the
    bandwidth bound from its read-bandwidth measurement. One table, with the CPU model name and the
    load average before and after: on a shared machine every number moves with the load.
 
@@ -395,9 +397,14 @@ def load_hf(folder: Path):
 
 
 def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, prompt_len: int, new_tokens: int) -> dict:
-    """Prefill and decode of ours and transformers on `folder`, with cpu_vs_transformers.py's functions."""
+    """Prefill and decode of ours and transformers on `folder`, with cpu_vs_transformers.py's functions;
+    ours also through the compiled step `generate` switches to (FastDecoder(compile=True), on copies,
+    float32 and bfloat16), after its start-up."""
+    import copy
+
     import torch
     import cpu_vs_transformers as cvt
+    from mixtral_edu.inference.decode import FastDecoder
 
     torch.set_num_threads(threads)
     hf, ours = load_hf(folder), cvt.load_ours(str(folder))
@@ -410,6 +417,12 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
     for _ in range(repeats):
         t_ours.append(cvt.timed(cvt.prefill_ours, ours, prefill_ids)[0])
         t_hf.append(cvt.timed(cvt.prefill_hf, hf, prefill_ids)[0])
+    compiled = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        decoder = FastDecoder(copy.deepcopy(ours).to(dtype), prompt_len + new_tokens, compile=True)
+        start = time.perf_counter()
+        cvt.decode_fast(decoder, prompt, 2)
+        compiled[name] = {"decoder": decoder, "startup_s": time.perf_counter() - start, "tps": []}
     cvt.decode_ours(ours, prompt, 2), cvt.decode_hf(hf, prompt, 2)
     d_ours, d_hf = [], []
     for _ in range(repeats):
@@ -417,12 +430,42 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
         d_ours.append(stamps.tokens_per_s())
         stamps, ids_hf = cvt.decode_hf(hf, prompt, new_tokens)
         d_hf.append(stamps.tokens_per_s())
+        for name, c in compiled.items():
+            stamps, c["ids"] = cvt.decode_fast(c["decoder"], prompt, new_tokens)
+            c["tps"].append(stamps.tokens_per_s())
     bandwidth = cvt.read_bandwidth()
     return {"cfg": cfg, "bandwidth": bandwidth,
             "bytes_f32": cvt.active_bytes_per_token(cfg, 4), "bytes_f16": cvt.active_bytes_per_token(cfg, 2),
             "ours": {"decode_tps": max(d_ours), "prefill_ms": min(t_ours) * 1e3},
             "transformers": {"decode_tps": max(d_hf), "prefill_ms": min(t_hf) * 1e3},
-            "greedy_equal": ids_ours == ids_hf}
+            "compiled": {name: {"decode_tps": max(c["tps"]), "startup_s": c["startup_s"]}
+                         for name, c in compiled.items()},
+            "greedy_equal": ids_ours == ids_hf,
+            "compiled_agrees": cvt.token_agreement(ours, prompt, compiled["float32"]["ids"], ids_hf)}
+
+
+def startup_times(folder: Path, threads: int) -> dict:
+    """Seconds from starting Python to the compiled step's first token, with an empty inductor cache
+    (the first run on a machine) and again with the cache that run left (every later run)."""
+    import tempfile
+
+    code = ("import sys, time; t0 = time.perf_counter(); sys.path.insert(0, sys.argv[1]); import torch; "
+            "torch.set_num_threads(int(sys.argv[3])); import cpu_vs_transformers as cvt; "
+            "from mixtral_edu.inference.decode import FastDecoder; "
+            "m = cvt.load_ours(sys.argv[2]); t1 = time.perf_counter(); "
+            "d = FastDecoder(m, 160, compile=True, progress=None); cvt.decode_fast(d, torch.ones(1, 32, dtype=torch.long), 2); "
+            "print(time.perf_counter() - t0, time.perf_counter() - t1)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+        for name in ("cold", "warm"):
+            run = subprocess.run([sys.executable, "-c", code, str(HERE), str(folder), str(threads)],
+                                 capture_output=True, text=True, env=env)
+            if run.returncode != 0:
+                raise StepError("start-up", run.stderr.strip().splitlines()[-1:] or ["no output"])
+            total, after_load = (float(v) for v in run.stdout.split()[-2:])
+            out[name] = {"total_s": total, "after_load_s": after_load}
+    return out
 
 
 # ------------------------------------------------------------------ correctness
@@ -477,8 +520,15 @@ def speed_rows(t: dict, f32: dict, f16: dict) -> list[dict]:
     bound32 = t["bandwidth"] / t["bytes_f32"]
     bound16 = t["bandwidth"] / t["bytes_f16"]
     return [
-        dict(system="ours (load_model + generate, the default)", bound=t["ours"]["decode_tps"] / bound32, **t["ours"]),
+        dict(system="ours, default (load_model + generate)", bound=t["ours"]["decode_tps"] / bound32, **t["ours"]),
         dict(system="transformers", bound=t["transformers"]["decode_tps"] / bound32, **t["transformers"]),
+        dict(system="ours, compiled step (what generate switches to), float32",
+             decode_tps=t["compiled"]["float32"]["decode_tps"],
+             bound=t["compiled"]["float32"]["decode_tps"] / bound32,
+             note=f"start-up {t['compiled']['float32']['startup_s']:.1f} s in this process"),
+        dict(system="ours, compiled step, bfloat16 weights", decode_tps=t["compiled"]["bfloat16"]["decode_tps"],
+             bound=t["compiled"]["bfloat16"]["decode_tps"] / bound16,
+             note=f"of the F16 bound; start-up {t['compiled']['bfloat16']['startup_s']:.1f} s"),
         dict(system="llama.cpp F32", decode_tps=f32["decode_tps"], prefill_ms=f32["prefill_ms"],
              bound=f32["decode_tps"] / bound32, note="llama-bench"),
         dict(system="llama.cpp F16", decode_tps=f16["decode_tps"], prefill_ms=f16["prefill_ms"],
@@ -497,6 +547,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-build", action="store_true",
                    help="never build: use the cached build, or fail saying there is none")
     p.add_argument("--skip-bench", action="store_true", help="only the correctness line, no speed table")
+    p.add_argument("--startup", action="store_true",
+                   help="also time the compiled step's start-up in fresh processes, cold and warm inductor cache")
     p.add_argument("--repeats", type=int, default=3, help="best of / llama-bench -r (default %(default)s)")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default %(default)s)")
     p.add_argument("--decode", type=int, default=128, help="decode tokens (default %(default)s)")
@@ -533,6 +585,9 @@ def main(argv=None) -> int:
                      for t, g in ggufs.items()}
             say(f"ours and transformers: {folder.name}, best of {args.repeats}")
             t = torch_rows(folder, args.threads, args.repeats, args.prefill, 32, args.decode)
+            if args.startup:
+                say("start-up of the compiled step: two fresh processes, an empty inductor cache, then warm")
+                t["startup"] = startup_times(folder, args.threads)
             table = (t, bench)
     except StepError as e:
         print(f"llama_cpp.py: {e}", file=sys.stderr)
@@ -560,7 +615,14 @@ def main(argv=None) -> int:
               f"MB in F16) over {t['bandwidth'] / 1e9:.1f} GB/s read bandwidth (cpu_vs_transformers.read_bandwidth) "
               f"= {t['bandwidth'] / t['bytes_f32']:.1f} tok/s F32, {t['bandwidth'] / t['bytes_f16']:.1f} F16; "
               f"llama.cpp build {bench['f32']['build']}")
-        if not t["greedy_equal"]:
+        agrees, how = t["compiled_agrees"]
+        print(f"compiled step against transformers: {how}")
+        if "startup" in t:
+            st = t["startup"]
+            print(f"start-up, Python start to the compiled step's first token (of which after loading the model): "
+                  f"{st['cold']['total_s']:.1f} s ({st['cold']['after_load_s']:.1f}) with an empty inductor cache, "
+                  f"{st['warm']['total_s']:.1f} s ({st['warm']['after_load_s']:.1f}) with the cache it left")
+        if not t["greedy_equal"] or not agrees:
             print("FAIL: ours and transformers' greedy tokens differ")
             return 1
     if not ok:

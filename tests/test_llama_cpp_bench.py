@@ -56,12 +56,16 @@ def test_the_table_has_one_row_per_system_and_dashes_for_missing_numbers():
 def test_speed_rows_use_the_f32_bound_and_the_f16_bound_for_f16():
     t = {"bandwidth": 22e9, "bytes_f32": 200e6, "bytes_f16": 100e6,
          "ours": {"decode_tps": 55.0, "prefill_ms": 240.0},
-         "transformers": {"decode_tps": 44.0, "prefill_ms": 230.0}}
+         "transformers": {"decode_tps": 44.0, "prefill_ms": 230.0},
+         "compiled": {"float32": {"decode_tps": 88.0, "startup_s": 5.0},
+                      "bfloat16": {"decode_tps": 154.0, "startup_s": 6.0}}}
     f32 = {"decode_tps": 99.0, "prefill_ms": 340.0}
     f16 = {"decode_tps": 176.0, "prefill_ms": 440.0}
     rows = {r["system"].split(" (")[0]: r for r in bench.speed_rows(t, f32, f16)}
-    assert rows["ours"]["bound"] == pytest.approx(0.5)            # bound: 22e9 / 200e6 = 110 tok/s
+    assert rows["ours, default"]["bound"] == pytest.approx(0.5)   # bound: 22e9 / 200e6 = 110 tok/s
     assert rows["transformers"]["bound"] == pytest.approx(0.4)
+    assert rows["ours, compiled step"]["bound"] == pytest.approx(0.8)
+    assert rows["ours, compiled step, bfloat16 weights"]["bound"] == pytest.approx(0.7)   # of the F16 bound
     assert rows["llama.cpp F32"]["bound"] == pytest.approx(0.9)
     assert rows["llama.cpp F16"]["bound"] == pytest.approx(0.8)   # F16 bound: 220 tok/s
 

@@ -182,7 +182,7 @@ def use_summed_products_(model: nn.Module) -> nn.Module:
     and hooks), stored row-major (the compiled sum reads lm_head's rows at 7.4 ms a step against
     13.0 column-major, AMD EPYC, 1 thread, the benchmark's model), and every MoE block gets the
     summed one-token dispatch. Returns `model`."""
-    from .dispatch import decode_dispatch     # dispatch.py imports this module
+    from .dispatch import dispatch_summed     # dispatch.py imports this module
 
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype.is_floating_point:
@@ -190,7 +190,7 @@ def use_summed_products_(model: nn.Module) -> nn.Module:
             if not module.weight.is_contiguous():
                 module.weight.data = module.weight.data.contiguous()
     for layer in model.layers:
-        layer.block_sparse_moe.dispatch = decode_dispatch(summed=True)
+        layer.block_sparse_moe.dispatch = dispatch_summed
     return model
 
 

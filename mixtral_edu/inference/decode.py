@@ -81,7 +81,8 @@ def compile_cache_dir() -> Path:
     """The folder inductor caches this process's compiled kernels in, one per torch version, ATen CPU
     capability, MKL instruction limit and CPU flag set: a kernel built for another instruction set is
     never reused (one reused across capabilities once gave wrong tokens). Under $TORCHINDUCTOR_CACHE_DIR
-    when set, else ~/.cache/mixtral_edu/inductor ($XDG_CACHE_HOME respected)."""
+    when set (inductor sets it to /tmp/torchinductor_$USER once it has run in the process), else under
+    ~/.cache/mixtral_edu/inductor ($XDG_CACHE_HOME respected)."""
     key = "|".join([torch.__version__, torch.backends.cpu.get_cpu_capability(),
                     os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
                     _cpu_flags()])

@@ -11,7 +11,7 @@ and cannot be captured in a CUDA graph. These compute the same sum without it:
   elementwise product and a sum over the input dimension, which inductor fuses with the gather
   into one pass over the chosen experts' rows (no copy, no BLAS call).
 
-`decode_dispatch(...)` is what FastDecoder and `decode.use_kernel_` install: grouped for a
+`decode_dispatch(use_kernel)` is what FastDecoder and `decode.use_kernel_` install: grouped for a
 prompt, one of these for a single token.
 """
 
@@ -58,9 +58,10 @@ def dispatch_summed(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor
                     expert_ids: torch.Tensor) -> torch.Tensor:
     """One token (x `[1, hidden]`) through its k float experts with `cpu.summed_linear` products:
     under torch.compile each becomes one loop that reads each chosen row once. Outside a compile
-    trace (where it would build `[k, out, in]` temporaries) it is the model's `dispatch_auto`; other
-    storages (int8, offloaded) go through `dispatch_sync_free`. Same arguments and result."""
-    if not torch.compiler.is_compiling():                 # eager calls keep the model's own dispatch
+    trace (where it would build `[k, out, in]` temporaries) and for several tokens it is the model's
+    `dispatch_auto`; other storages (int8, offloaded) go through `dispatch_sync_free`. Installed
+    whole by `cpu.use_summed_products_`. Same arguments and result as `dispatch_sync_free`."""
+    if not torch.compiler.is_compiling() or x.shape[0] != 1:    # eager calls and prompts: the model's own
         return dispatch_auto(experts, x, weights, expert_ids)
     if type(experts) is not Experts:
         return dispatch_sync_free(experts, x, weights, expert_ids)
@@ -68,9 +69,9 @@ def dispatch_summed(experts: ExpertsBase, x: torch.Tensor, weights: torch.Tensor
     return (per_slot * weights[0, :, None]).sum(dim=0, keepdim=True)
 
 
-def decode_dispatch(use_kernel: bool = False, summed: bool = False) -> Callable:
-    """Grouped for several tokens (a prompt); for one: the Triton kernel, the summed form, or sync-free."""
-    one_token = dispatch_kernel if use_kernel else dispatch_summed if summed else dispatch_sync_free
+def decode_dispatch(use_kernel: bool) -> Callable:
+    """Grouped for several tokens (a prompt), sync-free (or the kernel) for one."""
+    one_token = dispatch_kernel if use_kernel else dispatch_sync_free
 
     def dispatch(experts, x, weights, expert_ids):
         return (one_token if x.shape[0] == 1 else dispatch_grouped)(experts, x, weights, expert_ids)
