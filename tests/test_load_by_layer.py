@@ -136,8 +136,9 @@ def _peak_growth(narrow, wide, how: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM (peak resident memory) is Linux's")
 def test_peak_host_memory_of_an_int8_load_is_a_few_layers_not_the_model(tmp_path):
     """8 decoder layers of 24 MiB each (float32). Loading the whole model on the host grows the process by
-    all eight; the layer-by-layer int8 load by the layer being read, the file pages it was read from (mapped
-    until that layer is done) and the allocator's slack: under 3 layers."""
+    all eight; the layer-by-layer int8 load by about one: the layer being read (measured 25-26 MiB). Without
+    giving freed pages back after each layer (partial._return_freed_memory), glibc kept one 8 MiB expert stack
+    per layer in half the runs (26 MiB or 72 MiB here, 145 MiB with 16 layers): this bound catches that."""
     def config(intermediate):
         return MixtralConfig.tiny(vocab_size=128, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=8,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32)
@@ -151,7 +152,7 @@ def test_peak_host_memory_of_an_int8_load_is_a_few_layers_not_the_model(tmp_path
     print(f"one layer {layer_bytes / 2**20:.1f} MiB; peak RSS growth: layer by layer {by_layer / 2**20:.1f} MiB, "
           f"whole model on the host {whole / 2**20:.1f} MiB")
     assert whole > 7 * layer_bytes            # the measurement sees a whole model when there is one
-    assert by_layer < 3 * layer_bytes, (by_layer, layer_bytes)
+    assert by_layer < 2 * layer_bytes, (by_layer, layer_bytes)
 
 
 @pytest.mark.parametrize("layout", ["mistral", "mistral-pt"])

@@ -17,6 +17,9 @@ filled (the returned set); `fill_modules` does both for whole modules of a meta-
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -159,4 +162,24 @@ def load_by_layer(folder: PathLike, dtype: torch.dtype, device, place_layer: Cal
     for i, layer in enumerate(tqdm(model.layers, desc="reading layer by layer", disable=not progress)):
         fill_modules(folder, {f"layers.{i}": layer}, "cpu")
         place_layer(i, layer)
+        _return_freed_memory()
     return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):          # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of a placed layer's freed host storage back to the system. glibc serves blocks under
+    its mmap threshold (raised up to 32 MiB as larger blocks are freed) from its heap, where freed ones can
+    stay resident: measured on 8 MiB expert stacks, half the runs kept one per layer (8 MiB x layers).
+    malloc_trim(0) returns every free page of the heap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
