@@ -235,6 +235,7 @@ def test_budget_bounds_the_cache_and_lru_evicts(files):
         torch.testing.assert_close(model(torch.tensor([PROMPT])), ref(torch.tensor([PROMPT])), rtol=0, atol=1e-5)
     cache = model.gguf_cache
     assert cache.used <= cache.budget and cache.stats.evictions > 0
+    assert cache.reused > 0                          # evicted experts' memory was filled again, and the logits held
     with pytest.raises(BudgetError, match="too small"):
         load_gguf(files["Q8_0"], memory_budget=minimum_budget(f) - 1)
 
@@ -247,6 +248,24 @@ def test_dequant_cache_lru_order():
     cache.get("d", lambda: "d", 10)                    # evicts b, the least recent
     assert list(cache.entries) == ["c", "a", "d"] and cache.stats.hits == 1 and cache.stats.evictions == 1
     assert cache.get("huge", lambda: "x", 31) == "x" and "huge" not in cache.entries
+
+
+def test_evicted_memory_is_reused_only_when_nothing_else_holds_it():
+    cache = DequantCache(budget=400)                   # one tensor of 100 float32 at a time
+    load = lambda value: lambda: cache.take((100,)).fill_(value)                                  # noqa: E731
+    kept = cache.get(1, load(1), 400)                  # a learner keeps the tensor
+    cache.get(2, load(2), 400)                         # evicts 1: still held, so not overwritten
+    assert torch.all(kept == 1) and cache.reused == 0
+    view = cache.get(2, load(-1), 400)[:50]            # a view of entry 2
+    cache.get(3, load(3), 400)                         # evicts 2: viewed, so not overwritten
+    assert torch.all(view == 2) and cache.reused == 0
+    del view
+    where = cache.get(3, load(-1), 400).data_ptr()
+    cache.get(4, load(4), 400)                         # evicts 3: nothing holds it, so 4 lands in its memory
+    assert cache.reused == 1 and cache.get(4, load(-1), 400).data_ptr() == where
+    cache.get("pair", lambda: (cache.take((50,)).fill_(5), cache.take((50,)).fill_(6)), 400)    # a tuple of two
+    cache.get("next", lambda: (cache.take((5, 10)), cache.take((10, 5))), 400)   # both from the evicted pair
+    assert cache.reused == 3
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -21,6 +21,8 @@ below that, loading is refused. Peak memory adds the activations and the matrix 
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -49,6 +51,11 @@ class DequantCache:
     `get(key, load, nbytes)` returns the cached value or `load()`s it (a tensor or tuple of tensors
     of `nbytes` bytes), evicting least recently used entries first so that the cache stays within
     `budget`. A value larger than the whole budget is returned without being kept.
+
+    `load` takes its output tensors from `take(numel)`: the memory of the entries just evicted, where
+    nothing outside the cache still holds them. Fresh memory costs a page fault per 4 KB page, which
+    for a 235 MB expert matrix took longer than dequantizing it (and on a machine whose memory is full
+    of file cache, the kernel must first reclaim pages); reused memory costs nothing.
     """
 
     def __init__(self, budget: int) -> None:
@@ -56,6 +63,8 @@ class DequantCache:
         self.entries: "OrderedDict[object, tuple[object, int]]" = OrderedDict()
         self.used = 0
         self.stats = CacheStats()
+        self.reused = 0                  # tensors whose memory a load got back from an evicted entry
+        self._spare: list = []
 
     def get(self, key, load: Callable, nbytes: int):
         if key in self.entries:
@@ -64,20 +73,48 @@ class DequantCache:
             return self.entries[key][0]
         self.stats.misses += 1
         while self.entries and self.used + nbytes > self.budget:      # make room before loading
-            _, (_, size) = self.entries.popitem(last=False)
+            _, (old, size) = self.entries.popitem(last=False)
             self.used -= size
             self.stats.evictions += 1
-        with torch.inference_mode(False), torch.no_grad():   # plain tensors, usable in and out of inference mode
-            value = load()
+            self._spare += unheld(old)
+        try:
+            with torch.inference_mode(False), torch.no_grad():   # plain tensors, usable in and out of inference mode
+                value = load()
+        finally:
+            self._spare.clear()
         self.stats.bytes_copied += nbytes
         if nbytes <= self.budget:
             self.entries[key] = (value, nbytes)
             self.used += nbytes
         return value
 
+    def take(self, shape: tuple) -> torch.Tensor:
+        """A float32 tensor of `shape` for the running `load` to fill: an evicted entry's memory if its size fits."""
+        numel = math.prod(shape)
+        for i, t in enumerate(self._spare):
+            if t.numel() == numel and t.dtype == torch.float32:
+                self.reused += 1
+                return self._spare.pop(i).resize_(shape)        # the same tensor reshaped, not a view of it
+        return torch.empty(shape, dtype=torch.float32)
+
     def clear(self) -> None:
         self.entries.clear()
         self.used = 0
+
+
+def unheld(value) -> list:
+    """The tensors of an evicted cache value that nothing else holds: no other reference to the tensor,
+    no view of it, no owner inside torch. Only their memory may be overwritten; the others are left
+    to whoever still holds them (a learner's variable, say) and freed when they let go."""
+    tensors = list(value) if isinstance(value, tuple) else [value]
+    del value                            # so that a lone tensor and a tuple's count the same
+    try:
+        # references to t: the caller's name for the value (or its tuple), `tensors`, the loop's name
+        # and getrefcount's argument
+        return [t for t in tensors if isinstance(t, torch.Tensor) and sys.getrefcount(t) <= 4
+                and t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2]
+    except AttributeError:               # a torch without these counts: never reuse
+        return []
 
 
 class StreamedLinear(nn.Module):
@@ -92,7 +129,8 @@ class StreamedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized `[out, in]` matrix (from the cache, or read now)."""
-        return self.cache.get(self.name, lambda: self.file.read(self.name), self.nbytes)
+        shape = (self.out_features, self.in_features)
+        return self.cache.get(self.name, lambda: self.file.read(self.name, out=self.cache.take(shape)), self.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -111,12 +149,14 @@ class StreamedExperts(ExpertsBase):
         self.num_experts = file.config.num_local_experts
         self.prefix = f"layers.{layer_idx}.block_sparse_moe.experts."
         self.nbytes = sum(file.nbytes_dequantized(self.prefix + w, 0) for w in ("w1", "w2", "w3"))
+        self.shapes = {w: file.matrices[(self.prefix + w, 0)].shape for w in ("w1", "w2", "w3")}
 
     def expert_weights(self, expert: int) -> tuple:
         """Expert `expert`'s w1 `[I, H]`, w2 `[H, I]`, w3 `[I, H]` in float32."""
         e = int(expert)
         return self.cache.get((self.layer_idx, e),
-                              lambda: tuple(self.file.read(self.prefix + w, e) for w in ("w1", "w2", "w3")),
+                              lambda: tuple(self.file.read(self.prefix + w, e, out=self.cache.take(self.shapes[w]))
+                                            for w in ("w1", "w2", "w3")),
                               self.nbytes)
 
     def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:

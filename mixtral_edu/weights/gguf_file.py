@@ -240,11 +240,13 @@ class GGUFFile:
     def read(self, name: str, expert: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Our parameter `name` (expert `expert` of a stacked one) dequantized to float32, in our layout.
 
-        `[out, in]` for a matrix, `[n]` for a vector; q and k rows permuted back to ours.
+        `[out, in]` for a matrix, `[n]` for a vector; q and k rows permuted back to ours (in a new tensor).
+        `out`, of that shape, is filled and returned.
         """
         m = self.matrices[(name, expert)]
         self.prefetch(m)
-        w = dequantize(self.raw(m), m.qtype, out=None if out is None else out.view(-1)).view(m.shape)
+        w = torch.empty(m.shape) if out is None else out        # `out` itself, not a view of it, comes back
+        dequantize(self.raw(m), m.qtype, out=w.view(-1))
         self.release(m)
         cfg = self.config
         if name.endswith("q_proj.weight"):

@@ -24,7 +24,6 @@ float16 `d` (and `dmin`), which is how Q4_K reaches 4.5 bits. Layouts follow ggm
 
 from __future__ import annotations
 
-import mmap
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -239,23 +238,6 @@ def _decode_blocks(blocks: torch.Tensor, out_blocks: torch.Tensor, qtype: str, c
                 dst.add_(offset[at:at + chunk_blocks])                  # rounded like the reference's d*q - m
 
 
-HUGE_PAGES_FROM = 2 ** 24          # bytes: from this size on, `empty_float32` maps huge pages
-
-
-def empty_float32(numel: int) -> torch.Tensor:
-    """A new float32 tensor `[numel]`; a large one in its own anonymous map, advised to use 2 MB pages.
-
-    Writing a fresh 4 KB page first costs a page fault: a dequantized 8x7B expert matrix (235 MB)
-    takes 57,000 of them, which cost more than the dequantization itself (0.10 of 0.15 CPU-seconds on
-    this EPYC); with huge pages 512 times fewer. Where the OS has no such advice, a plain torch.empty.
-    """
-    if 4 * numel < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(numel, dtype=torch.float32)
-    region = mmap.mmap(-1, 4 * numel, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.float32)        # keeps `region` alive; unmapped with it
-
-
 def _one_thread() -> None:
     """A worker's start: torch sets up this thread (copying the process-wide count), then it gets 1."""
     torch.get_num_threads()
@@ -279,7 +261,7 @@ def dequantize(raw: torch.Tensor, qtype: str, out: torch.Tensor | None = None,
         raise ValueError(f"{qtype} data must be a 1-D uint8 tensor of whole {nbytes}-byte blocks")
     n = raw.numel() // nbytes * size
     if out is None:
-        out = empty_float32(n)
+        out = torch.empty(n, dtype=torch.float32)
     if qtype in ("F32", "F16", "BF16"):
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]
         return out.copy_(raw.view(dtype))
