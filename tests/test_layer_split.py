@@ -112,5 +112,8 @@ def test_fast_decoder_of_a_split_model_keeps_the_models_own_dispatch():
     decoder = FastDecoder(split, 16, use_kernel=False, cuda_graph=False)
     assert all(layer.block_sparse_moe.dispatch is DISPATCH["auto"] for layer in split.layers)
     assert decoder.generate(prompt, 8) == expected
+    assert FastDecoder(split, 16, use_kernel=False).cuda_graph is False          # not graphed by default
+    FastDecoder(split, 16, use_kernel=False, cuda_graph=True)             # a graph asked for needs no host sync
+    assert split.layers[0].block_sparse_moe.dispatch is not DISPATCH["auto"]
     FastDecoder(whole, 16, use_kernel=False, cuda_graph=False)            # one device: its sync-free step
     assert whole.layers[0].block_sparse_moe.dispatch is not DISPATCH["auto"]

@@ -118,7 +118,7 @@ class FastDecoder:
     new_ids = decoder.generate(prompt_ids, max_new_tokens=128)        # list of ints
 
     use_kernel: the Triton expert kernel (default: when available for the model's device).
-    cuda_graph: capture the step once and replay it (default: on CUDA). compile: torch.compile the
+    cuda_graph: capture the step once and replay it (default: on CUDA, one device). compile: torch.compile the
     step first (fuses the small kernels; the first call takes a while, announced through `progress`;
     on a CPU the one-token products become sums, `cpu.use_summed_products_`, and the kernels read the
     thread count at run time, so the model's `DecodeThreads` still applies). The dispatch (and the
@@ -132,9 +132,9 @@ class FastDecoder:
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.use_kernel = triton_available(self.device) if use_kernel is None else use_kernel
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        # a split model hops devices and is not one graph: its own dispatch, no gathered copies (split.py)
-        model.set_dispatch(decode_dispatch_for(model) if is_split(model) else decode_dispatch(use_kernel=False))
+        split = is_split(model)     # hops devices: not graphed unless asked; ungraphed, its own dispatch (split.py)
+        self.cuda_graph = self.device.type == "cuda" and not split if cuda_graph is None else cuda_graph
+        model.set_dispatch(decode_dispatch_for(model) if split and not self.cuda_graph else decode_dispatch(use_kernel=False))
         if self.use_kernel:
             use_kernel_(model)
         self.cache = model.new_kv_cache(1, max_seq_len)

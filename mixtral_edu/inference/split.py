@@ -91,8 +91,8 @@ def decode_dispatch_for(model: nn.Module) -> str:
 
     The sync-free dispatch a one-device decoder installs gathers, i.e. copies, each token's k experts' w1,
     w2, w3 so that no host sync breaks a CUDA graph; a split model is not captured as one graph (each
-    step hops devices), so the copies buy nothing, and "auto" reads the same weights as views (measured:
-    benchmarks/split_decode.py)."""
+    step hops devices; FastDecoder does not graph it unless asked), so the copies buy nothing, and "auto"
+    reads the same weights as views (measured: benchmarks/split_decode.py)."""
     if not is_split(model):
         raise ValueError("decode_dispatch_for is for a model placed by split_by_layers")
     return "auto"
