@@ -169,11 +169,15 @@ class FastDecoder:
             where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's cache")
             self.progress(f"compiling the decode step with torch.compile: up to a minute the first time on a "
                           f"machine, seconds once its kernels are cached ({where}) ...")
+        misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
         start = time.perf_counter()
         out = self._compiled(token, pos)
         self.compile_seconds = time.perf_counter() - start
         if self.progress is not None:
             self.progress(f"compiled in {self.compile_seconds:.1f} s")
+        if self.device.type == "cpu":      # what generate's rule expects next time (DefaultStep)
+            cold = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"] > misses
+            _record_startup(self.model, self.cache.max_seq_len, self.compile_seconds, cold)
         self._run = self._compiled
         return out
 
@@ -334,14 +338,15 @@ def expected_startup(model: nn.Module, max_seq_len: int) -> float:
     return known.get("warm_s") or WARM_START_S
 
 
-def _record_startup(model: nn.Module, decoder: FastDecoder, cold: bool) -> None:
+def _record_startup(model: nn.Module, max_seq_len: int, seconds: float, cold: bool) -> None:
+    """Note in the cache folder how long the first compiled step took, with an empty (cold) or a warm cache."""
     path = _startup_record()
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = {}
-    entry = record.setdefault(_graph_key(model, decoder.cache.max_seq_len), {})
-    entry["cold_s" if cold else "warm_s"] = round(decoder.compile_seconds, 2)
+    entry = record.setdefault(_graph_key(model, max_seq_len), {})
+    entry["cold_s" if cold else "warm_s"] = round(seconds, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".part")
     part.write_text(json.dumps(record, indent=1))
@@ -375,7 +380,7 @@ class DefaultStep:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.decoder is not None:
-            return self._compiled(ids)
+            return self.decoder.next_logits(ids)
         start = time.perf_counter()
         logits = self.model(ids.to(self.device), cache=self.cache, last_only=True)[:, -1]   # [batch, vocab]
         if self.cache.pos > ids.shape[1]:
@@ -397,13 +402,3 @@ class DefaultStep:
             decoder = slot.decoder = FastDecoder(self.model, length, compile=True)
         decoder.adopt(self.cache)
         return decoder
-
-    def _compiled(self, ids: torch.Tensor) -> torch.Tensor:
-        first = self.decoder.compile_seconds is None
-        if first:
-            misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
-        logits = self.decoder.next_logits(ids)
-        if first and self.decoder.compile_seconds is not None:
-            cold = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"] > misses
-            _record_startup(self.model, self.decoder, cold)
-        return logits
