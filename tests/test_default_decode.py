@@ -43,6 +43,10 @@ def test_the_compiled_default_gives_eager_tokens_and_is_what_the_benchmark_times
     assert decoder is not None and decoder.compile_seconds is not None and decoder.threads is model.decode_threads
     assert compiled == eager
     assert generate(model, PROMPT, 12, eos_id=None) == eager[:12]          # the compiled step is reused
+    assert model.compiled_step.decoder is decoder
+    model.to(torch.bfloat16)
+    assert len(generate(model, PROMPT, 12, eos_id=None)) == 12             # cast since: a step for bf16
+    assert model.compiled_step.decoder.cache.k[0].dtype == torch.bfloat16
     record = (decode.compile_cache_dir() / "mixtral_edu_startup.json").read_text()
     assert '"cold_s"' in record or '"warm_s"' in record                   # the start-up is recorded for next time
 

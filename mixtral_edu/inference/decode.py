@@ -392,10 +392,13 @@ class DefaultStep:
     def compiled_decoder(self) -> Optional[FastDecoder]:
         """The compiled decoder to continue with, or None where the eager steps left are cheaper."""
         steps_left = self.max_new_tokens - 1 - len(self.step_times)
+        if steps_left <= 0:
+            return None
         saving = steps_left * min(self.step_times) * SAVED_FRACTION
         slot = self.model.__dict__.setdefault("compiled_step", _CompiledSlot())
         decoder = slot.decoder
-        if decoder is None or decoder.cache.max_seq_len < self.cache.max_seq_len:
+        if (decoder is None or decoder.cache.max_seq_len < self.cache.max_seq_len
+                or decoder.cache.k[0].dtype != self.cache.k[0].dtype):      # the model was cast since
             length = cache_length(self.model, self.cache.max_seq_len)
             if saving <= expected_startup(self.model, length):
                 return None
