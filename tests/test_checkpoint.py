@@ -225,8 +225,8 @@ def test_refusal_for_mixtral_8x7b_on_64_gib(tmp_path, monkeypatch):
     assert memory_plan(big, torch.bfloat16, "cpu") == {"needed_bytes": 93_405_585_408 + 16_777_216,
                                                        "available_bytes": 68_719_476_736, "fits": False}
     with pytest.raises(InsufficientMemoryError,
-                       match=r"needs 87\.01 GiB of weights \(and RoPE tables\) in torch\.bfloat16 on cpu, "
-                                                      r"but only 64\.00 GiB is free\. Ways out: load in int8"):
+                       match=r"needs 87\.01 GiB \(weights and RoPE tables, torch\.bfloat16\) on cpu, "
+                             r"but only 64\.00 GiB is free; ways out: int8"):
         load_model(tmp_path)
     from mixtral_edu.weights import CheckpointError
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not safetensors \(0 bytes"):

@@ -238,7 +238,7 @@ def test_memory_refusal_names_the_ways_out(saved, monkeypatch):
     message = str(info.value)
     for way_out in ("int8", "offload experts to CPU memory", "more GPUs", "ignore_memory_check=True", "--ignore-memory-check"):
         assert way_out in message
-    assert "GiB of weights (and RoPE tables) in torch.float32 on cpu" in message
+    assert "(weights and RoPE tables, torch.float32) on cpu" in message and "bf16 instead" in message
     load_model(saved / "hf", progress=False, ignore_memory_check=True)     # the override
 
 

@@ -82,15 +82,19 @@ def rope_table_bytes(cfg: MixtralConfig, dtype: torch.dtype) -> int:
 
 
 def _refusal(plan: dict, dtype: torch.dtype, device) -> str:
-    gib = 2 ** 30
-    return (
-        f"loading needs {plan['needed_bytes'] / gib:.2f} GiB of weights (and RoPE tables) in {dtype} on {device}, but only "
-        f"{plan['available_bytes'] / gib:.2f} GiB is free. Ways out: load in int8 (about half of bf16), "
-        "offload experts to CPU memory and bring them in on demand, spread the layers over more GPUs "
-        "(placement.plan_placement and load_placed choose and do these), or use a smaller dtype (bf16 "
-        "instead of float32). To try anyway: ignore_memory_check=True in Python, --ignore-memory-check "
-        "on the mixtral-edu command line."
-    )
+    """One line of under 300 characters: the numbers, then the ways out (a smaller dtype only where there is one)."""
+    smaller = ", bf16 instead" if torch.empty((), dtype=dtype).element_size() > 2 else ""
+    return (f"loading needs {_size(plan['needed_bytes'])} (weights and RoPE tables, {dtype}) on {device}, but only "
+            f"{_size(plan['available_bytes'])} is free; ways out: int8, offload experts to CPU memory, more GPUs "
+            f"(plan_placement, load_placed){smaller}, or ignore_memory_check=True (--ignore-memory-check)")
+
+
+def _size(n: int) -> str:
+    """GiB to two decimals; MiB or bytes below 0.01 GiB, and three digits past a million GiB, so the line stays short."""
+    gib = n / 2 ** 30
+    if gib >= 1e6:
+        return f"{gib:.3g} GiB"
+    return f"{gib:.2f} GiB" if gib >= 0.01 else f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 14 else f"{n} bytes"
 
 
 # ============================================================================= load

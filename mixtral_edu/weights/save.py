@@ -182,11 +182,14 @@ def save_model(model: Mixtral, path: PathLike, max_shard_size: Union[int, str] =
     model-000NN-of-000MM.safetensors shards plus model.safetensors.index.json. Keys are per expert
     (`...experts.{j}.w1.weight`), tensors in the model's dtype; only one shard is copied at a time.
 
-    Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then moved
-    into place by renames (see `_commit`), so a full disk or a crash mid-save leaves the old checkpoint
-    loadable. Of the files already there it replaces only config.json, model.safetensors, the index
-    and numbered shards an earlier save of ours (or the replaced index) accounts for; symlinks are
-    replaced, never written through. Returns the names of the files written.
+    Atomic: everything is written into a hidden folder inside `path` and flushed to disk, then
+    published through a journal (`_commit`, publish.py). A full disk or a crash before the journal is
+    written leaves the old checkpoint; a crash after it leaves the new one (readers read it from the
+    hidden folder, the next save finishes moving it in), so the folder loads as the old checkpoint or
+    the new one, never a mixture. Of the files already there it replaces or removes only config.json,
+    model.safetensors, the index, the numbered shards and the Mistral-layout file an earlier save of
+    ours (or the replaced index) accounts for; tokenizer files are added only where none is there, and
+    symlinks are replaced, never written through. Returns the names of the files written.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
