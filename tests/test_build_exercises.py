@@ -95,6 +95,14 @@ def sol_top_p(probs, p):
     return out / out.sum()
 
 
+def sol_balancing_loss(logits, k):
+    T, E = logits.shape
+    picks = torch.topk(logits, k, dim=-1).indices                       # [T, k]
+    f = torch.bincount(picks.reshape(-1), minlength=E) / T               # sums to k
+    P = torch.softmax(logits, dim=-1).mean(dim=0)                        # sums to 1
+    return E * (f * P).sum()
+
+
 def scaled(fn, factor):
     def wrapped(*args):
         out = fn(*args)
@@ -108,7 +116,8 @@ SOLUTIONS = {build.check_02_rms_norm: sol_rms_norm, build.check_02_rope: sol_rop
              build.check_03_attention: sol_attention, build.check_03_attention_layer: sol_attention_layer,
              build.check_04_expert: sol_expert, build.check_05_router: sol_router,
              build.check_05_dispatch: sol_dispatch, build.check_06_decoder_layer: sol_decoder_layer,
-             build.check_06_forward: sol_forward, build.check_08_top_p: sol_top_p}
+             build.check_06_forward: sol_forward, build.check_08_top_p: sol_top_p,
+             build.check_09_balancing_loss: sol_balancing_loss}
 CHECKS = list(SOLUTIONS)
 IDS = [c.__name__ for c in CHECKS]
 
@@ -365,6 +374,49 @@ def test_top_p_mistakes_and_shortcut():
         check(lambda probs, p: sol_top_p(probs, p) * probs[sol_top_p(probs, p) > 0].sum())
     with pytest.raises(WrongAnswer, match="switched off"):
         check(lambda probs, p: next_token_probs(probs.log(), top_p=p))
+
+
+def test_balancing_loss_mistakes_and_shortcuts():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mixtral_edu.training.losses import load_balancing_loss
+    from mixtral_edu.training.train import balance_loss
+
+    check = build.check_09_balancing_loss
+
+    def over_the_chosen(logits, k):            # P from the router's weights, renormalised over the top k
+        top, ids = torch.topk(logits, k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(1, ids, torch.softmax(top, -1))
+        return logits.shape[1] * (torch.bincount(ids.reshape(-1), minlength=logits.shape[1]) / len(logits)
+                                  * weights.mean(0)).sum()
+
+    def sums(logits, k):                       # sums over the tokens, not means
+        picks = torch.topk(logits, k, dim=-1).indices
+        return logits.shape[1] * (torch.bincount(picks.reshape(-1), minlength=logits.shape[1])
+                                  * torch.softmax(logits, -1).sum(0)).sum()
+
+    def detached(logits, k):
+        return sol_balancing_loss(logits.detach(), k)
+
+    for answer, hint in [(over_the_chosen, "renormalised over the chosen k"),
+                         (lambda logits, k: sol_balancing_loss(logits, k) / logits.shape[1], "factor E"),
+                         (lambda logits, k: sol_balancing_loss(logits, 1), "not only its first choice"),
+                         (sums, "means over the T tokens"),
+                         (lambda logits, k: sol_balancing_loss(logits, k) / k, "Switch normalisation"),
+                         (detached, "no gradient reaches the logits")]:
+        with pytest.raises(WrongAnswer, match=hint) as info:
+            check(answer)
+        assert "case '" in str(info.value)                                  # the hint names the failed case
+    for shortcut in (load_balancing_loss, lambda logits, k: balance_loss([logits], k),
+                     lambda logits, k: load_balancing_loss_func((logits,), num_experts=logits.shape[1], top_k=k)):
+        with pytest.raises(WrongAnswer, match="switched off"):
+            check(shortcut)
+    assert load_balancing_loss(torch.zeros(4, 8), 2).item() > 0                  # restored after the check
+
+
+def test_balancing_loss_report_shows_no_number():
+    report = repr(build.check_09_balancing_loss(sol_balancing_loss))
+    assert not re.search(r"\d\.\d", report), report
 
 
 def test_switched_off_restores_everything():

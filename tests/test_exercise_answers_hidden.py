@@ -6,6 +6,7 @@ the course notebook, in the ways a notebook would write them. The solutions note
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -76,3 +77,38 @@ def test_07_shows_the_packages_permutation_only_after_exercise_2():
     shown = [i for i, text in enumerate(texts) if "def permute_qk_for_rotate_half(" in text]
     printed = [i for i, text in enumerate(texts) if "getsource(permute_qk_for_rotate_half)" in text]
     assert shown and printed and min(shown + printed) > check, (check, shown, printed)
+
+
+def _function_node(source: str, function: str):
+    """The `def function` in a code cell's source, or None (IPython magics such as %matplotlib are blanked)."""
+    plain = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    return next((n for n in ast.walk(ast.parse(plain)) if isinstance(n, ast.FunctionDef) and n.name == function), None)
+
+
+def _solution_lines(name: str, function: str) -> list[str]:
+    """The body lines of `function` as its solutions notebook writes it, comments dropped, 10 characters or more."""
+    nb = json.loads((NOTEBOOKS / "solutions" / name).read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        source = "".join(cell["source"])
+        node = _function_node(source, function) if cell["cell_type"] == "code" else None
+        if node is not None:
+            lines = [line.split("#")[0].strip() for line in source.splitlines()[node.body[0].lineno - 1: node.end_lineno]]
+            return [line for line in lines if len(line) >= 10]
+    raise AssertionError(f"solutions/{name} defines no {function}")
+
+
+def test_09_build_exercise_is_blank_and_its_solution_is_nowhere_in_the_course_notebook():
+    # exercise 3 asks for the balancing loss as a function: the course notebook's def is blank, nothing else in
+    # it defines or assigns my_balancing_loss, and no line of the worked solution's body appears in any cell
+    name, function = "09_training_a_tiny_mixtral.ipynb", "my_balancing_loss"
+    course = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+    sources = ["".join(c["source"]) for c in course["cells"] if c["cell_type"] == "code"]
+    defs = [node for node in (_function_node(s, function) for s in sources) if node is not None]
+    assert len(defs) == 1 and all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                  and s.value.value is Ellipsis for s in defs[0].body), "not one blank def"
+    texts = _cells_text(name)
+    assert not [t for t in texts if f"{function} =" in t or f"{function}=" in t]
+    solution = _solution_lines(name, function)
+    assert len(solution) >= 3, solution
+    found = [(i, line) for i, text in enumerate(texts) for line in solution if line in text]
+    assert not found, f"{name} shows the worked solution of exercise 3: (cell, line) {found}"

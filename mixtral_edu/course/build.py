@@ -586,6 +586,69 @@ def check_08_top_p(my_top_p) -> Checked:
                 "next_token_probs")
 
 
+# ------------------------------------------------------------------------ 09 the load-balancing loss
+_BALANCING_OFF = ["mixtral_edu.training.losses", "mixtral_edu.training.train", "mixtral_edu.analysis.routing", _HF]
+
+
+def _balancing_variant(logits, k, P="softmax", f="top-k", scale="E"):
+    """Known mistakes, for hints: P from the renormalised top-k weights ("chosen") or the raw logits;
+    f counting first choices only ("first"), or the probabilities ("probs"); scale 1, E*T or E*T*T (one
+    or both of f and P summed over the tokens, not averaged) or E/k (the Switch normalisation)."""
+    T, E = logits.shape
+    probs = torch.softmax(logits.double(), -1)
+    ids = torch.topk(logits, k, -1).indices
+    if P == "chosen":
+        mean_p = torch.zeros(T, E, dtype=torch.float64).scatter(1, ids, torch.softmax(
+            logits.double().gather(1, ids), -1)).mean(0)
+    else:
+        mean_p = probs.mean(0) if P == "softmax" else logits.double().mean(0)
+    picks = ids[:, :1] if f == "first" else ids
+    fraction = probs.mean(0) if f == "probs" else torch.zeros(E, dtype=torch.float64).index_add_(
+        0, picks.reshape(-1), torch.ones(picks.numel(), dtype=torch.float64)) / T
+    factor = {"E": E, "1": 1, "E*T": E * T, "E*T*T": E * T * T, "E/k": E / k}[scale]
+    return (factor * (fraction * mean_p).sum()).to(logits.dtype)
+
+
+def check_09_balancing_loss(my_balancing_loss) -> Checked:
+    """`my_balancing_loss(logits, k)`: one layer's router logits `[T, E]` -> a 0-dim tensor E·Σ_e f_e·P_e in
+    Hugging Face's normalisation: f_e = (tokens with e among their top k) / T, P_e = mean over tokens of
+    the softmax over all E experts. The gradient must reach `logits` (through P: f is a count)."""
+    label = "build: load-balancing loss"
+    wrongs = [
+        ("P_e averages the softmax over all E experts, not the router's weights renormalised over the chosen k",
+         lambda lg, k: _balancing_variant(lg, k, P="chosen")),
+        ("the factor E (the number of experts) is missing", lambda lg, k: _balancing_variant(lg, k, scale="1")),
+        ("f counts all k picks of every token, not only its first choice",
+         lambda lg, k: _balancing_variant(lg, k, f="first")),
+        *[("f and P are means over the T tokens: divide the counts and the summed probabilities by T",
+           lambda lg, k, s=s: _balancing_variant(lg, k, scale=s)) for s in ("E*T", "E*T*T")],
+        ("that is the Switch normalisation (f sums to 1); here f_e = picks / T, so f sums to k and a balanced "
+         "router costs k", lambda lg, k: _balancing_variant(lg, k, scale="E/k")),
+        ("f counts the top-k picks; it is not the softmax probability", lambda lg, k: _balancing_variant(lg, k, f="probs")),
+        ("P averages the softmax probabilities, not the raw logits", lambda lg, k: _balancing_variant(lg, k, P="logits")),
+    ]
+    cases = _router_cases()                       # the router's edge cases: its logits are what the loss sees
+    report = _run(label, my_balancing_loss, cases, naive.load_balancing_loss, _BALANCING_OFF, (), wrongs,
+                  what="my_balancing_loss", done="checked")
+    if not report:
+        return report
+    case = "the gradient, 10 tokens, top-2 of 8"
+    logits = torch.randn(10, 8, generator=_gen(91)).requires_grad_()
+    with switched_off(_BALANCING_OFF):
+        loss = call(label, case, my_balancing_loss, logits, 2)
+        require(isinstance(loss, torch.Tensor) and loss.requires_grad,
+                f"{label}, case '{case}': no gradient reaches the logits: compute P from them with tensor "
+                "operations (no .item(), .tolist(), .detach() or torch.no_grad())")
+        call(label, case, lambda: loss.sum().backward())
+    require(logits.grad is not None, f"{label}, case '{case}': no gradient reaches the logits")
+    compare(label, case, logits.grad, naive.load_balancing_loss_grad(logits.detach(), 2), TOL,
+            [("the gradient must flow through P only: f is a count of the top-k picks, a constant",
+              torch.zeros_like(logits))])
+    return correct(f"{label}: correct — {len(cases)} cases (k = 1, one token, every token picking one expert, "
+                   "top-3 of 4) and the gradient agree with the naive reference, without the package's or "
+                   "transformers' loss")
+
+
 # ------------------------------------------------------------------------------ 11 expert cache
 def _fifo_hit_rates(expert_ids, slots):
     """A mistake, for the hint: first in, first out (a hit does not make an expert recent)."""

@@ -27,8 +27,8 @@ import torch
 
 from .build import (check_02_rms_norm, check_02_rope, check_03_attention, check_03_attention_layer,  # noqa: F401
                     check_04_expert, check_05_dispatch, check_05_router, check_06_decoder_layer, check_06_forward,
-                    check_06_payoff, check_08_top_p, check_11_cache_hit_rates, check_12_count_exchange,
-                    model_weights)
+                    check_06_payoff, check_08_top_p, check_09_balancing_loss, check_11_cache_hit_rates,
+                    check_12_count_exchange, model_weights)
 from .checking import Checked, WrongAnswer, call, refuse_shortcut_in_history, switched_off
 from .checking import blank as _blank
 from .checking import correct as _correct

@@ -188,3 +188,37 @@ def count_exchange(expert_ids: list, ranges: list) -> list:
                     if start <= expert < stop:
                         received[owner][sender, expert - start] += 1
     return received
+
+
+def load_balancing_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """One layer's router logits `[T, E]` -> a 0-dim tensor E * sum_e f_e * P_e, in Hugging Face's
+    normalisation: f_e = (number of tokens with e among their top k) / T, so sum_e f_e = k;
+    P_e = mean over tokens of the softmax over all E experts."""
+    T, E = logits.shape
+    picks, probs = [0] * E, [0.0] * E
+    for row in logits.tolist():
+        for e in sorted(range(E), key=lambda e: -row[e])[:k]:
+            picks[e] += 1
+        exps = [math.exp(v - max(row)) for v in row]
+        for e in range(E):
+            probs[e] += exps[e] / sum(exps) / T
+    return torch.tensor(E * sum(picks[e] / T * probs[e] for e in range(E)), dtype=torch.float64).to(logits.dtype)
+
+
+def load_balancing_loss_grad(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """d load_balancing_loss / d logits `[T, E]`, by hand: f is a count, so only P carries a gradient;
+    with s the softmax of token t, d/d logit[t, j] = E / T * s_j * (f_j - sum_e f_e s_e)."""
+    T, E = logits.shape
+    rows = logits.double().tolist()
+    f = [0.0] * E
+    for row in rows:
+        for e in sorted(range(E), key=lambda e: -row[e])[:k]:
+            f[e] += 1 / T
+    grad = torch.empty(T, E, dtype=torch.float64)
+    for t, row in enumerate(rows):
+        exps = [math.exp(v - max(row)) for v in row]
+        s = [x / sum(exps) for x in exps]
+        mean_f = sum(f[e] * s[e] for e in range(E))
+        for j in range(E):
+            grad[t, j] = E / T * s[j] * (f[j] - mean_f)
+    return grad.to(logits.dtype)
