@@ -403,6 +403,11 @@ def test_balancing_loss_mistakes_and_shortcuts():
                          (lambda logits, k: sol_balancing_loss(logits, 1), "not only its first choice"),
                          (sums, "means over the T tokens"),
                          (lambda logits, k: sol_balancing_loss(logits, k) / k, "Switch normalisation"),
+                         (lambda logits, k: logits.shape[1] * (torch.softmax(logits, -1).mean(0) ** 2).sum(),
+                          "not the softmax probability"),
+                         (lambda logits, k: logits.shape[1] * (torch.bincount(torch.topk(logits, k).indices.reshape(-1),
+                                                                               minlength=logits.shape[1])
+                                                               / len(logits) * logits.mean(0)).sum(), "raw logits"),
                          (detached, "no gradient reaches the logits")]:
         with pytest.raises(WrongAnswer, match=hint) as info:
             check(answer)
