@@ -13,6 +13,8 @@ from mixtral_edu.config import MixtralConfig
 from mixtral_edu.inference import decode
 from mixtral_edu.inference.cpu import use_thread_policy_
 from mixtral_edu.inference.generate import generate, sample_loop
+from mixtral_edu.inference.offload import offload_experts
+from mixtral_edu.inference.quant import quantize_model
 from tiny_models import random_tiny
 
 PROMPT = [5, 17, 3, 99, 42, 8]
@@ -58,6 +60,10 @@ def test_the_rule_stays_eager_where_compiling_does_not_apply(monkeypatch):
     assert not decode.compiles_well(model)                    # a hook: a compiled step would keep the old set
     handle.remove()
     assert decode.compiles_well(model)                        # the thread policy's own pre-hook does not count
+    assert not decode.compiles_well(quantize_model(model_with_threads()))     # int8: not the plain modules
+    offloaded = model_with_threads()
+    offload_experts(offloaded, "cpu", capacity=3)
+    assert decode.compiles_well(model_with_threads()) and not decode.compiles_well(offloaded)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert not decode.compiles_well(model)                    # inductor's C++ does not build for generic ATen
 

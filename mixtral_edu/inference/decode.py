@@ -45,10 +45,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..model.attention import KVCache
-from ..model.mixtral import Mixtral
+from ..model.attention import Attention, KVCache
+from ..model.experts import Experts
+from ..model.mixtral import DecoderLayer, Mixtral
+from ..model.moe import SparseMoeBlock
+from ..model.norm import RMSNorm
+from ..model.rope import RotaryEmbedding
 from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
-from .cpu import use_summed_products_
+from .cpu import SummedLinear, use_summed_products_
 from .dispatch import decode_dispatch, kernel_weights
 from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
@@ -309,13 +313,12 @@ def _has_hooks(model: nn.Module) -> bool:
 
 
 def compiles_well(model: nn.Module) -> bool:
-    """The compiled CPU step applies: a `Mixtral` with every weight a float tensor on the CPU, float
-    `Experts` in every MoE block (not int8, offloaded or streamed), no hooks, and inductor builds C++ here."""
-    from ..model.experts import Experts
-
-    return (isinstance(model, Mixtral)
+    """The compiled CPU step applies: the plain model's modules (no int8, offloaded, streamed or other
+    swapped-in storage), every weight a float tensor on the CPU, no hooks, and inductor builds C++ here."""
+    plain = (Mixtral, DecoderLayer, Attention, SparseMoeBlock, Experts, RMSNorm, RotaryEmbedding,
+             nn.Linear, SummedLinear, nn.Embedding, nn.ModuleList)
+    return (isinstance(model, Mixtral) and all(type(m) in plain for m in model.modules())
             and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in model.parameters())
-            and all(type(layer.block_sparse_moe.experts) is Experts for layer in model.layers)
             and not _has_hooks(model) and can_compile_on_cpu())
 
 
