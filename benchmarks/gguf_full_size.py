@@ -15,6 +15,9 @@
    wall time and peak RSS (the child's ru_maxrss).
 3. Decode: load, then `generate` from BOS alone: the time between new tokens after the first (tokens/s).
 4. llama.cpp (llama-bench from llama_cpp.py's build) on the same file, where it runs.
+5. Dequantization per expert, side by side (`--skip` everything else to run it alone): gguf_quants.py as of
+   commit OLD (fresh float32 per matrix, one thread) against today's StreamedExperts (a DequantCache of
+   3 experts whose evicted memory is refilled), alternating expert by expert in one process.
 Every number goes with the CPU model, the core count, the total memory and the load average.
 """
 
@@ -138,6 +141,47 @@ def write_file(path: Path, seed: int = 0) -> float:
     return time.time() - t0
 
 
+OLD = "f29d66b"          # main before issue 31's faster dequantization
+
+
+def dequant_side_by_side(path: Path, threads: int) -> str:
+    """CPU (user + system) and wall seconds per expert (w1, w2, w3 of 58.7M weights each), old and new."""
+    import resource
+    import types
+
+    import torch
+    from mixtral_edu.inference.gguf_stream import DequantCache, StreamedExperts
+    from mixtral_edu.weights.gguf_file import GGUFFile
+
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD}:mixtral_edu/weights/gguf_quants.py"],
+                            capture_output=True, text=True, check=True).stdout
+    old = types.ModuleType("gguf_quants_old")
+    exec(compile(source, "gguf_quants_old.py", "exec"), old.__dict__)
+    torch.set_num_threads(threads)
+    f = GGUFFile(path, check_tokenizer=False)
+    cache = DequantCache(3 * StreamedExperts(f, 0, DequantCache(0)).nbytes)
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])                # noqa: E731
+    times = {"old": [], "new": []}
+    for layer in (20, 21, 22, 23):             # ffn_down Q6_K in 21 and 22, Q4_K in 20 and 23
+        prefix, streamed = f"layers.{layer}.block_sparse_moe.experts.", StreamedExperts(f, layer, cache)
+        for e in range(8):                     # old on even experts, new on odd: each reads its own pages
+            c, t = cpu(), time.time()
+            if e % 2 == 0:
+                for w in ("w1", "w2", "w3"):
+                    m = f.matrices[(prefix + w, e)]
+                    old.dequantize(f.raw(m), m.qtype)
+                    f.release(m)
+            else:
+                streamed.expert_weights(e)
+            times["old" if e % 2 == 0 else "new"].append((cpu() - c, time.time() - t))
+    lines = []
+    for name, rows in times.items():
+        rows = rows[1:]                        # the first of each warms up
+        cpu_s, wall_s = (sum(r[i] for r in rows) / len(rows) for i in (0, 1))
+        lines.append(f"  {name}: CPU {cpu_s:.3f} s, wall {wall_s:.3f} s per expert ({len(rows)} experts)")
+    return "\n".join(lines) + f"\n  memory reused by the new loads: {cache.reused} matrices; load average {os.getloadavg()}"
+
+
 def machine() -> str:
     import llama_cpp as lc
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
@@ -180,7 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/work/gguf-big"), help="where the file goes (not in git)")
     p.add_argument("--memory-budget", default="4GB", help="--memory-budget for route and decode")
     p.add_argument("--decode", type=int, default=4, help="tokens to decode after the first (default %(default)s)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["route", "decode", "llama.cpp"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["route", "decode", "llama.cpp", "dequant"])
     args = p.parse_args(argv)
     from mixtral_edu.inference.gguf_stream import parse_size
     from mixtral_edu.tokenizer import Tokenizer
@@ -203,6 +247,10 @@ def main(argv=None) -> int:
         print(f"decode: exit {r['rc']}, wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB, "
               "load average "
               f"{os.getloadavg()}\n{r['out']}{r['err'][-600:]}", flush=True)
+    if "dequant" not in args.skip:
+        for threads in (1, 2):
+            print(f"dequantization per expert, torch threads {threads}, old ({OLD}) and new:\n"
+                  f"{dequant_side_by_side(path, threads)}", flush=True)
     if "llama.cpp" not in args.skip:
         import llama_cpp as lc
         cache = lc.Cache()
