@@ -16,6 +16,15 @@ For every file, on one prompt (all positions' logits):
 llama.cpp multiplies quantized weights by activations that it quantizes too (to Q8_0 or Q8_K blocks, in
 its vec_dot kernels), and F16 weights by F16 activations; we multiply float32 activations by float32
 dequantized weights. So (b) is exact only for F32; for the other types it measures that difference.
+To show that this is the whole difference, and how large it is on our side alone:
+  (c) ours with every matmul's input rounded as llama.cpp rounds it (`llama_cpp_activations`: each
+      weight's `vec_dot_type` from ggml-cpu.c, quantize_row_q8_0 / q8_K as its x86 code computes
+      them) against llama.cpp: logits and 16 greedy tokens;
+  (d) ours against that same model: the activation rounding's own effect on the logits, and where
+      our top-2 margin exceeds twice it (so no such rounding can swap the first two), whether
+      llama.cpp's argmax is ours;
+  (e) the model of (c) against itself with every matmul input first moved by one float32 rounding
+      step: how far this file's logits are defined at all, once activations are rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -71,6 +80,90 @@ def llama_cpp_run(cache: lc.Cache, path: Path, ids: list, threads: int):
     return logits, greedy, own
 
 
+# ggml-cpu.c's type_traits_cpu[type].vec_dot_type: what a matmul rounds its activations to for these weights
+# (Q8_1 rounds the values as Q8_0 does; it also stores their sum)
+VEC_DOT = {"F32": None, "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q5_0": "Q8_0",
+           "Q4_1": "Q8_0", "Q5_1": "Q8_0", "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K",
+           "Q6_K": "Q8_K"}
+
+
+def _round(x, kind):
+    """x `[..., n]` float32 -> the values llama.cpp's CPU backend multiplies instead (n whole blocks).
+
+    Q8_0 (quantize_row_q8_0, x86): per 32, d = amax/127 stored as float16, q = round-half-even(x * 127/amax).
+    Q8_K (quantize_row_q8_K_ref): per 256, m = the value of largest magnitude, q = min(127, round(x * -127/m)),
+    d = 1 / (-127/m) in float32. F16 / BF16: the activations converted to that type.
+    """
+    import torch
+
+    if kind is None:
+        return x
+    if kind in ("F16", "BF16"):
+        return x.to(torch.float16 if kind == "F16" else torch.bfloat16).float()
+    size = 32 if kind == "Q8_0" else 256
+    b = x.reshape(*x.shape[:-1], -1, size)
+    if kind == "Q8_0":
+        amax = b.abs().amax(-1, keepdim=True)
+        q = torch.round(b * torch.where(amax > 0, 127 / amax, 0))
+        return (q * (amax / 127).half().float()).reshape(x.shape)
+    m = b.gather(-1, b.abs().argmax(-1, keepdim=True))             # first of the largest |x|, with its sign
+    iscale = torch.where(m != 0, -127 / m, 0)
+    q = torch.round(iscale * b).clamp(max=127)
+    return (q * torch.where(m != 0, 1 / iscale, 0)).reshape(x.shape)
+
+
+def llama_cpp_activations(model, nudge: bool = False) -> None:
+    """Make a streamed GGUF `model` round every matmul's input as llama.cpp does for that weight's type.
+
+    Pre-hooks on the attention projections, the router and lm_head; each layer's experts get a forward
+    that rounds w1's and w3's input and w2's (the SwiGLU product) for their own types. nudge: first
+    move every such input by one float32 rounding step (x * (1 +- 2**-23), random signs, seeded), as a
+    different summation order in another implementation would: how much that alone changes the logits
+    is the floor below which no two implementations of this model can agree.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    file = model.gguf_file
+    gen = torch.Generator().manual_seed(0)
+    kind = lambda name, expert=None: VEC_DOT[file.matrices[(name, expert)].qtype]            # noqa: E731
+
+    def round_activations(x, k):
+        if nudge:
+            x = x * (1 + (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1) * 2.0 ** -23)
+        return _round(x, k)
+
+    def hook(module, name):
+        k = kind(name)
+        module.register_forward_pre_hook(lambda m, args: (round_activations(args[0], k),) + args[1:])
+
+    for i, layer in enumerate(model.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            hook(getattr(layer.self_attn, proj), f"layers.{i}.self_attn.{proj}.weight")
+        hook(layer.block_sparse_moe.gate, f"layers.{i}.block_sparse_moe.gate.weight")
+        experts = layer.block_sparse_moe.experts
+        kinds = [[kind(experts.prefix + w, e) for w in ("w1", "w2", "w3")] for e in range(experts.num_experts)]
+
+        def forward(x, e, experts=experts, kinds=kinds):
+            (w1, w2, w3), (k1, k2, k3) = experts.expert_weights(e), kinds[int(e)]
+            h = F.silu(F.linear(round_activations(x, k1), w1)) * F.linear(round_activations(x, k3), w3)
+            return F.linear(round_activations(h, k2), w2)
+        experts.forward = forward
+    hook(model.lm_head, "embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight")
+
+
+def margin_check(ours, rounded, theirs) -> dict:
+    """Per position: our top-2 margin against twice |ours - rounded| (the rounding's effect there)."""
+    import numpy as np
+
+    top2 = np.sort(ours, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    effect = np.abs(ours - rounded).max(-1)
+    safe = margin > 2 * effect
+    agree = ours.argmax(-1) == theirs.argmax(-1)
+    return {"safe": int(safe.sum()), "safe_agree": bool(agree[safe].all()), "min_margin": float(margin.min())}
+
+
 def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
     import torch
 
@@ -90,12 +183,24 @@ def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
         a = ours(torch.tensor([ids]))[0].numpy()
         b = ref(torch.tensor([ids]))[0].numpy()
     ours_greedy = generate(ours, ids, GREEDY)
+    rounded = load_model(path, memory_budget=2 ** 30)
+    llama_cpp_activations(rounded)
+    with torch.no_grad():
+        c = rounded(torch.tensor([ids]))[0].numpy()
+    rounded_greedy = generate(rounded, ids, GREEDY)
+    nudged = load_model(path, memory_budget=2 ** 30)
+    llama_cpp_activations(nudged, nudge=True)
+    with torch.no_grad():
+        e = nudged(torch.tensor([ids]))[0].numpy()
     theirs, their_greedy, their_ids = llama_cpp_run(cache, path, ids, threads)
     import numpy as np
     return {"file": path.name, "MB": path.stat().st_size / 1e6, "types": ours.gguf_file.type_counts(),
             "a": float(np.abs(a - b).max()), "b": float(np.abs(a - theirs).max()), "scale": float(np.abs(a).max()),
             "argmax": float((a.argmax(-1) == theirs.argmax(-1)).mean()), "tokens": len(ids),
-            "greedy_equal": ours_greedy == their_greedy, "same_ids": their_ids == ids}
+            "greedy_equal": ours_greedy == their_greedy, "same_ids": their_ids == ids,
+            "c": float(np.abs(c - theirs).max()), "c_greedy_equal": rounded_greedy == their_greedy,
+            "c_leading": int(np.cumprod(np.abs(c - theirs).max(-1) < 1e-4).sum()),
+            "d": float(np.abs(a - c).max()), "e": float(np.abs(c - e).max()), **margin_check(a, c, theirs)}
 
 
 def main(argv=None) -> int:
@@ -124,12 +229,17 @@ def main(argv=None) -> int:
     print(f"prompt: {PROMPT!r} ({rows[0]['tokens']} tokens, BOS first), every position's logits; "
           f"llama.cpp with an F32 KV cache; greedy: {GREEDY} tokens\n")
     print("| model | type (llama.cpp name) | tensor types in the file | MB | (a) max abs diff vs float32 model "
-          "| (b) max abs diff vs llama.cpp | logit scale | argmax agrees | greedy tokens equal |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| (b) max abs diff vs llama.cpp | logit scale | argmax agrees | greedy tokens equal "
+          "| (c) llama.cpp's rounding: max abs diff vs llama.cpp | (c) first positions within 1e-4 "
+          "| (c) greedy tokens equal | (d) the rounding's effect on our logits "
+          "| positions with margin > 2 (d): argmax agrees | (e) one-ulp nudge: max abs change |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
         print(f"| {r['model']} | {r['qtype']} | {types} | {r['MB']:.1f} | {r['a']:.1e} | {r['b']:.1e} | "
-              f"{r['scale']:.1f} | {r['argmax']:.0%} | {'yes' if r['greedy_equal'] else 'NO'} |")
+              f"{r['scale']:.1f} | {r['argmax']:.0%} | {'yes' if r['greedy_equal'] else 'NO'} | "
+              f"{r['c']:.1e} | {r['c_leading']} of {r['tokens']} | {'yes' if r['c_greedy_equal'] else 'NO'} | "
+              f"{r['d']:.1e} | {r['safe']} of {r['tokens']}: {'yes' if r['safe_agree'] else 'NO'} | {r['e']:.1e} |")
     if not all(r["same_ids"] for r in rows):
         print("note: llama.cpp's own tokenizer gave other ids for the prompt than ours on some file")
     return 0
