@@ -225,6 +225,21 @@ def test_only_chosen_experts_are_dequantized(files):
     assert read == chosen and len(chosen) < 8 * model.config.num_hidden_layers
 
 
+def test_the_moe_block_asks_the_file_for_all_its_chosen_experts_before_reading_one(files, monkeypatch):
+    model = load_gguf(files["Q8_0"], memory_budget=2 ** 30)
+    f, events = model.gguf_file, []
+    read = f.read
+    monkeypatch.setattr(f, "prefetch", lambda m: events.append(("ask", m.offset)))
+    monkeypatch.setattr(f, "read", lambda name, expert=None, out=None:
+                        events.append(("read", f.matrices[(name, expert)].offset)) or read(name, expert, out))
+    trace = trace_routing(model, PROMPT[:3])
+    prefix = "layers.0.block_sparse_moe.experts."
+    chosen = set(trace.expert_ids[0].reshape(-1).tolist())
+    wanted = {f.matrices[(prefix + w, e)].offset for e in chosen for w in ("w1", "w2", "w3")}
+    first = next(i for i, (kind, at) in enumerate(events) if kind == "read" and at in wanted)
+    assert wanted <= {at for kind, at in events[:first] if kind == "ask"}
+
+
 def test_budget_bounds_the_cache_and_lru_evicts(files):
     f = GGUFFile(files["Q8_0"])
     per_expert = StreamedExperts(f, 0, DequantCache(0)).nbytes

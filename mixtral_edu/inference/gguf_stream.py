@@ -32,6 +32,7 @@ from torch import nn
 
 from ..model.experts import ExpertsBase
 from ..model.mixtral import Mixtral
+from ..model.moe import dispatch_auto
 from ..model.rope import RotaryEmbedding
 from ..weights.gguf_file import GGUFError, GGUFFile
 from ..weights.load import meta_skeleton
@@ -159,6 +160,16 @@ class StreamedExperts(ExpertsBase):
                                             for w in ("w1", "w2", "w3")),
                               self.nbytes)
 
+    def prefetch(self, expert_ids: torch.Tensor) -> None:
+        """Ask the OS to start reading the chosen experts' bytes that are not dequantized already.
+
+        The block then reads them one expert at a time; meanwhile the disk fetches the next ones.
+        """
+        for e in torch.unique(expert_ids).tolist():
+            if (self.layer_idx, e) not in self.cache.entries:
+                for w in ("w1", "w2", "w3"):
+                    self.file.prefetch(self.file.matrices[(self.prefix + w, e)])
+
     def gathered_weights(self, expert_ids: torch.Tensor) -> tuple:
         """expert_ids `[tokens, k]` -> w1, w2, w3 `[tokens, k, out, in]` (the distinct experts read once)."""
         wanted = torch.unique(expert_ids).tolist()
@@ -171,6 +182,13 @@ class StreamedExperts(ExpertsBase):
     def extra_repr(self) -> str:
         m = self.file.matrices[(self.prefix + "w1", 0)]
         return f"layer={self.layer_idx}, num_experts={self.num_experts}, {m.qtype} streamed from {self.file.path.name}"
+
+
+def dispatch_prefetching(experts: StreamedExperts, x: torch.Tensor, weights: torch.Tensor,
+                         expert_ids: torch.Tensor) -> torch.Tensor:
+    """The MoE block's usual dispatch (`dispatch_auto`), once the file is asked for the chosen experts."""
+    experts.prefetch(expert_ids)
+    return dispatch_auto(experts, x, weights, expert_ids)
 
 
 def resident_bytes(file: GGUFFile) -> int:
@@ -250,6 +268,7 @@ def load_gguf(path, memory_budget: Optional[int] = None, check_tokenizer: bool =
         for proj in ATTENTION:
             setattr(layer.self_attn, proj, StreamedLinear(file, f"{p}self_attn.{proj}.weight", cache))
         layer.block_sparse_moe.experts = StreamedExperts(file, i, cache)
+        layer.block_sparse_moe.dispatch = dispatch_prefetching
     model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
