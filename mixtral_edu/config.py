@@ -11,10 +11,11 @@ import dataclasses
 import json
 import math
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from .files import FileTooLarge, NotRegularFile, read_regular
 
 # Keys a real config.json carries that say nothing about the architecture we build.
 _HF_IGNORED_KEYS = {
@@ -328,22 +329,17 @@ def read_json_file(path: "str | os.PathLike", max_bytes: int = MAX_CONFIG_BYTES)
     """
     path = os.fspath(path)
     try:
-        info = os.stat(path)
+        raw = read_regular(path, max_bytes)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: config file not found") from None
     except OSError as err:
         raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path}: not a regular file")
-    if info.st_size > max_bytes:
-        raise ValueError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a config file may have")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as err:
-        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
-    if len(raw) > max_bytes:
-        raise ValueError(f"{path}: more than the {max_bytes} bytes a config file may have")
+    except NotRegularFile:
+        raise ValueError(f"{path}: not a regular file") from None
+    except FileTooLarge as err:
+        if err.size is None:
+            raise ValueError(f"{path}: more than the {max_bytes} bytes a config file may have") from None
+        raise ValueError(f"{path}: {err.size} bytes, more than the {max_bytes} a config file may have") from None
     try:
         data = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_conflicts,
                           parse_constant=_refuse_constant)

@@ -21,12 +21,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import sentencepiece as spm
+
+from .files import FileTooLarge, NotRegularFile, read_regular
 
 ENV_VAR = "MIXTRAL_TOKENIZER"
 BUNDLED_FILE = "tokenizer.model.v1"
@@ -58,24 +59,19 @@ def read_tokenizer_file(path: Path, max_bytes: int = MAX_TOKENIZER_BYTES) -> byt
     """The bytes of a tokenizer file: FileNotFoundError when it cannot be opened, ValueError when it is not a
     regular file (a FIFO would block, /dev/zero never ends) or is larger than `max_bytes`, before reading it."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))   # opening a FIFO must not wait
-    except OSError as err:  # missing, a folder, no permission ...
+        return read_regular(path, max_bytes)
+    except OSError as err:  # missing, no permission ...
         raise FileNotFoundError(f"Cannot read the tokenizer file {path}: {err.strerror}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-        os.close(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise FileNotFoundError(f"Cannot read the tokenizer file {path}: it is a folder")
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"the tokenizer file {path} is not a regular file")
-        raise ValueError(f"the tokenizer file {path} is {info.st_size:,} bytes, more than the {max_bytes:,} a "
-                         "SentencePiece model may have here")
-    with os.fdopen(fd, "rb") as f:
-        blob = f.read(max_bytes + 1)
-    if len(blob) > max_bytes:
-        raise ValueError(f"the tokenizer file {path} is more than the {max_bytes:,} bytes a SentencePiece model "
-                         "may have here")
-    return blob
+    except NotRegularFile as err:
+        if err.kind == "a folder":
+            raise FileNotFoundError(f"Cannot read the tokenizer file {path}: it is a folder") from None
+        raise ValueError(f"the tokenizer file {path} is not a regular file") from None
+    except FileTooLarge as err:
+        if err.size is None:
+            raise ValueError(f"the tokenizer file {path} is more than the {max_bytes:,} bytes a SentencePiece "
+                             "model may have here") from None
+        raise ValueError(f"the tokenizer file {path} is {err.size:,} bytes, more than the {max_bytes:,} a "
+                         "SentencePiece model may have here") from None
 
 
 def resolve_tokenizer_path(path: Optional[PathLike] = None) -> tuple[Path, str]:

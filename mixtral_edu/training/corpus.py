@@ -23,6 +23,7 @@ and windows of `seq_len + 1` tokens are cut out of it (`batches`, `heldout_windo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..assets import DATA_DIR
+from ..files import read_regular
 
 DOMAINS = ("python", "prose", "arithmetic")
 SPLITS = ("train", "heldout")
@@ -44,6 +46,12 @@ CORPUS_DIR = DATA_DIR / "corpus"
 ARITHMETIC_SEEDS = {"train": 1234, "heldout": 5678}
 ARITHMETIC_DOCS = {"train": 800, "heldout": 120}
 PROBLEMS_PER_DOC = 16
+
+# Corpus files are read whole, then each becomes a Python list of token ids (token_stream): 36 bytes a token
+# (a 28-byte int and its pointer), at 2.2-3.9 bytes of text a token (measured on the shipped files). The largest
+# shipped file is 1.1 MB; 64 MiB leaves room for one about 60 times larger (17-31 million tokens, a list of
+# 0.6-1.1 GB), and none for /dev/zero.
+MAX_CORPUS_FILE_BYTES = 64 << 20
 
 PathLike = Union[str, os.PathLike]
 Corpus = dict  # {domain: {split: [document, ...]}}
@@ -59,22 +67,40 @@ def corpus_file(domain: str, split: str, corpus_dir: Optional[PathLike] = None) 
     return Path(corpus_dir or CORPUS_DIR) / f"{domain}.{split}.jsonl"
 
 
+def read_text(path: PathLike, what: str = "corpus file") -> str:
+    """The UTF-8 text of a corpus or source file, read whole: FileNotFoundError when it is missing, else one
+    ValueError line naming the file when it is not a regular file (a FIFO would hang the read, /dev/zero fill
+    memory), is larger than MAX_CORPUS_FILE_BYTES (checked before reading) or is not UTF-8."""
+    try:
+        raw = read_regular(path, MAX_CORPUS_FILE_BYTES)     # or NotRegularFile, FileTooLarge: ValueErrors, one line
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise ValueError(f"{path}: the {what} cannot be read ({err.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")        # a leading byte-order mark (Windows editors write one) is not text
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: the {what} is not UTF-8 (byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start})") from None
+
+
 def read_documents(path: PathLike) -> list[str]:
     """The documents of one JSONL file (`{"text": ...}` per line)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus file not found (see data/README.md to rebuild it)")
+    try:
+        content = read_text(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (see data/README.md to rebuild it)") from None
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                text = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' field ({err})") from None
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"{path}:{line_no}: 'text' must be a non-empty string")
-            docs.append(text)
+    for line_no, line in enumerate(io.StringIO(content, newline=None), 1):    # lines split as open() splits them
+        try:
+            record = json.loads(line)
+            text = record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' field ({err})") from None
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{path}:{line_no}: 'text' must be a non-empty string")
+        docs.append(text)
     return docs
 
 
@@ -157,7 +183,7 @@ def python_documents(lib_dir: Optional[PathLike] = None) -> dict[str, list[tuple
     for i, name in enumerate(names):
         split = "heldout" if i % 10 == 5 else "train" if i % 2 == 0 else None
         if split:
-            out[split].append((name, (lib / name).read_text(encoding="utf-8")))
+            out[split].append((name, read_text(lib / name, "standard-library module")))
     return out
 
 
@@ -169,12 +195,11 @@ def prose_documents(kjv_jsonl: PathLike) -> dict[str, list[tuple[str, str]]]:
     held out, the rest unused.
     """
     chapters: dict[tuple[str, int], list[str]] = {}
-    with open(kjv_jsonl, encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
-            text = verse["text"].strip()
-            if any(c.isalpha() for c in text):  # the file has a few empty "[]" verses
-                chapters.setdefault((verse["book"], verse["chapter"]), []).append(text)
+    for line in io.StringIO(read_text(kjv_jsonl, "KJV verse file"), newline=None):
+        verse = json.loads(line)
+        text = verse["text"].strip()
+        if any(c.isalpha() for c in text):  # the file has a few empty "[]" verses
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(text)
     out: dict[str, list[tuple[str, str]]] = {"train": [], "heldout": []}
     for i, ((book, chapter), verses) in enumerate(chapters.items()):
         split = "train" if i % 4 == 0 else "heldout" if i % 40 == 2 else None

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..files import NotRegularFile, open_regular as open_file
 from .errors import CheckpointError
 from .layouts import MAX_INDEX_BYTES, checkpoint_dtype, detect_layout, read_config
 from .layouts import weight_files as layout_weight_files
@@ -99,25 +99,23 @@ def _read_from_disk(path: Path, offset: int, count: int) -> tuple[int, float]:
     offset, count = offset // page * page, max(page, count // page * page)
     buffer = mmap.mmap(-1, count)                         # page-aligned
     try:
-        nonblocking = getattr(os, "O_NONBLOCK", 0)       # a FIFO swapped in must not hang the open
-        for flags in (os.O_RDONLY | nonblocking | getattr(os, "O_DIRECT", 0), os.O_RDONLY | nonblocking):
+        for flags in (getattr(os, "O_DIRECT", 0), 0):
             try:
-                fd = os.open(path, flags)
+                f = open_file(path, flags=flags)     # never a FIFO or a device, even one swapped in
+            except NotRegularFile:
+                raise CheckpointError(f"{path}: not a regular file") from None
             except OSError:
                 continue
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CheckpointError(f"{path}: not a regular file")
-                if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
-                    os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
-                start = time.perf_counter()
-                n = _pread(fd, buffer, offset)
-                return n, time.perf_counter() - start
-            except OSError:
-                if flags == os.O_RDONLY | nonblocking:
-                    raise
-            finally:
-                os.close(fd)
+            with f:
+                try:
+                    if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
+                        os.posix_fadvise(f.fileno(), offset, count, os.POSIX_FADV_DONTNEED)
+                    start = time.perf_counter()
+                    n = _pread(f.fileno(), buffer, offset)
+                    return n, time.perf_counter() - start
+                except OSError:
+                    if flags == 0:
+                        raise
         raise OSError(f"{path}: cannot be opened for reading")
     finally:
         buffer.close()

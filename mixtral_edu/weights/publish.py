@@ -38,9 +38,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
+from ..files import read_regular
 from .atomic import fsync, write_atomic
 from .errors import CheckpointError
-from .safetensors_reader import open_regular
 
 JOURNAL = ".mixtral-edu-commit.json"
 STAGING_PREFIX = ".mixtral-edu-save-"
@@ -106,8 +106,7 @@ def read_journal(folder: Path) -> Optional[dict]:
     try:
         if stat.S_ISLNK(os.lstat(path).st_mode):
             raise ValueError("a symlink")
-        with open_regular(path) as f:
-            data = json.loads(f.read(1 << 20).decode("utf-8"))
+        data = json.loads(read_regular(path, 1 << 20).decode("utf-8"))   # it names one save's files: kilobytes
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:

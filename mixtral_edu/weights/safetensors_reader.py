@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
+from ..files import NotRegularFile, open_regular as open_file
 from .errors import CheckpointError
 
 # Every dtype name the official reader knows, with its size in bits; the torch dtype where torch has one.
@@ -41,19 +41,15 @@ _INFO_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 def open_regular(path: Path):
-    """`path` opened for binary reading, refused (CheckpointError) unless it is a regular file. The open
-    itself cannot block (O_NONBLOCK: a FIFO put in the file's place after a check would hang a plain
-    open), and the check is made on what was opened, so nothing can be swapped in between."""
+    """`path` opened for binary reading, refused (CheckpointError) unless it is a regular file; the open cannot
+    block and the check is made on what was opened (mixtral_edu.files)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        return open_file(path)
+    except NotRegularFile:
+        raise CheckpointError(f"{path}: not a regular file") from None
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot be opened ({err.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file")
-    return os.fdopen(fd, "rb")
+        why = "file not found" if isinstance(err, FileNotFoundError) else f"cannot be opened ({err.strerror})"
+        raise CheckpointError(f"{path}: {why}") from None
 
 
 class _Obj(dict):
