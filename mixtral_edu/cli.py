@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .files import read_regular
 from .interrupt import exit_on_ctrl_c, ignore_ctrl_c, launched_as_command, raising_keyboard_interrupt
 from .params import DTYPE_NAMES
 
@@ -249,8 +250,12 @@ def cmd_chat(args) -> int:
         print("Chat with the model (instruct template). /reset forgets the conversation, /exit or Ctrl-D ends.",
               file=sys.stderr)
         banner = weights_folder(args) / "chat_banner.txt"     # what this model can and cannot do, if it says
-        if banner.is_file() and banner.stat().st_size < 4096:
-            print(banner.read_text(encoding="utf-8", errors="replace").strip(), file=sys.stderr)
+        try:                                                  # optional, so anything odd is skipped
+            text = read_regular(banner, 4096).decode("utf-8", errors="replace")
+        except (OSError, ValueError):                         # missing, a FIFO, too long ...
+            text = ""
+        if text.strip():
+            print(text.strip(), file=sys.stderr)
     while True:
         if interactive:
             write("you> ")

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from .config import read_json_file
+
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -111,4 +113,5 @@ def save(answers: dict, path) -> None:
 
 
 def load(path) -> dict:
-    return json.loads(Path(path).read_text())
+    """The answers `save` wrote (a JSON object), read bounded: a regular file of at most 1 MiB."""
+    return read_json_file(path, max_bytes=1 << 20)

@@ -130,3 +130,17 @@ def test_a_fifo_as_the_train_clis_corpus_exits_in_one_line(tmp_path):
         assert done.returncode == 2 and len(lines) == 1, done.stderr.decode()
         assert lines[0].endswith(f"corpus: {target}: {kind}, not a regular file"), lines[0]
         assert not (tmp_path / "out").exists()
+
+
+def test_known_answers_are_read_bounded(tmp_path):
+    """The known-answer file a learner points the notebook at goes through the one opener too: a FIFO in its
+    place is refused at once (a plain read_text waited for a writer forever)."""
+    from mixtral_edu import known_answer
+
+    path = tmp_path / "answers.json"
+    known_answer.save({"prompts": []}, path)
+    assert known_answer.load(path) == {"prompts": []}
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match="a FIFO, not a regular file|not a regular file"):
+        known_answer.load(path)

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..assets import DATA_DIR, TINY_MODEL_DIR
+from ..config import read_json_file
 from ..chat import chat_segments, encode_chat
 from ..inference.generate import sample_loop
 
@@ -620,7 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"training time: {seconds:.0f} s")
 
     base_log_path = base / "training_log.json"      # how the starting checkpoint was made, kept with the result
-    base_log = (json.loads(base_log_path.read_text(encoding="utf-8"))
+    base_log = (read_json_file(base_log_path)
                 if not args.from_scratch and base_log_path.is_file() else None)
     out = Path(args.out)
     save_model(model, out)

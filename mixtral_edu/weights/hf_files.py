@@ -74,7 +74,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer
+from mixtral_edu.tokenizer import MIXTRAL_SHA256, Tokenizer, read_tokenizer_file
 
 from .atomic import write_atomic
 
@@ -187,7 +187,7 @@ def write_tokenizer_files(folder: PathLike, model_max_length: int = DEFAULT_MODE
     for name in FILES:  # refuse before writing any, so a refusal leaves the folder as it was
         if (folder / name).is_symlink():
             raise ValueError(f"{folder / name} is a symlink; refusing to write through or replace it")
-    model_bytes = tokenizer.path.read_bytes()
+    model_bytes = read_tokenizer_file(tokenizer.path)      # bounded, regular files only
     if hashlib.sha256(model_bytes).hexdigest() != MIXTRAL_SHA256:  # changed since Tokenizer() read it
         raise ValueError(f"{tokenizer.path} changed while being copied")
     contents = {
