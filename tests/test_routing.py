@@ -161,6 +161,20 @@ def test_trace_equals_model_router_outputs():
     assert all(not layer.block_sparse_moe.gate._forward_hooks for layer in model.layers)
 
 
+def test_trace_builds_no_autograd_graph():
+    # a trace is inference: the forward runs with grad off, even on a model whose weights require grad
+    model = small_model()
+    assert all(p.requires_grad for p in model.parameters())
+    grad_modes = []
+    handle = model.layers[0].register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        trace_routing(model, [1, 2, 3, 4])
+        trace_routing(model, [1, 2, 3, 4], chunk_size=2)
+    finally:
+        handle.remove()
+    assert grad_modes == [False, False, False] and torch.is_grad_enabled()
+
+
 def test_trace_layer_subset_list_input_and_chunks():
     model = small_model(seed=2)
     ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(3))

@@ -205,6 +205,7 @@ def record_routing(model, layers: Optional[Iterable[int]] = None) -> RoutingReco
     return RoutingRecorder(model, layers)
 
 
+@torch.no_grad()          # a trace never trains: no autograd graph is built beside the activations
 def trace_routing(model, input_ids: TokenIds, layers: Optional[Iterable[int]] = None,
                   chunk_size: Optional[int] = None) -> RoutingTrace:
     """Record every chosen layer's routing during one forward pass of `model` over `input_ids`.
