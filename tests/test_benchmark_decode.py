@@ -1,19 +1,14 @@
 """Smoke test: benchmarks/decode.py runs end to end at tiny size on the CPU and reports sane numbers."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+import benchmark_scripts
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("decode", "decode_bench")
 
 
 def test_decode_benchmark_tiny_cpu(tmp_path, capsys):

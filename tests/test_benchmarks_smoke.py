@@ -1,9 +1,10 @@
 """benchmarks/cpu_vs_transformers.py runs end to end at tiny sizes (no timing is asserted)."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import benchmark_scripts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_vs_transformers.py"
 TINY = ["--small", "--repeats", "1", "--threads", "1"]
@@ -19,9 +20,7 @@ def test_cpu_benchmark_runs_and_the_greedy_tokens_agree():
 
 
 def test_a_token_mismatch_fails_the_run(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("cpu_vs_transformers", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_scripts.load("cpu_vs_transformers", "cpu_vs_transformers")
     real = bench.decode_ours
 
     def off_by_one(model, prompt, n):
@@ -45,9 +44,7 @@ def test_the_benchmark_measures_the_default_cpu_path(tmp_path):
     from mixtral_edu.model.mixtral import Mixtral
     from mixtral_edu.weights import load_model, save_model
 
-    spec = importlib.util.spec_from_file_location("cpu_vs_transformers", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_scripts.load("cpu_vs_transformers", "cpu_vs_transformers")
     torch.manual_seed(0)
     save_model(Mixtral(MixtralConfig.tiny(vocab_size=128, num_hidden_layers=2)), tmp_path)
     ours, default = bench.load_ours(tmp_path), optimize_for(load_model(tmp_path, progress=False), threads=False)

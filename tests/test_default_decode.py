@@ -2,8 +2,6 @@
 FastDecoder step when the measured rule says it pays; the same tokens either way. No timing is asserted:
 the rule's inputs (start-up, step times) are set by the tests where a decision is checked."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +15,9 @@ from mixtral_edu.inference.offload import offload_experts
 from mixtral_edu.inference.quant import quantize_model
 from tiny_models import random_tiny
 
+import benchmark_scripts
+
 PROMPT = [5, 17, 3, 99, 42, 8]
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_vs_transformers.py"
 
 
 def model_with_threads():
@@ -30,9 +29,7 @@ def test_the_compiled_default_gives_eager_tokens_and_is_what_the_benchmark_times
     """decode_ours (the benchmark's "ours") goes through generate; when the rule picks the compiled step
     (start-up set to 0 here) the tokens equal the eager ones, and the switch really happened."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("cpu_vs_transformers", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_scripts.load("cpu_vs_transformers", "cpu_vs_transformers")
     assert bench.generate is generate
 
     model = model_with_threads()

@@ -1,8 +1,5 @@
 """The sync-free decode step computes what Mixtral.forward computes (CPU, float32, no Triton)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,11 +8,9 @@ from mixtral_edu.inference.decode import FastDecoder
 from mixtral_edu.model.mixtral import Mixtral
 from mixtral_edu.inference.quant import Int8Experts, quantize_model
 
-_spec = importlib.util.spec_from_file_location(
-    "random_weights", Path(__file__).resolve().parents[1] / "benchmarks" / "random_weights.py")
-random_weights = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(random_weights)
-random_model = random_weights.random_model          # benchmark scaffolding lives in benchmarks/
+import benchmark_scripts
+
+random_model = benchmark_scripts.load("random_weights", "random_weights").random_model   # scaffolding in benchmarks/
 
 
 def reference_greedy(model, ids, n, max_len):

@@ -3,19 +3,14 @@
 Nothing here builds or runs llama.cpp, and nothing is timed.
 """
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp.py"
-spec = importlib.util.spec_from_file_location("llama_cpp_bench", SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench            # dataclasses look their module up there
-spec.loader.exec_module(bench)
+import benchmark_scripts
+
+bench = benchmark_scripts.load("llama_cpp", "llama_cpp_bench")
 
 
 def bench_run(n_prompt, n_gen, avg_ns, avg_ts, **extra):
