@@ -18,8 +18,10 @@ from mixtral_edu.analysis.routing import trace_routing
 from mixtral_edu.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
-CODE = "class Reader:\n    def read(self, size):\n        if self.closed:\n            return b''\n        return self.buffer.read(size)\n"
-PROSE = "And the LORD God planted a garden eastward in Eden; and there he put the man whom he had formed."
+CODE = ("class Reader:\n    def read(self, size):\n        if self.closed:\n"
+        "            return b''\n        return self.buffer.read(size)\n")
+PROSE = ("And the LORD God planted a garden eastward in Eden; "
+         "and there he put the man whom he had formed.")
 
 
 def main() -> int:
