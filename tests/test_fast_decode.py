@@ -66,3 +66,21 @@ def test_random_model_is_built_in_place():
     q = random_model(cfg, "cpu", torch.bfloat16, quant="int8", seed=1)
     assert isinstance(q.layers[0].block_sparse_moe.experts, Int8Experts)
     assert q.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+
+
+def test_summed_attention_is_sdpa_for_one_query():
+    """The compiled CPU step's attention (cpu.summed_attention: one query per head, grouped kv heads, a
+    boolean mask) equals F.scaled_dot_product_attention up to float32 summation order; outside a compile
+    trace the SummedAttention mode leaves the call to ATen (bit for bit the same)."""
+    import torch.nn.functional as F
+    from mixtral_edu.inference.cpu import SummedAttention, summed_attention
+    from mixtral_edu.model.attention import attention_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 16, generator=gen) for h, n in ((8, 1), (2, 12), (2, 12)))
+    for window in (None, 5):
+        mask = attention_mask(torch.tensor([9]), torch.arange(12), window)     # slots 10, 11: the future
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(summed_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+        with SummedAttention():
+            assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), expected)

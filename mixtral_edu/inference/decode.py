@@ -52,7 +52,7 @@ from ..model.moe import SparseMoeBlock
 from ..model.norm import RMSNorm
 from ..model.rope import RotaryEmbedding
 from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
-from .cpu import SummedLinear, use_summed_products_
+from .cpu import SummedAttention, SummedLinear, use_summed_products_
 from .dispatch import decode_dispatch, kernel_weights
 from .kernels import KernelInt8Linear, triton_available
 from .quant import Int8Linear
@@ -114,6 +114,13 @@ def _say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the decoder
+# inductor's options for the compiled CPU step: the generated kernels read the thread count when they run
+# (so DecodeThreads applies), and the per-step wrapper neither checks its ~100 inputs' strides nor runs in
+# Python (benchmarks/README.md, "The default decode path", has the measurements).
+CPU_COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "size_asserts": False, "alignment_asserts": False,
+                       "cpp_wrapper": True}
+
+
 class FastDecoder:
     """Greedy batch-1 generation through `model(token, cache, positions=pos)`, optionally compiled and
     captured as a CUDA graph.
@@ -155,18 +162,22 @@ class FastDecoder:
             # for another model would skip this one's hooks: start from an empty cache. Hooks registered
             # before the first step are compiled in; one added later needs a new FastDecoder.
             torch._dynamo.reset()
-            options = None
+            options, step = None, self._step
             if self.device.type == "cpu":
                 use_summed_products_(model)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-                options = {"cpp.dynamic_threads": True}      # the thread count is read when a kernel runs
+                options, step = CPU_COMPILE_OPTIONS, self._cpu_step
                 self.threads = getattr(model, "decode_threads", None)
             self._run = self._first_compiled_call
-            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+            self._compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(token, cache=self.cache, positions=pos)[:, -1]          # [1, vocab]
         return logits, logits.argmax(dim=-1, keepdim=True)
+
+    def _cpu_step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with SummedAttention():              # the single query's attention fused into the layer's loops
+            return self._step(token, pos)
 
     def _first_compiled_call(self, token: torch.Tensor, pos: torch.Tensor):
         if self.progress is not None:
