@@ -2,13 +2,14 @@
 FastDecoder step when the measured rule says it pays; the same tokens either way. No timing is asserted:
 the rule's inputs (start-up, step times) are set by the tests where a decision is checked."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.inference import decode
+from mixtral_edu.inference import aot, decode
 from mixtral_edu.inference.cpu import use_thread_policy_
 from mixtral_edu.inference.generate import generate, sample_loop
 from mixtral_edu.inference.offload import offload_experts
@@ -48,6 +49,33 @@ def test_the_compiled_default_gives_eager_tokens_and_is_what_the_benchmark_times
     assert model.compiled_step.decoder.cache.k[0].dtype == torch.bfloat16
     record = (decode.compile_cache_dir() / "mixtral_edu_startup.json").read_text()
     assert '"cold_s"' in record or '"warm_s"' in record                   # the start-up is recorded for next time
+
+
+def test_the_compiled_step_is_a_package_on_disk_that_the_next_decoder_loads(monkeypatch, tmp_path):
+    """A plain model's compiled CPU step is an AOTInductor package named by what it was compiled from: a second
+    decoder of the same shape loads it without compiling (same tokens as eager); another dtype or cache length
+    names another package. A model with hooks keeps torch.compile (the hooks stay in its step)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = model_with_threads()
+    eager = generate(model, PROMPT, 8, eos_id=None)                  # nothing recorded yet: the rule stays eager
+    assert decode.FastDecoder(model, 32, compile=True, progress=None).generate(torch.tensor([PROMPT]), 8) == eager
+    built = list((decode.compile_cache_dir() / "aoti").glob("*.pt2"))
+    assert len(built) == 1
+
+    def no_second_build(*args):
+        raise AssertionError("the package was built again")
+    monkeypatch.setattr(aot, "build_package", no_second_build)
+    again = decode.FastDecoder(model, 32, compile=True, progress=None)
+    assert again.generate(torch.tensor([PROMPT]), 8) == eager
+
+    def path(decoder):
+        args = (decoder.token, decoder.pos, *decoder.cache.k, *decoder.cache.v)
+        return aot.package_path(decode.compile_cache_dir(), decoder._packaged, args, decode.CPU_COMPILE_OPTIONS)
+    assert path(again) == built[0]
+    assert path(decode.FastDecoder(model, 48, compile=True)) != built[0]
+    assert path(decode.FastDecoder(copy.deepcopy(model).to(torch.bfloat16), 32, compile=True)) != built[0]
+    model.layers[0].register_forward_hook(lambda *args: None)
+    assert decode.FastDecoder(model, 32, compile=True)._packaged is None
 
 
 def test_the_rule_stays_eager_where_compiling_does_not_apply(monkeypatch):

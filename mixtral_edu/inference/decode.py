@@ -23,10 +23,12 @@ forward hooks on `self_attn`, `block_sparse_moe` or `gate` fire on every eager s
 `trace_routing`-style hooks see fast decoding too), and int8, offloaded and split models decode
 through it unchanged.
 
-On a CPU, `compile=True` is also what `generate` switches to for a long generation
-(`DefaultStep`): the step compiled by inductor with every one-token product written as a sum
-(`cpu.use_summed_products_`), kernels cached on disk per CPU capability (`compile_cache_dir`), so
-only the first run on a machine pays the C++ compile.
+On a CPU, `compile=True` is also what `generate` switches to (`DefaultStep`, when the tokens left repay
+its start-up): the step with every one-token product and the single query's attention written as sums
+(`cpu.py`), compiled by inductor ahead of time into a package kept on disk per model shape and CPU
+capability (`PackagedStep`, `aot.py`, `compile_cache_dir`): only the first run on a machine pays the
+compile (tens of seconds); every later process loads it in milliseconds. A model with hooks or swapped-in
+modules gets `torch.compile` instead (the hooks it saw stay in its step; seconds of tracing per process).
 
 (`benchmarks/random_weights.py` builds full-size models with random weights on the GPU, so the speed of
 this can be measured without downloading 93 GB.)
@@ -51,6 +53,7 @@ from ..model.mixtral import DecoderLayer, Mixtral
 from ..model.moe import SparseMoeBlock
 from ..model.norm import RMSNorm
 from ..model.rope import RotaryEmbedding
+from . import aot
 from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
 from .cpu import SummedAttention, SummedLinear, use_summed_products_
 from .dispatch import decode_dispatch, kernel_weights
@@ -114,6 +117,30 @@ def _say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the decoder
+def decode_step(model: nn.Module, cache: KVCache, token: torch.Tensor,
+                pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of `Mixtral.forward`: token `[1, 1]` at position pos `[1]` (its key and value written into
+    `cache`) -> (logits `[1, vocab]`, the greedy next token `[1, 1]`)."""
+    logits = model(token, cache=cache, positions=pos)[:, -1]
+    return logits, logits.argmax(dim=-1, keepdim=True)
+
+
+class PackagedStep(nn.Module):
+    """The compiled CPU step as the one module `aot.py` exports: (token, pos, every layer's keys, then every
+    layer's values) -> `decode_step`'s outputs, the cache tensors written in place; the single query's
+    attention as sums (`SummedAttention`), the products as sums (`use_summed_products_`, installed first)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, *kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = KVCache.__new__(KVCache)             # a cache over the given tensors, nothing allocated
+        cache.k, cache.v, cache.pos = list(kv[:len(kv) // 2]), list(kv[len(kv) // 2:]), 0
+        with SummedAttention():
+            return decode_step(self.model, cache, token, pos)
+
+
 # inductor's options for the compiled CPU step: the generated kernels read the thread count when they run
 # (so DecodeThreads applies), and the per-step wrapper neither checks its ~100 inputs' strides nor runs in
 # Python (benchmarks/README.md, "The default decode path", has the measurements).
@@ -129,10 +156,11 @@ class FastDecoder:
     new_ids = decoder.generate(prompt_ids, max_new_tokens=128)        # list of ints
 
     use_kernel: the Triton expert kernel (default: when available for the model's device).
-    cuda_graph: capture the step once and replay it (default: on CUDA, one device). compile: torch.compile the
+    cuda_graph: capture the step once and replay it (default: on CUDA, one device). compile: compile the
     step first (fuses the small kernels; the first call takes a while, announced through `progress`;
-    on a CPU the one-token products become sums, `cpu.use_summed_products_`, and the kernels read the
-    thread count at run time, so the model's `DecodeThreads` still applies). The dispatch (and the
+    on a CPU the one-token products become sums, `cpu.use_summed_products_`, the plain model's step is the
+    AOTInductor package `PackagedStep` (built once per machine), any other's torch.compile, and the kernels
+    read the thread count at run time, so the model's `DecodeThreads` still applies). The dispatch (and the
     kernel) stay installed on the model for its later calls too (same results).
     """
 
@@ -157,44 +185,69 @@ class FastDecoder:
         self.progress = progress
         self.compile_seconds: Optional[float] = None
         self._run = self._step
+        self._packaged: Optional[PackagedStep] = None
         if compile:
+            self._run = self._first_compiled_call
+            if self.device.type == "cpu":
+                use_summed_products_(model)
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+                self.threads = getattr(model, "decode_threads", None)
+            if self.device.type == "cpu" and compiles_well(model):
+                self._packaged = PackagedStep(model)      # compiled ahead of time, kept on disk (aot.py)
+                return
             # Dynamo reuses a compiled step across models and does not guard on hooks, so a step compiled
             # for another model would skip this one's hooks: start from an empty cache. Hooks registered
             # before the first step are compiled in; one added later needs a new FastDecoder.
             torch._dynamo.reset()
-            options, step = None, self._step
-            if self.device.type == "cpu":
-                use_summed_products_(model)
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-                options, step = CPU_COMPILE_OPTIONS, self._cpu_step
-                self.threads = getattr(model, "decode_threads", None)
-            self._run = self._first_compiled_call
-            self._compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+            cpu = self.device.type == "cpu"
+            self._compiled = torch.compile(self._cpu_step if cpu else self._step, fullgraph=True, dynamic=False,
+                                           options=CPU_COMPILE_OPTIONS if cpu else None)
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(token, cache=self.cache, positions=pos)[:, -1]          # [1, vocab]
-        return logits, logits.argmax(dim=-1, keepdim=True)
+        return decode_step(self.model, self.cache, token, pos)
 
     def _cpu_step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with SummedAttention():              # the single query's attention fused into the layer's loops
             return self._step(token, pos)
 
     def _first_compiled_call(self, token: torch.Tensor, pos: torch.Tensor):
-        if self.progress is not None:
-            where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's cache")
-            self.progress(f"compiling the decode step with torch.compile: up to a minute the first time on a "
-                          f"machine, seconds once its kernels are cached ({where}) ...")
-        misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
         start = time.perf_counter()
-        out = self._compiled(token, pos)
+        if self._packaged is not None:
+            out, cold = self._load_package(token, pos)
+        else:
+            if self.progress is not None:
+                where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's cache")
+                self.progress(f"compiling the decode step with torch.compile: up to a minute the first time on a "
+                              f"machine, seconds once its kernels are cached ({where}) ...")
+            misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+            out = self._compiled(token, pos)
+            cold = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"] > misses
         self.compile_seconds = time.perf_counter() - start
-        if self.progress is not None:
+        if self.progress is not None and (cold or self._packaged is None):
             self.progress(f"compiled in {self.compile_seconds:.1f} s")
         if self.device.type == "cpu":      # what generate's rule expects next time (DefaultStep)
-            cold = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"] > misses
             _record_startup(self.model, self.cache.max_seq_len, self.compile_seconds, cold)
         self._run = self._compiled
         return out
+
+    def _load_package(self, token: torch.Tensor, pos: torch.Tensor):
+        """The compiled CPU step from its package (built first when this machine has none): (the first
+        step's outputs, whether it was built)."""
+        kv = self.cache.k + self.cache.v
+        path = aot.package_path(compile_cache_dir(), self._packaged, (token, pos, *kv), CPU_COMPILE_OPTIONS)
+        cold = not path.exists()
+        if cold:
+            if self.progress is not None:
+                self.progress(f"compiling the decode step (torch.export + AOTInductor): up to a minute, once per "
+                              f"model shape on a machine; later runs load it in well under a second ({path.parent}) ...")
+            aot.build_package(self._packaged, (token, pos, *kv), path, CPU_COMPILE_OPTIONS)
+        start = time.perf_counter()
+        run = aot.load_package(path, self._packaged)
+        self._compiled = lambda token, pos: tuple(run(token, pos, *kv))
+        out = self._compiled(token, pos)
+        if cold:     # what loading it takes, the start-up of every later process: the rule's estimate
+            _record_startup(self.model, self.cache.max_seq_len, time.perf_counter() - start, cold=False)
+        return out, cold
 
     def _eager_step(self) -> torch.Tensor:
         if self.threads is not None:
@@ -290,9 +343,9 @@ class FastDecoder:
 
 # ----------------------------------------------------------------------------- generate's step: eager or compiled
 # When compiling pays (measured, benchmarks/README.md "The default decode path"): the compiled CPU step
-# saves at least SAVED_FRACTION of an eager step's time; its start-up when the on-disk cache holds the
-# kernels defaults to WARM_START_S (the last one measured on this machine is used once known), and the
-# first compile on a machine to COLD_START_S.
+# saves at least SAVED_FRACTION of an eager step's time; its start-up once compiled on this machine is the
+# last one measured here (a package's load time is recorded when it is built), WARM_START_S where none was,
+# and the first compile on a machine is expected to take COLD_START_S.
 SAVED_FRACTION = 0.3
 WARM_START_S = 10.0
 COLD_START_S = 60.0
