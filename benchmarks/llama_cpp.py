@@ -404,7 +404,7 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
 
     import torch
     import cpu_vs_transformers as cvt
-    from mixtral_edu.inference.decode import FastDecoder
+    from mixtral_edu.inference.decode import FastDecoder, cache_length
 
     torch.set_num_threads(threads)
     hf, ours = load_hf(folder), cvt.load_ours(str(folder))
@@ -418,8 +418,11 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
         t_ours.append(cvt.timed(cvt.prefill_ours, ours, prefill_ids)[0])
         t_hf.append(cvt.timed(cvt.prefill_hf, hf, prefill_ids)[0])
     compiled = {}
+    # The cache length `generate` picks for this call, so that the float32 decoder's package is the one the
+    # default path loads when it switches (on a machine where an earlier run built it, or this one).
+    length = cache_length(ours, prompt_len + new_tokens - 1)
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        decoder = FastDecoder(copy.deepcopy(ours).to(dtype), prompt_len + new_tokens, compile=True)
+        decoder = FastDecoder(copy.deepcopy(ours).to(dtype), length, compile=True)
         start = time.perf_counter()
         cvt.decode_fast(decoder, prompt, 2)
         compiled[name] = {"decoder": decoder, "startup_s": time.perf_counter() - start, "tps": []}
@@ -433,10 +436,13 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
         for name, c in compiled.items():
             stamps, c["ids"] = cvt.decode_fast(c["decoder"], prompt, new_tokens)
             c["tps"].append(stamps.tokens_per_s())
+    slot = getattr(ours, "compiled_step", None)
+    switched = slot is not None and slot.decoder is not None
     bandwidth = cvt.read_bandwidth()
     return {"cfg": cfg, "bandwidth": bandwidth,
             "bytes_f32": cvt.active_bytes_per_token(cfg, 4), "bytes_f16": cvt.active_bytes_per_token(cfg, 2),
-            "ours": {"decode_tps": max(d_ours), "prefill_ms": min(t_ours) * 1e3},
+            "ours": {"decode_tps": max(d_ours), "prefill_ms": min(t_ours) * 1e3,
+                     "note": "switched to the compiled step after 3 eager tokens" if switched else "stayed eager"},
             "transformers": {"decode_tps": max(d_hf), "prefill_ms": min(t_hf) * 1e3},
             "compiled": {name: {"decode_tps": max(c["tps"]), "startup_s": c["startup_s"]}
                          for name, c in compiled.items()},
@@ -444,27 +450,48 @@ def torch_rows(folder: Path, threads: int, repeats: int, prefill_len: int, promp
             "compiled_agrees": cvt.token_agreement(ours, prompt, compiled["float32"]["ids"], ids_hf)}
 
 
-def startup_times(folder: Path, threads: int) -> dict:
-    """Seconds from starting Python to the compiled step's first token, with an empty inductor cache
-    (the first run on a machine) and again with the cache that run left (every later run)."""
+STARTUP_CODE = """import sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+import cpu_vs_transformers as cvt
+from mixtral_edu.inference.decode import FastDecoder, cache_length
+model = cvt.load_ours(sys.argv[2])
+t1 = time.perf_counter()
+prompt, n = torch.ones(1, 32, dtype=torch.long), int(sys.argv[4])
+if sys.argv[5] == "compiled":
+    cvt.decode_fast(FastDecoder(model, cache_length(model, 32 + n - 1), compile=True, progress=None), prompt, 2)
+    print(time.perf_counter() - t0, time.perf_counter() - t1)
+else:
+    stamps, _ = cvt.decode_ours(model, prompt, n)
+    decoder = getattr(model, "compiled_step", None)
+    print(time.perf_counter() - t0, time.perf_counter() - t1, stamps.tokens_per_s(),
+          int(decoder is not None and decoder.decoder is not None))
+"""
+
+
+def startup_times(folder: Path, threads: int, new_tokens: int) -> dict:
+    """Fresh processes, each from starting Python: the compiled step's first token with an empty inductor
+    cache (the first run on a machine, which builds its package) and again with the package that run left
+    (every later run); then the default `generate` of `new_tokens` tokens with that package on disk."""
     import tempfile
 
-    code = ("import sys, time; t0 = time.perf_counter(); sys.path.insert(0, sys.argv[1]); import torch; "
-            "torch.set_num_threads(int(sys.argv[3])); import cpu_vs_transformers as cvt; "
-            "from mixtral_edu.inference.decode import FastDecoder; "
-            "m = cvt.load_ours(sys.argv[2]); t1 = time.perf_counter(); "
-            "d = FastDecoder(m, 160, compile=True, progress=None); cvt.decode_fast(d, torch.ones(1, 32, dtype=torch.long), 2); "
-            "print(time.perf_counter() - t0, time.perf_counter() - t1)")
+    def run(kind: str, env: dict) -> list[float]:
+        done = subprocess.run([sys.executable, "-c", STARTUP_CODE, str(HERE), str(folder), str(threads),
+                               str(new_tokens), kind], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise StepError("start-up", (done.stderr.strip().splitlines()[-1:] or ["no output"])[0])
+        return [float(v) for v in done.stdout.split()]
+
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
         for name in ("cold", "warm"):
-            run = subprocess.run([sys.executable, "-c", code, str(HERE), str(folder), str(threads)],
-                                 capture_output=True, text=True, env=env)
-            if run.returncode != 0:
-                raise StepError("start-up", run.stderr.strip().splitlines()[-1:] or ["no output"])
-            total, after_load = (float(v) for v in run.stdout.split()[-2:])
+            total, after_load = run("compiled", env)
             out[name] = {"total_s": total, "after_load_s": after_load}
+        total, after_load, tps, switched = run("default", env)
+        out["default"] = {"total_s": total, "after_load_s": after_load, "decode_tps": tps, "switched": bool(switched)}
     return out
 
 
@@ -587,7 +614,7 @@ def main(argv=None) -> int:
             t = torch_rows(folder, args.threads, args.repeats, args.prefill, 32, args.decode)
             if args.startup:
                 say("start-up of the compiled step: two fresh processes, an empty inductor cache, then warm")
-                t["startup"] = startup_times(folder, args.threads)
+                t["startup"] = startup_times(folder, args.threads, args.decode)
             table = (t, bench)
     except StepError as e:
         print(f"llama_cpp.py: {e}", file=sys.stderr)
@@ -622,6 +649,10 @@ def main(argv=None) -> int:
             print(f"start-up, Python start to the compiled step's first token (of which after loading the model): "
                   f"{st['cold']['total_s']:.1f} s ({st['cold']['after_load_s']:.1f}) with an empty inductor cache, "
                   f"{st['warm']['total_s']:.1f} s ({st['warm']['after_load_s']:.1f}) with the cache it left")
+            d = st["default"]
+            print(f"default generate, {args.decode} tokens, a fresh process, the package on disk: {d['decode_tps']:.1f} "
+                  f"tok/s ({'switched to the compiled step' if d['switched'] else 'stayed eager'}), "
+                  f"{d['total_s']:.1f} s from Python start to the last token ({d['after_load_s']:.1f} after loading)")
         if not t["greedy_equal"] or not agrees:
             print("FAIL: ours and transformers' greedy tokens differ")
             return 1
