@@ -124,6 +124,9 @@ def test_the_inductor_cache_is_kept_apart_per_cpu_capability(monkeypatch, tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(decode, "_cpu_flags", lambda: "fpu sse sse2")
     assert decode.compile_cache_dir().parent == tmp_path and decode.compile_cache_dir() != here
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(decode._inductor_default_dir()))    # set by inductor itself
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert decode.compile_cache_dir().parent == tmp_path / "mixtral_edu" / "inductor"      # where every process looks
 
 
 def test_cache_lengths_are_shared_buckets():

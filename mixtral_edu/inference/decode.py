@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -84,12 +85,25 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _inductor_default_dir() -> Path:
+    """Where inductor caches when $TORCHINDUCTOR_CACHE_DIR is not set: <tmp>/torchinductor_<user>."""
+    import getpass
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Path(tempfile.gettempdir()) / ("torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
 def compile_cache_dir() -> Path:
     """The folder inductor caches this process's compiled kernels in, one per torch version, ATen CPU
     capability, MKL instruction limit and CPU flag set: a kernel built for another instruction set is
     never reused (one reused across capabilities once gave wrong tokens). Under $TORCHINDUCTOR_CACHE_DIR
-    when set (inductor sets it to /tmp/torchinductor_$USER once it has run in the process), else under
-    ~/.cache/mixtral_edu/inductor ($XDG_CACHE_HOME respected)."""
+    when set, else under ~/.cache/mixtral_edu/inductor ($XDG_CACHE_HOME respected); inductor's own default,
+    which it puts into $TORCHINDUCTOR_CACHE_DIR once it has run in a process, counts as not set, so that
+    every process finds the packages (`aot.py`) earlier ones left."""
     key = "|".join([torch.__version__, torch.backends.cpu.get_cpu_capability(),
                     os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
                     _cpu_flags()])
@@ -97,7 +111,7 @@ def compile_cache_dir() -> Path:
     base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if base and Path(base).name == name:
         return Path(base)
-    if not base:
+    if not base or Path(base) == _inductor_default_dir():
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mixtral_edu",
                             "inductor")
     return Path(base) / name
