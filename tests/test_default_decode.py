@@ -44,6 +44,9 @@ def test_the_compiled_default_gives_eager_tokens_and_is_what_the_benchmark_times
     assert compiled == eager
     assert generate(model, PROMPT, 12, eos_id=None) == eager[:12]          # the compiled step is reused
     assert model.compiled_step.decoder is decoder
+    with torch.no_grad():
+        model.lm_head.weight.data = model.lm_head.weight.data * 1         # other tensors (same dtype): a new step
+    assert generate(model, PROMPT, 12, eos_id=None) == eager[:12] and model.compiled_step.decoder is not decoder
     model.to(torch.bfloat16)
     assert len(generate(model, PROMPT, 12, eos_id=None)) == 12             # cast since: a step for bf16
     assert model.compiled_step.decoder.cache.k[0].dtype == torch.bfloat16

@@ -131,6 +131,12 @@ def _say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the decoder
+def weights_of(model: nn.Module) -> tuple:
+    """Which tensors the model's parameters are now (address and dtype of each): a compiled package reads
+    the ones it was given, so a model whose parameters were replaced since needs a new decoder."""
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+
+
 def decode_step(model: nn.Module, cache: KVCache, token: torch.Tensor,
                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of `Mixtral.forward`: token `[1, 1]` at position pos `[1]` (its key and value written into
@@ -198,6 +204,7 @@ class FastDecoder:
         self.threads = None           # a compiled CPU step ticks the model's DecodeThreads itself
         self.progress = progress
         self.compile_seconds: Optional[float] = None
+        self.weights: Optional[tuple] = None    # the tensors a compiled step reads (`weights_of`), once installed
         self._run = self._step
         self._packaged: Optional[PackagedStep] = None
         if compile:
@@ -206,6 +213,7 @@ class FastDecoder:
                 use_summed_products_(model)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
                 self.threads = getattr(model, "decode_threads", None)
+                self.weights = weights_of(model)
             if self.device.type == "cpu" and compiles_well(model):
                 self._packaged = PackagedStep(model)      # compiled ahead of time, kept on disk (aot.py)
                 return
@@ -479,7 +487,7 @@ class DefaultStep:
         slot = self.model.__dict__.setdefault("compiled_step", _CompiledSlot())
         decoder = slot.decoder
         if (decoder is None or decoder.cache.max_seq_len < self.cache.max_seq_len
-                or decoder.cache.k[0].dtype != self.cache.k[0].dtype):      # the model was cast since
+                or decoder.weights != weights_of(self.model)):        # cast or given other tensors since
             length = cache_length(self.model, self.cache.max_seq_len)
             if saving <= expected_startup(self.model, length):
                 return None
