@@ -22,8 +22,8 @@ What happens, in one process:
    run (the sum of a tensor much larger than the caches).
 5. Both greedy continuations must be identical; the script exits with status 1 when they are not.
 6. --opt-in: the same decode through other paths: `to_column_major_` (row-sum products),
-   `FastDecoder(model, compile=True)` (the compiled step `generate` switches to for long generations;
-   its warm-up is timed) and bfloat16 weights, eager and compiled (speed only: bf16 tokens are not
+   `FastDecoder(model, compile=True)` (the compiled step `generate` switches to when it pays;
+   its start-up is timed) and bfloat16 weights, eager and compiled (speed only: bf16 tokens are not
    expected to equal float32 ones).
 7. --busy N: decode again with N busy-looping processes beside it (contention), ours, its compiled
    step and transformers, and ours with a fixed thread count (without the thread policy's `DecodeThreads`).
@@ -47,7 +47,7 @@ import torch
 
 from mixtral_edu.weights import load_model
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.inference.decode import FastDecoder
+from mixtral_edu.inference.decode import FastDecoder, cache_length
 from mixtral_edu.inference.generate import generate
 from mixtral_edu.inference.cpu import DecodeThreads, to_column_major_, use_thread_policy_
 from mixtral_edu.inference.optimize import optimize_for
@@ -270,9 +270,9 @@ def opt_in_runs(ours, prompt: torch.Tensor, args, ids_hf: list[int], best_hf: fl
 
 
 def compiled_decoder(model, max_seq_len: int, prompt: torch.Tensor) -> tuple[FastDecoder, float]:
-    """The compiled step `generate` switches to for long generations, on a copy of `model`; and the seconds
-    its first steps took (the compile, or reading the kernels from inductor's cache)."""
-    decoder = FastDecoder(copy.deepcopy(model), max_seq_len=max_seq_len, compile=True)
+    """The compiled step `generate` switches to when it pays, on a copy of `model`, with the cache length
+    `generate` would pick; and the seconds its first steps took (building its package, or loading it)."""
+    decoder = FastDecoder(copy.deepcopy(model), max_seq_len=cache_length(model, max_seq_len), compile=True)
     t = time.perf_counter()
     decode_fast(decoder, prompt, 3)
     return decoder, time.perf_counter() - t
