@@ -55,14 +55,17 @@ def build_package(module: nn.Module, example_args: tuple, path: Path, options: d
 
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.stem}.{os.getpid()}.part.pt2")
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)      # torch's own deprecations, raised inside export
-        args = tuple(a.clone() for a in example_args)        # ordinary tensors, whatever mode the caller is in
-        program = torch.export.export(module, args, strict=False)
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(part),
-            inductor_configs=dict(options, **{"aot_inductor.package_constants_in_so": False}))
-    part.replace(path)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)      # torch's own deprecations, raised inside export
+            args = tuple(a.clone() for a in example_args)        # ordinary tensors, whatever mode the caller is in
+            program = torch.export.export(module, args, strict=False)
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(part),
+                inductor_configs=dict(options, **{"aot_inductor.package_constants_in_so": False}))
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def load_package(path: Path, module: nn.Module) -> Callable[..., list]:
