@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/gguf_vs_llama_cpp.py            # builds llama.cpp once (llama_cpp.py's cache)
     .venv/bin/python benchmarks/gguf_vs_llama_cpp.py --models tiny
 
-Files: the course's tiny model (data/tiny-mixtral, hidden 64) and llama_cpp.py's random 139M model
-(hidden 512, so every K-quant applies), converted by llama.cpp's own convert_hf_to_gguf.py to F32, F16
-and Q8_0, and re-quantized from F32 by llama-quantize to Q4_0, Q4_K_M, Q5_K_M and Q6_K.
+Models: the course's tiny model (data/tiny-mixtral, hidden 64); llama_cpp.py's random 139M model
+(hidden 512, so every K-quant applies; every matrix N(0, 0.1)); and the same 139M draws rescaled to a
+trained model's scale (`SCALED_STD`, `scaled_checkpoint`). Each is converted by llama.cpp's own
+convert_hf_to_gguf.py to F32, F16 and Q8_0, and re-quantized from F32 by llama-quantize to Q4_0,
+Q4_K_M, Q5_K_M and Q6_K. For each model, `conditioning` also reports how much each layer matters.
 
 For every file, on one prompt (all positions' logits):
   (a) ours (load_model on the .gguf: streamed, dequantized in torch) against a plain float32 Mixtral
@@ -17,9 +19,10 @@ llama.cpp multiplies quantized weights by activations that it quantizes too (to 
 its vec_dot kernels), and F16 weights by F16 activations; we multiply float32 activations by float32
 dequantized weights. So (b) is exact only for F32; for the other types it measures that difference.
 To show that this is the whole difference, and how large it is on our side alone:
-  (c) ours with every matmul's input rounded as llama.cpp rounds it (`llama_cpp_activations`: each
-      weight's `vec_dot_type` from ggml-cpu.c, quantize_row_q8_0 / q8_K as its x86 code computes
-      them) against llama.cpp: logits and 16 greedy tokens;
+  (c) ours computing as llama.cpp's CPU backend does (`llama_cpp_activations`): every matmul's input
+      rounded to the weight's `vec_dot_type` from ggml-cpu.c (quantize_row_q8_0 / q8_1 / q8_K as its
+      x86 code computes them), Q4_1 / Q5_1 blocks' offsets times Q8_1's own float16 sums, and RMSNorm
+      as ggml's rms_norm_f32 rounds it; against llama.cpp: logits and 16 greedy tokens;
   (d) ours against that same model: the activation rounding's own effect on the logits, and where
       our top-2 margin exceeds twice it (so no such rounding can swap the first two), whether
       llama.cpp's argmax is ours;
@@ -57,15 +60,99 @@ def quantize(cache: lc.Cache, f32: Path, qtype: str) -> Path:
     return out
 
 
-def llama_cpp_run(cache: lc.Cache, path: Path, ids: list, threads: int):
-    """llama.cpp's logits `[T, vocab]` for `ids` (F32 KV cache), its greedy continuation, its own tokens."""
-    import numpy as np
-    sys.path[:0] = [str(lc.bindings(cache)), str(cache.pydeps)]
+# The 139M benchmark model's shapes at the scale of a trained model rather than llama_cpp.py's N(0, 0.1) for every
+# matrix (whose branches have gains of 2-3 and replace the residual stream layer after layer). The std of each
+# matrix's normal init, from hidden H, expert hidden I and layers L: embeddings of rms 1 (the residual stream);
+# unit-gain projections of the normalised input (q, k, v, w1, w3); the residual branches' outputs (o_proj, w2)
+# at 1/(2L) of unit gain, so each of the 2L branches adds about 1/(2L) of the stream; router logits of std 2
+# (decisive top-2); logits of std 3.
+SCALED_STD = {"embed_tokens.weight": lambda H, I, L: 1.0,
+              "q_proj.weight": lambda H, I, L: H ** -0.5, "k_proj.weight": lambda H, I, L: H ** -0.5,
+              "v_proj.weight": lambda H, I, L: H ** -0.5, "experts.gate_up_proj": lambda H, I, L: H ** -0.5,
+              "o_proj.weight": lambda H, I, L: H ** -0.5 / (2 * L),
+              "experts.down_proj": lambda H, I, L: I ** -0.5 / (2 * L),
+              "mlp.gate.weight": lambda H, I, L: 2 * H ** -0.5, "lm_head.weight": lambda H, I, L: 3 * H ** -0.5}
+
+
+def scaled_checkpoint(cache: lc.Cache) -> Path:
+    """llama_cpp.py's random 139M model (cpu_vs_transformers.py's config and seed) rescaled to SCALED_STD, once.
+
+    The same N(0, 0.1) draws, each matrix multiplied by SCALED_STD / 0.1; the RMSNorm weights stay ones.
+    """
+    import shutil
+
+    import torch
+
+    import cpu_vs_transformers as cvt
+
+    folder = cache.root / "scaled-139m"
+    if (folder / "config.json").exists() and (folder / "tokenizer.model").exists():
+        return folder
+    lc.say(f"weights: building the rescaled 139M model into {folder}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args = cvt.parse_args([])
+    _, hf, _ = cvt.build_models(args, str(tmp))
+    c = hf.config
+    H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    with torch.no_grad():
+        for key, param in hf.named_parameters():
+            if param.dim() == 1:
+                continue                                                    # RMSNorm weights: ones
+            rule = next(f for suffix, f in SCALED_STD.items() if key.endswith(suffix))
+            param.mul_(rule(H, I, L) / args.init_std)
+    hf.save_pretrained(str(tmp))
+    shutil.copy2(lc.TINY / "tokenizer.model", tmp / "tokenizer.model")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def conditioning(path: Path, threads: int) -> dict:
+    """How much each layer matters (the logits with that layer skipped) and how varied 16 greedy tokens are."""
+    import torch
+
+    from mixtral_edu.inference.generate import generate
+    from mixtral_edu.tokenizer import Tokenizer
+    from mixtral_edu.weights import load_model
+
+    torch.set_num_threads(threads)
+    tok = Tokenizer()
+    ids = [tok.bos_id] + tok.encode(PROMPT)
+    model = load_model(path, memory_budget=2 ** 30)
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        skipped = []
+        for layer in model.layers:
+            layer.forward = lambda h, *args, **kw: (h, None)
+            out = model(torch.tensor([ids]))[0]
+            del layer.forward
+            skipped.append(((out - full).abs().max().item(), (out.argmax(-1) != full.argmax(-1)).float().mean().item()))
+    top2 = full.topk(2, -1).values
+    greedy = generate(model, ids, GREEDY)
+    return {"skip_max": [m for m, _ in skipped], "skip_argmax": [a for _, a in skipped],
+            "logit_std": full.std(-1).mean().item(), "min_margin": (top2[:, 0] - top2[:, 1]).min().item(),
+            "distinct": len(set(greedy)), "greedy": greedy}
+
+
+def _bindings(cache: lc.Cache):
+    """llama-cpp-python's module, from the cache."""
+    if str(cache.pydeps) not in sys.path:
+        sys.path[:0] = [str(lc.bindings(cache)), str(cache.pydeps)]
     os.environ["LLAMA_CPP_LIB_PATH"] = str(cache.bindings / "llama_cpp" / "lib")
     if sys.modules.get("llama_cpp") is lc:        # this script imported benchmarks/llama_cpp.py under that name
         del sys.modules["llama_cpp"]
     import llama_cpp                              # the bindings
 
+    return llama_cpp
+
+
+def llama_cpp_run(cache: lc.Cache, path: Path, ids: list, threads: int):
+    """llama.cpp's logits `[T, vocab]` for `ids` (F32 KV cache), its greedy continuation, its own tokens."""
+    import numpy as np
+
+    llama_cpp = _bindings(cache)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=threads, logits_all=True,
                           verbose=False, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)
     own = llm.tokenize(PROMPT.encode(), add_bos=True)
@@ -80,11 +167,66 @@ def llama_cpp_run(cache: lc.Cache, path: Path, ids: list, threads: int):
     return logits, greedy, own
 
 
+def llama_cpp_layers(cache: lc.Cache, path: Path, ids: list, threads: int) -> list:
+    """Each layer's output `[T, hidden]` as llama.cpp computes it for `ids` (its graph's `l_out-{i}` tensors,
+    copied in an eval callback; the same context settings as `llama_cpp_run`)."""
+    import ctypes
+
+    import numpy as np
+
+    llama_cpp = _bindings(cache)
+
+    class Tensor(ctypes.Structure):            # the head of ggml.h's struct ggml_tensor, up to its name
+        _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                    ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                    ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                    ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+    layers = {}
+
+    def seen(t, ask, _):
+        t = ctypes.cast(t, ctypes.POINTER(Tensor)).contents
+        name = t.name.decode()
+        if ask or not name.startswith("l_out-"):
+            return name.startswith("l_out-")
+        assert t.type == 0 and t.nb[1] == 4 * t.ne[0], name               # F32, rows contiguous
+        rows = (ctypes.c_float * (t.ne[0] * t.ne[1])).from_address(t.data)
+        layers[int(name[6:])] = np.ctypeslib.as_array(rows).reshape(t.ne[1], t.ne[0]).copy()
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(seen)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_threads, params.n_threads_batch = 128, 128, threads, threads
+    params.type_k = params.type_v = lc.GGML_TYPE_F32
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED         # as Llama(flash_attn=False)
+    params.cb_eval = callback
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+    batch.n_tokens = len(ids)
+    for i, token in enumerate(ids):            # every position an output, as logits_all: the last layer keeps all rows
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, i, 1, 0, True
+    failed = llama_cpp.llama_decode(ctx, batch)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    if failed:
+        raise lc.StepError("llama.cpp layers", f"llama_decode failed on {path.name}")
+    llama_cpp.llama_model_free(model)
+    return [layers[i] for i in sorted(layers)]
+
+
 # ggml-cpu.c's type_traits_cpu[type].vec_dot_type: what a matmul rounds its activations to for these weights
-# (Q8_1 rounds the values as Q8_0 does; it also stores their sum)
+# (Q8_1 rounds the values as Q8_0 does; it also stores their sum, which the Q4_1 / Q5_1 dot products use)
 VEC_DOT = {"F32": None, "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q5_0": "Q8_0",
-           "Q4_1": "Q8_0", "Q5_1": "Q8_0", "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K",
+           "Q4_1": "Q8_1", "Q5_1": "Q8_1", "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K",
            "Q6_K": "Q8_K"}
+
+
+def _div(a: float, t):
+    """a / t rounded once, as C's float division is (torch's `a / t` multiplies by 1/t: two roundings)."""
+    import torch
+
+    return torch.full_like(t, a) / t
 
 
 def _round(x, kind):
@@ -100,54 +242,140 @@ def _round(x, kind):
         return x
     if kind in ("F16", "BF16"):
         return x.to(torch.float16 if kind == "F16" else torch.bfloat16).float()
-    size = 32 if kind == "Q8_0" else 256
-    b = x.reshape(*x.shape[:-1], -1, size)
-    if kind == "Q8_0":
-        amax = b.abs().amax(-1, keepdim=True)
-        q = torch.round(b * torch.where(amax > 0, 127 / amax, 0))
-        return (q * (amax / 127).half().float()).reshape(x.shape)
+    if kind in ("Q8_0", "Q8_1"):
+        return _q8_0(x)[0]
+    b = x.reshape(*x.shape[:-1], -1, 256)
     m = b.gather(-1, b.abs().argmax(-1, keepdim=True))             # first of the largest |x|, with its sign
-    iscale = torch.where(m != 0, -127 / m, 0)
+    iscale = torch.where(m != 0, _div(-127, m), 0)
     q = torch.round(iscale * b).clamp(max=127)
-    return (q * torch.where(m != 0, 1 / iscale, 0)).reshape(x.shape)
+    return (q * torch.where(m != 0, _div(1, iscale), 0)).reshape(x.shape)
+
+
+def _q8_0(x):
+    """x `[..., n]` -> (the Q8_0 values `[..., n]`, each block's Q8_1 sum error `[..., n / 32]`).
+
+    quantize_row_q8_0 / q8_1 (x86): per 32, d = amax/127 in float32, stored as float16; q = round-half-even
+    (x * 127/amax). Q8_1 also stores s = float16(d * sum(q)), with d still float32, where the values sum to
+    float16(d) * sum(q): the second result is s minus that.
+    """
+    import torch
+
+    b = x.reshape(*x.shape[:-1], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    d = amax / 127
+    q = torch.round(b * torch.where(amax > 0, _div(127, amax), 0))
+    qsum = q.sum(-1, keepdim=True)
+    s_error = (d * qsum).half().float() - d.half().float() * qsum
+    return (q * d.half().float()).reshape(x.shape), s_error[..., 0]
+
+
+def block_offsets(file, name, expert=None):
+    """The offsets m `[out, in / 32]` of a Q4_1 / Q5_1 matrix's blocks (weight = d * q + m), in our row order."""
+    import torch
+
+    from mixtral_edu.weights.gguf_quants import BLOCKS
+
+    mat = file.matrices[(name, expert)]
+    m = file.raw(mat).view(-1, BLOCKS[mat.qtype][1])[:, 2:4].contiguous().view(torch.float16).float()
+    return file.our_rows(name, m.reshape(mat.shape[0], -1))
+
+
+def ggml_input(x, kind, offsets=None):
+    """x `[..., in]` -> (what llama.cpp multiplies weights of vec_dot_type `kind` by, a term to add to the output).
+
+    The term is None except for Q8_1 (Q4_1 / Q5_1 weights, whose `offsets` m `[out, in / 32]` come from
+    `block_offsets`): ggml_vec_dot_q5_1_q8_1 sums d_w * d_x * sum(q_w q_x) + m_w * s_x per block, where s_x
+    is its own float16 rounding of d_x * sum(q_x), so the output gains m @ (s_x - float16(d_x) * sum(q_x)).
+    """
+    import torch.nn.functional as F
+
+    if kind != "Q8_1":
+        return _round(x, kind), None
+    x, s_error = _q8_0(x)
+    return x, F.linear(s_error, offsets)
+
+
+def ggml_linear(x, w, kind, offsets=None):
+    """x `[..., in]` @ w.T `[in, out]` as llama.cpp's CPU backend computes it for weights of vec_dot_type `kind`
+    (to float rounding: the sums run in another order)."""
+    import torch.nn.functional as F
+
+    x, term = ggml_input(x, kind, offsets)
+    y = F.linear(x, w)
+    return y if term is None else y + term
+
+
+def ggml_rms_norm(x, weight, eps):
+    """RMSNorm as ggml-cpu's rms_norm_f32 computes it: x * (1 / sqrtf(float(sum of x*x in double / n) + eps)) * w.
+
+    Ours (torch.rsqrt of a float32 mean) can differ from it in the last bit, and a matmul input one bit
+    away from an 8-bit rounding boundary rounds to the other side of it.
+    """
+    import torch
+
+    mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()
+    root = torch.sqrt((mean + eps).double()).float()    # sqrtf, correctly rounded (torch's float32 sqrt is not)
+    return x * _div(1, root) * weight
 
 
 def llama_cpp_activations(model, nudge: bool = False) -> None:
-    """Make a streamed GGUF `model` round every matmul's input as llama.cpp does for that weight's type.
+    """Make a streamed GGUF `model` multiply as llama.cpp's CPU backend does for each weight's type.
 
-    Pre-hooks on the attention projections, the router and lm_head; each layer's experts get a forward
-    that rounds w1's and w3's input and w2's (the SwiGLU product) for their own types. nudge: first
-    move every such input by one float32 rounding step (x * (1 +- 2**-23), random signs, seeded), as a
-    different summation order in another implementation would: how much that alone changes the logits
-    is the floor below which no two implementations of this model can agree.
+    Every matmul's input is rounded to the weight's vec_dot_type; for Q4_1 / Q5_1 weights (Q8_1 input) the
+    dot product is d_w * d_x * sum(q_w q_x) + m_w * s_x (ggml_vec_dot_q5_1_q8_1), so each block's offset m_w
+    also meets s_x's own float16 rounding (`ggml_input`). Hooks on the attention projections, the router and
+    lm_head; each layer's experts get a forward doing the same for w1, w3 and w2 (whose input is the SwiGLU
+    product); the RMSNorms compute as ggml's (`ggml_rms_norm`): at a rounding boundary their last bit
+    decides the code. nudge: first move every such input by one float32 rounding
+    step (x * (1 +- 2**-23), random signs, seeded), as a different summation order in another
+    implementation would: how much that alone changes the logits is the floor below which no two
+    implementations of this model can agree.
     """
     import torch
     import torch.nn.functional as F
 
     file = model.gguf_file
     gen = torch.Generator().manual_seed(0)
-    kind = lambda name, expert=None: VEC_DOT[file.matrices[(name, expert)].qtype]            # noqa: E731
+    offsets = {}
 
-    def round_activations(x, k):
+    def rounded(x, name, expert=None):
         if nudge:
             x = x * (1 + (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1) * 2.0 ** -23)
-        return _round(x, k)
+        kind = VEC_DOT[file.matrices[(name, expert)].qtype]
+        if kind == "Q8_1" and (name, expert) not in offsets:
+            offsets[(name, expert)] = block_offsets(file, name, expert)
+        return ggml_input(x, kind, offsets.get((name, expert)))
+
+    def linear(x, w, name, expert=None):
+        x, term = rounded(x, name, expert)
+        y = F.linear(x, w)
+        return y if term is None else y + term
 
     def hook(module, name):
-        k = kind(name)
-        module.register_forward_pre_hook(lambda m, args: (round_activations(args[0], k),) + args[1:])
+        pending = []
+        def pre(m, args):
+            x, term = rounded(args[0], name)
+            pending.append(term)
+            return (x,) + args[1:]
+        def post(m, args, y):
+            term = pending.pop()
+            return y if term is None else y + term
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
 
+    for norm in [model.norm] + [n for layer in model.layers
+                                for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        norm.forward = lambda x, norm=norm: ggml_rms_norm(x, norm.weight, norm.eps)
     for i, layer in enumerate(model.layers):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             hook(getattr(layer.self_attn, proj), f"layers.{i}.self_attn.{proj}.weight")
         hook(layer.block_sparse_moe.gate, f"layers.{i}.block_sparse_moe.gate.weight")
         experts = layer.block_sparse_moe.experts
-        kinds = [[kind(experts.prefix + w, e) for w in ("w1", "w2", "w3")] for e in range(experts.num_experts)]
 
-        def forward(x, e, experts=experts, kinds=kinds):
-            (w1, w2, w3), (k1, k2, k3) = experts.expert_weights(e), kinds[int(e)]
-            h = F.silu(F.linear(round_activations(x, k1), w1)) * F.linear(round_activations(x, k3), w3)
-            return F.linear(round_activations(h, k2), w2)
+        def forward(x, e, experts=experts):
+            (w1, w2, w3), e, p = experts.expert_weights(e), int(e), experts.prefix
+            h = F.silu(linear(x, w1, p + "w1", e)) * linear(x, w3, p + "w3", e)
+            return linear(h, w2, p + "w2", e)
         experts.forward = forward
     hook(model.lm_head, "embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight")
 
@@ -185,8 +413,13 @@ def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
     ours_greedy = generate(ours, ids, GREEDY)
     rounded = load_model(path, memory_budget=2 ** 30)
     llama_cpp_activations(rounded)
+    c_layers = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: c_layers.append(out[0][0].numpy()))
+             for layer in rounded.layers]
     with torch.no_grad():
         c = rounded(torch.tensor([ids]))[0].numpy()
+    for h in hooks:
+        h.remove()
     rounded_greedy = generate(rounded, ids, GREEDY)
     nudged = load_model(path, memory_budget=2 ** 30)
     llama_cpp_activations(nudged, nudge=True)
@@ -194,30 +427,36 @@ def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
         e = nudged(torch.tensor([ids]))[0].numpy()
     theirs, their_greedy, their_ids = llama_cpp_run(cache, path, ids, threads)
     import numpy as np
+    layer_diff = [np.abs(ours - theirs).max(-1) for ours, theirs in zip(c_layers, llama_cpp_layers(cache, path, ids, threads))]
     return {"file": path.name, "MB": path.stat().st_size / 1e6, "types": ours.gguf_file.type_counts(),
             "a": float(np.abs(a - b).max()), "b": float(np.abs(a - theirs).max()), "scale": float(np.abs(a).max()),
             "argmax": float((a.argmax(-1) == theirs.argmax(-1)).mean()), "tokens": len(ids),
             "greedy_equal": ours_greedy == their_greedy, "same_ids": their_ids == ids,
             "c": float(np.abs(c - theirs).max()), "c_greedy_equal": rounded_greedy == their_greedy,
             "c_leading": int(np.cumprod(np.abs(c - theirs).max(-1) < 1e-4).sum()),
-            "d": float(np.abs(a - c).max()), "e": float(np.abs(c - e).max()), **margin_check(a, c, theirs)}
+            "d": float(np.abs(a - c).max()), "e": float(np.abs(c - e).max()), **margin_check(a, c, theirs),
+            "layers_first": [float(d[0]) for d in layer_diff], "layers_all": [float(d.max()) for d in layer_diff],
+            "layer_scale": float(max(np.abs(x).max() for x in c_layers))}
+
+
+MODELS = {"tiny": lambda cache: lc.TINY, "139m": lc.random_checkpoint, "139m-scaled": scaled_checkpoint}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["tiny", "139m"], choices=["tiny", "139m"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     cache = lc.Cache()
     try:
         lc.build(cache)
         lc.python_deps(cache)
-        folders = {"tiny": lc.TINY, "139m": None}
-        rows = []
+        rows, layers = [], {}
         for name in args.models:
-            folder = folders[name] or lc.random_checkpoint(cache)
+            folder = MODELS[name](cache)
             files = {t.upper(): lc.convert(cache, folder, t) for t in CONVERTED}
             files.update({q: quantize(cache, files["F32"], q) for q in QUANTIZED})
+            layers[name] = conditioning(files["F32"], args.threads)
             for qtype, path in files.items():
                 lc.say(f"compare: {name} {qtype}")
                 rows.append(dict(model=name, qtype=qtype, **compare(cache, path, args.threads)))
@@ -240,6 +479,23 @@ def main(argv=None) -> int:
               f"{r['scale']:.1f} | {r['argmax']:.0%} | {'yes' if r['greedy_equal'] else 'NO'} | "
               f"{r['c']:.1e} | {r['c_leading']} of {r['tokens']} | {'yes' if r['c_greedy_equal'] else 'NO'} | "
               f"{r['d']:.1e} | {r['safe']} of {r['tokens']}: {'yes' if r['safe_agree'] else 'NO'} | {r['e']:.1e} |")
+    print("\n(c) against llama.cpp layer by layer: max abs difference of each layer's output (llama.cpp's l_out-i, "
+          "copied in an eval callback), at the first position and over all positions\n")
+    print("| model | type | largest layer output | first position: layer 0 1 ... | all positions: layer 0 1 ... |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['qtype']} | {r['layer_scale']:.1f} | {' '.join(f'{v:.0e}' for v in r['layers_first'])} "
+              f"| {' '.join(f'{v:.0e}' for v in r['layers_all'])} |")
+    print("\nThe models (F32 file, ours): how much each layer matters (max abs logit change, and the share of "
+          "positions whose argmax changes, with that layer skipped), the logits' std over the vocabulary, the "
+          "smallest top-2 margin over the prompt, distinct tokens among the 16 greedy ones\n")
+    print("| model | layer skipped: max abs logit change | layer skipped: argmax changes | logit std "
+          "| smallest margin | distinct greedy tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, c in layers.items():
+        print(f"| {name} | {' '.join(f'{v:.2g}' for v in c['skip_max'])} | "
+              f"{' '.join(f'{v:.0%}' for v in c['skip_argmax'])} | {c['logit_std']:.2f} | {c['min_margin']:.2g} | "
+              f"{c['distinct']} of {GREEDY} |")
     if not all(r["same_ids"] for r in rows):
         print("note: llama.cpp's own tokenizer gave other ids for the prompt than ours on some file")
     return 0

@@ -8,6 +8,7 @@ its numpy `dequantize`; llama.cpp's own logits are compared in benchmarks/gguf_v
 from __future__ import annotations
 
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as T
 
+import benchmark_scripts
 from gguf_files import random_blocks, reference_state, write_gguf
 from tiny_models import random_tiny
 from mixtral_edu.analysis.routing import trace_routing
@@ -376,3 +378,52 @@ def test_not_a_gguf_file(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not gguf")
     with pytest.raises(GGUFError, match="not a GGUF file"):
         GGUFFile(bad)
+
+
+# ----------------------------------------------------------------------------- llama.cpp's arithmetic
+def q5_1_q8_1_reference(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q5_1_q8_1 written out block by block, in float64: raw `[out, in/32, 24]` Q5_1 blocks, x `[n, in]`.
+
+    The activations as x86's quantize_row_q8_1 makes them: per 32, d = amax/127 (float32), q = round-half-even
+    (x * (127/amax)), stored d16 = float16(d) and s = float16(d * sum(q)). The weights: d_w, m_w float16, 5-bit
+    codes (low nibbles of qs for weights 0-15, high ones for 16-31; fifth bits in qh). Result `[n, out]`.
+    """
+    d_w = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    m_w = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    qh = raw[..., 4:8].copy().view(np.uint32)[..., 0].astype(np.int64)
+    qs = raw[..., 8:24].astype(np.int64)
+    fifth = (qh[..., None] >> np.arange(32)) & 1
+    q_w = np.concatenate([qs & 15, qs >> 4], -1) | (fifth << 4)                         # [out, blocks, 32]
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    q_x = np.round(xb * (np.float32(127) / amax)).astype(np.int64)                      # [n, blocks, 32]
+    d = amax / np.float32(127)
+    d16 = d.astype(np.float16).astype(np.float64)[..., 0]
+    s = (d * q_x.sum(-1, keepdims=True).astype(np.float32)).astype(np.float16).astype(np.float64)[..., 0]
+    dots = np.einsum("obk,nbk->nob", q_w, q_x).astype(np.float64)                      # exact integer sums
+    return (d_w[None] * d16[:, None] * dots + m_w[None] * s[:, None]).sum(-1)
+
+
+def test_benchmark_multiplies_q5_1_weights_as_llama_cpp_does(tiny, tmp_path, monkeypatch):
+    """benchmarks/gguf_vs_llama_cpp.py's emulation of llama.cpp's CPU matmul for Q5_1 weights (their activations
+    are Q8_1: the block offsets m_w multiply llama.cpp's float16 sum s_x, not the rounded activations' sum)
+    equals the kernel's formula written out above, to float32 summation order (1e-5 of the output's scale),
+    on a q projection (rows permuted in the file) and an expert's w2 (4 blocks per row) of a Q5_1 file.
+    Multiplying the rounded activations alone (Q8_0's way) misses by more than that."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", benchmark_scripts.load("llama_cpp", "llama_cpp_bench"))
+    bench = benchmark_scripts.load("gguf_vs_llama_cpp", "gguf_vs_llama_cpp")
+    f = GGUFFile(write_gguf(tiny, tmp_path / "tiny-q5_1.gguf", "Q5_1"))
+    gen = torch.Generator().manual_seed(0)
+    for name, expert in (("layers.0.self_attn.q_proj.weight", None), ("layers.1.block_sparse_moe.experts.w2", 3)):
+        m = f.matrices[(name, expert)]
+        x = torch.randn(64, m.shape[1], generator=gen)
+        raw = f.raw(m).numpy().reshape(m.shape[0], -1, 24)
+        want = torch.from_numpy(q5_1_q8_1_reference(raw, x.numpy())).float()
+        if name.endswith("q_proj.weight"):
+            want = unpermute_qk(want.T, f.config.num_attention_heads).T
+        w = f.read(name, expert)
+        got = bench.ggml_linear(x, w, "Q8_1", bench.block_offsets(f, name, expert))
+        tol = 1e-5 * want.abs().max()
+        assert (got - want).abs().max() < tol, name
+        assert (bench.ggml_linear(x, w, "Q8_0") - want).abs().max() > 10 * tol, name
+    f.close()

@@ -248,12 +248,15 @@ class GGUFFile:
         w = torch.empty(m.shape) if out is None else out        # `out` itself, not a view of it, comes back
         dequantize(self.raw(m), m.qtype, out=w.view(-1))
         self.release(m)
-        cfg = self.config
+        return self.our_rows(name, w)
+
+    def our_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row values `[out, ...]` of matrix `name` in the file's row order -> in ours (q, k: permuted back)."""
         if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, cfg.num_key_value_heads)
-        return w
+            return unpermute_qk(rows, self.config.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            return unpermute_qk(rows, self.config.num_key_value_heads)
+        return rows
 
     def nbytes_dequantized(self, name: str, expert: Optional[int] = None) -> int:
         """Bytes of `read(name, expert)`'s result (float32)."""
