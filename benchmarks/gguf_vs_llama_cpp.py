@@ -392,6 +392,22 @@ def margin_check(ours, rounded, theirs) -> dict:
     return {"safe": int(safe.sum()), "safe_agree": bool(agree[safe].all()), "min_margin": float(margin.min())}
 
 
+def where_greedy_parts(ours, rounded, ids: list, ours_greedy: list, their_greedy: list):
+    """The first greedy step where our tokens and llama.cpp's differ, and there the margin between the two
+    tokens in our logits and in the rounded model's (on our path so far, which is theirs): None if equal."""
+    import torch
+
+    step = next((i for i, (a, b) in enumerate(zip(ours_greedy, their_greedy)) if a != b), None)
+    if step is None:
+        return None
+    path = torch.tensor([ids + ours_greedy[:step]])
+    with torch.no_grad():
+        a, c = ours(path)[0, -1], rounded(path)[0, -1]
+    mine, theirs = ours_greedy[step], their_greedy[step]
+    return {"step": step, "ours": float(a[mine] - a[theirs]), "rounded": float(c[mine] - c[theirs]),
+            "d_there": float((a - c).abs().max())}
+
+
 def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
     import torch
 
@@ -427,6 +443,7 @@ def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
         e = nudged(torch.tensor([ids]))[0].numpy()
     theirs, their_greedy, their_ids = llama_cpp_run(cache, path, ids, threads)
     import numpy as np
+    parting = where_greedy_parts(ours, rounded, ids, ours_greedy, their_greedy)
     layer_diff = [np.abs(ours - theirs).max(-1) for ours, theirs in zip(c_layers, llama_cpp_layers(cache, path, ids, threads))]
     return {"file": path.name, "MB": path.stat().st_size / 1e6, "types": ours.gguf_file.type_counts(),
             "a": float(np.abs(a - b).max()), "b": float(np.abs(a - theirs).max()), "scale": float(np.abs(a).max()),
@@ -436,7 +453,7 @@ def compare(cache: lc.Cache, path: Path, threads: int) -> dict:
             "c_leading": int(np.cumprod(np.abs(c - theirs).max(-1) < 1e-4).sum()),
             "d": float(np.abs(a - c).max()), "e": float(np.abs(c - e).max()), **margin_check(a, c, theirs),
             "layers_first": [float(d[0]) for d in layer_diff], "layers_all": [float(d.max()) for d in layer_diff],
-            "layer_scale": float(max(np.abs(x).max() for x in c_layers))}
+            "layer_scale": float(max(np.abs(x).max() for x in c_layers)), "parting": parting}
 
 
 MODELS = {"tiny": lambda cache: lc.TINY, "139m": lc.random_checkpoint, "139m-scaled": scaled_checkpoint}
@@ -479,6 +496,14 @@ def main(argv=None) -> int:
               f"{r['scale']:.1f} | {r['argmax']:.0%} | {'yes' if r['greedy_equal'] else 'NO'} | "
               f"{r['c']:.1e} | {r['c_leading']} of {r['tokens']} | {'yes' if r['c_greedy_equal'] else 'NO'} | "
               f"{r['d']:.1e} | {r['safe']} of {r['tokens']}: {'yes' if r['safe_agree'] else 'NO'} | {r['e']:.1e} |")
+    print("\nWhere the greedy tokens part (step 0 = the first new token): our logit of our token minus our logit "
+          "of llama.cpp's token, the same in the model of (c), and (d) at that step\n")
+    print("| model | type | step | ours: margin | (c): margin | (d) there |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["parting"]:
+            q = r["parting"]
+            print(f"| {r['model']} | {r['qtype']} | {q['step']} | {q['ours']:.3f} | {q['rounded']:.3f} | {q['d_there']:.3f} |")
     print("\n(c) against llama.cpp layer by layer: max abs difference of each layer's output (llama.cpp's l_out-i, "
           "copied in an eval callback), at the first position and over all positions\n")
     print("| model | type | largest layer output | first position: layer 0 1 ... | all positions: layer 0 1 ... |")
