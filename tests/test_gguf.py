@@ -427,3 +427,25 @@ def test_benchmark_multiplies_q5_1_weights_as_llama_cpp_does(tiny, tmp_path, mon
         assert (got - want).abs().max() < tol, name
         assert (bench.ggml_linear(x, w, "Q8_0") - want).abs().max() > 10 * tol, name
     f.close()
+
+
+def test_benchmark_normalises_as_ggml_does(monkeypatch):
+    """benchmarks/gguf_vs_llama_cpp.py's `ggml_rms_norm` equals ggml's rms_norm_f32 bit for bit, written out here:
+    sum of float32 x*x in double, mean = float(sum / n), scale = 1.0f / sqrtf(mean + eps), y = (x * scale) * w.
+    numpy's float32 division and sqrt round once, as C's do; the emulation must too (a code of an 8-bit
+    rounded activation can hang on the last bit). Equal on any CPU: every step is one IEEE rounding, but for the
+    order of the double sum, which could move the float32 mean only if the sum lay within a few of its last
+    bits of a float32 rounding step."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", benchmark_scripts.load("llama_cpp", "llama_cpp_bench"))
+    bench = benchmark_scripts.load("gguf_vs_llama_cpp", "gguf_vs_llama_cpp")
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2000, 64, generator=gen), torch.rand(64, generator=gen) + 0.5
+    xs, ws, eps = x.numpy(), w.numpy(), np.float32(1e-5)
+    want = np.empty_like(xs)
+    for i, row in enumerate(xs):
+        total = 0.0
+        for v in row:
+            total += float(v * v)                       # float32 product, double sum, in order
+        scale = np.float32(1) / np.sqrt(np.float32(total / len(row)) + eps)
+        want[i] = row * scale * ws
+    assert np.array_equal(bench.ggml_rms_norm(x, w, 1e-5).numpy(), want)
