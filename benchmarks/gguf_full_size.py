@@ -225,6 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-budget", default="4GB", help="--memory-budget for route and decode")
     p.add_argument("--decode", type=int, default=4, help="tokens to decode after the first (default %(default)s)")
     p.add_argument("--skip", nargs="*", default=[], choices=["route", "decode", "llama.cpp", "dequant"])
+    p.add_argument("--repack", nargs="+", type=int, default=[0, 1], choices=[0, 1],
+                   help="llama-bench --repack values to run (1, its default, copies the weights into its own "
+                        "memory in the layout of its faster kernels; 0 reads them through the mapped file)")
     args = p.parse_args(argv)
     from mixtral_edu.inference.gguf_stream import parse_size
     from mixtral_edu.tokenizer import Tokenizer
@@ -254,13 +257,13 @@ def main(argv=None) -> int:
     if "llama.cpp" not in args.skip:
         import llama_cpp as lc
         cache = lc.Cache()
-        if lc.built(cache):
-            r = child(["timeout", "600", str(cache.bin / "llama-bench"), "-m", str(path), "-t", "2", "-p", "0",
-                       "-n", "2", "-r", "1", "-o", "json"])
-            print(f"llama.cpp llama-bench -n 2 (timeout 600 s): exit {r['rc']}, wall {r['wall']:.0f} s, "
-                  f"CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB"
+        for repack in args.repack if lc.built(cache) else []:
+            r = child(["timeout", "600", str(cache.bin / "llama-bench"), "-m", str(path), "-t", "2", "-p", "128",
+                       "-n", "2", "-r", "1", "--repack", str(repack), "-o", "json"])
+            print(f"llama.cpp llama-bench -p 128 -n 2 --repack {repack} (timeout 600 s): exit {r['rc']}, wall {r['wall']:.0f} s, "
+                  f"CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB, load average {os.getloadavg()}"
                   f" (its file pages count: it maps the whole file)\n{r['out']}{r['err'][-600:]}", flush=True)
-        else:
+        if not lc.built(cache):
             print("llama.cpp: not built (run benchmarks/llama_cpp.py once)")
     return 0
 
