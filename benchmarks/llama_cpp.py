@@ -618,7 +618,7 @@ def main(argv=None) -> int:
             say(f"ours and transformers: {folder.name}, best of {args.repeats}")
             t = torch_rows(folder, args.threads, args.repeats, args.prefill, 32, args.decode)
             if args.startup:
-                say("start-up of the compiled step: two fresh processes, an empty inductor cache, then warm")
+                say("start-up: fresh processes: default generate and the compiled step, an empty cache, then warm")
                 t["startup"] = startup_times(folder, args.threads, args.decode)
             table = (t, bench)
     except StepError as e:
