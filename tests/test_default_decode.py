@@ -132,6 +132,17 @@ def test_the_inductor_cache_is_kept_apart_per_cpu_capability(monkeypatch, tmp_pa
     assert decode.compile_cache_dir().parent == tmp_path / "mixtral_edu" / "inductor"      # where every process looks
 
 
+def test_the_expected_start_up_is_what_this_machine_recorded(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = random_tiny(num_hidden_layers=1)
+    assert decode.expected_startup(model, 256) == decode.COLD_START_S          # never built here
+    decode._record_startup(model, 256, 12.0, cold=True)
+    assert decode.expected_startup(model, 256) == decode.WARM_START_S          # built, no load measured yet
+    decode._record_startup(model, 256, 0.0001, cold=False)
+    assert decode.expected_startup(model, 256) == 0.0                          # a load that rounds to nothing
+    assert decode.expected_startup(model, 512) == decode.COLD_START_S
+
+
 def test_cache_lengths_are_shared_buckets():
     model = SimpleNamespace(config=MixtralConfig.tiny(max_position_embeddings=2048))
     assert [decode.cache_length(model, n) for n in (10, 256, 257, 1500, 2048)] == [256, 256, 512, 2048, 2048]

@@ -424,7 +424,8 @@ def expected_startup(model: nn.Module, max_seq_len: int) -> float:
         known = None
     if known is None:
         return COLD_START_S
-    return known.get("warm_s") or WARM_START_S
+    warm = known.get("warm_s")
+    return WARM_START_S if warm is None else warm          # a load can round to 0.0 s
 
 
 def _record_startup(model: nn.Module, max_seq_len: int, seconds: float, cold: bool) -> None:
@@ -435,7 +436,7 @@ def _record_startup(model: nn.Module, max_seq_len: int, seconds: float, cold: bo
     except (OSError, ValueError):
         record = {}
     entry = record.setdefault(_graph_key(model, max_seq_len), {})
-    entry["cold_s" if cold else "warm_s"] = round(seconds, 2)
+    entry["cold_s" if cold else "warm_s"] = round(seconds, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".part")
     part.write_text(json.dumps(record, indent=1))
