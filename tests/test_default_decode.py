@@ -81,6 +81,18 @@ def test_the_compiled_step_is_a_package_on_disk_that_the_next_decoder_loads(monk
     assert decode.FastDecoder(model, 32, compile=True)._packaged is None
 
 
+def test_the_cli_layout_compiles_inside_generate(monkeypatch, tmp_path):
+    """optimize_for's column-major lm_head is made row-major for the compiled step while generate runs in
+    inference mode; the package is still exported from ordinary tensors, and the tokens stay eager's."""
+    from mixtral_edu.inference.optimize import optimize_for
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = optimize_for(random_tiny(num_hidden_layers=1, std=0.08), "cpu")
+    eager = generate(model, PROMPT, 10, eos_id=None)
+    monkeypatch.setattr(decode, "expected_startup", lambda model, length: 0.0)
+    assert generate(model, PROMPT, 10, eos_id=None) == eager and model.compiled_step.decoder is not None
+
+
 def test_the_rule_stays_eager_where_compiling_does_not_apply(monkeypatch):
     monkeypatch.setattr(decode, "expected_startup", lambda model, length: 0.0)
     model = model_with_threads()

@@ -222,7 +222,8 @@ def use_summed_products_(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear and module.weight.dtype.is_floating_point:
             module.__class__ = SummedLinear
             if not module.weight.is_contiguous():
-                module.weight.data = module.weight.data.contiguous()
+                with torch.inference_mode(False):     # an ordinary tensor even inside generate: export needs one
+                    module.weight.data = module.weight.data.contiguous()
     for layer in model.layers:
         layer.block_sparse_moe.dispatch = dispatch_summed
     return model
