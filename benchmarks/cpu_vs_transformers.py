@@ -85,15 +85,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------ the models
 
+def model_config(args: argparse.Namespace) -> MixtralConfig:
+    """The benchmark model's architecture from the command line's sizes."""
+    return MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                         num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+                         max_position_embeddings=max(args.prefill_len, args.prompt_len + args.new_tokens))
+
+
 def build_models(args: argparse.Namespace, folder: str):
     """A random transformers Mixtral saved with save_pretrained, and ours loaded from that folder."""
     import transformers
 
-    cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                        num_local_experts=args.experts, num_experts_per_tok=args.top_k,
-                        max_position_embeddings=max(args.prefill_len, args.prompt_len + args.new_tokens))
+    cfg = model_config(args)
     hf_cfg = transformers.MixtralConfig(**cfg.to_hf_config())
     hf_cfg.initializer_range = args.init_std
     torch.manual_seed(args.seed)

@@ -257,13 +257,14 @@ def main(argv=None) -> int:
     if "llama.cpp" not in args.skip:
         import llama_cpp as lc
         cache = lc.Cache()
-        for repack in args.repack if lc.built(cache) else []:
+        built = lc.built(cache)
+        for repack in args.repack if built else []:
             r = child(["timeout", "600", str(cache.bin / "llama-bench"), "-m", str(path), "-t", "2", "-p", "128",
                        "-n", "2", "-r", "1", "--repack", str(repack), "-o", "json"])
             print(f"llama.cpp llama-bench -p 128 -n 2 --repack {repack} (timeout 600 s): exit {r['rc']}, wall {r['wall']:.0f} s, "
                   f"CPU {r['cpu']:.0f} s, peak RSS {r['rss_gb']:.2f} GB, load average {os.getloadavg()}"
                   f" (its file pages count: it maps the whole file)\n{r['out']}{r['err'][-600:]}", flush=True)
-        if not lc.built(cache):
+        if not built:
             print("llama.cpp: not built (run benchmarks/llama_cpp.py once)")
     return 0
 

@@ -124,7 +124,6 @@ def trained_checkpoint(cache: lc.Cache) -> Path:
     import torch
 
     import cpu_vs_transformers as cvt
-    from mixtral_edu.config import MixtralConfig
     from mixtral_edu.tokenizer import Tokenizer
     from mixtral_edu.training.corpus import load_split, token_streams
     from mixtral_edu.training.train import train
@@ -134,14 +133,9 @@ def trained_checkpoint(cache: lc.Cache) -> Path:
     if (folder / "config.json").exists() and (folder / "tokenizer.model").exists():
         return folder
     lc.say(f"weights: training the 139M config {TRAIN} into {folder} (about 20 minutes on 2 cores)")
-    a = cvt.parse_args([])
-    cfg = MixtralConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                        head_dim=a.hidden // a.heads, num_local_experts=a.experts, num_experts_per_tok=a.top_k,
-                        max_position_embeddings=max(a.prefill_len, a.prompt_len + a.new_tokens))
     torch.set_num_threads(2)
-    model, history = train(cfg, token_streams(Tokenizer(), load_split("train")), progress=True, log_every=40,
-                           **TRAIN)
+    model, history = train(cvt.model_config(cvt.parse_args([])), token_streams(Tokenizer(), load_split("train")),
+                           progress=True, log_every=40, **TRAIN)
     lc.say(f"weights: training loss every 40 steps {[round(v, 2) for v in history.loss]}")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
