@@ -3,13 +3,15 @@ FastDecoder step when the measured rule says it pays; the same tokens either way
 the rule's inputs (start-up, step times) are set by the tests where a decision is checked."""
 
 import copy
+import fcntl
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mixtral_edu.config import MixtralConfig
-from mixtral_edu.inference import aot, decode
+from mixtral_edu.inference import aot, background, decode
 from mixtral_edu.inference.cpu import use_thread_policy_
 from mixtral_edu.inference.generate import generate, sample_loop
 from mixtral_edu.inference.offload import offload_experts
@@ -91,6 +93,68 @@ def test_the_cli_layout_compiles_inside_generate(monkeypatch, tmp_path):
     eager = generate(model, PROMPT, 10, eos_id=None)
     monkeypatch.setattr(decode, "expected_startup", lambda model, length: 0.0)
     assert generate(model, PROMPT, 10, eos_id=None) == eager and model.compiled_step.decoder is not None
+
+
+def test_a_first_eager_run_has_the_package_built_aside_for_the_next(monkeypatch, tmp_path, capsys):
+    """A generation that stays eager (no step ever built here) starts one builder process with one line on
+    stderr; what it builds is the package the parent then looks up: run synchronously here through the same
+    command line, the next generate switches by the recorded load time and loads it without building."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MIXTRAL_EDU_BACKGROUND_BUILD", "1")
+    monkeypatch.setattr(decode, "WORTH_BUILDING_S", 0.0)     # a toy model's saving is tiny
+    started = []
+    monkeypatch.setattr(background, "subprocess", SimpleNamespace(
+        Popen=lambda argv, **kw: started.append((argv, kw)), DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
+    model = model_with_threads()
+    eager = generate(model, PROMPT, 20, eos_id=None)                       # expected start-up 60 s: eager
+    assert model.compiled_step.decoder is None and len(started) == 1
+    argv, kw = started[0]
+    assert kw["start_new_session"] and kw["stdin"] is subprocess.DEVNULL and "os.nice(19)" in argv[2]
+    assert capsys.readouterr().err.strip() == background.ANNOUNCE
+    assert generate(model, PROMPT, 20, eos_id=None) == eager and len(started) == 1   # one builder per process
+
+    folder, length = decode.compile_cache_dir(), decode.cache_length(model, len(PROMPT) + 19)
+    assert argv == background.command(folder, decode._graph_key(model, length))
+    subprocess.run(argv, check=True, timeout=600)           # the builder itself, waited for
+    assert decode._recorded_startup(model, length).get("warm_s") is not None
+
+    def no_build(*args):
+        raise AssertionError("the parent built a package: the builder's key differs")
+    monkeypatch.setattr(aot, "build_package", no_build)
+    monkeypatch.setattr(decode, "SAVED_FRACTION", 1e6)        # switch on the recorded load time, however short
+    assert generate(model, PROMPT, 20, eos_id=None) == eager and model.compiled_step.decoder is not None
+    assert model.compiled_step.decoder._packaged is not None and len(started) == 1
+
+
+def test_the_background_build_is_off_when_asked_or_running_or_failed(monkeypatch, tmp_path):
+    """MIXTRAL_EDU_BACKGROUND_BUILD=0 (set for the tests and notebooks by conftest.py), a builder holding the
+    lock, or a failed build: no new builder."""
+    model = model_with_threads()
+    monkeypatch.setattr(background, "subprocess", SimpleNamespace(Popen=lambda argv, **kw: pytest.fail("a builder started")))
+    assert background.enabled() is False
+    assert not background.start(model, 64, tmp_path, "k0")
+    monkeypatch.setenv("MIXTRAL_EDU_BACKGROUND_BUILD", "1")
+    lock, _, _, failed = background._paths(tmp_path, "k1")
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not background.start(model, 64, tmp_path, "k1")
+    _, _, _, failed = background._paths(tmp_path, "k2")
+    failed.write_text("Traceback ...")
+    assert not background.start(model, 64, tmp_path, "k2")
+
+
+def test_the_builder_rebuilds_the_model_as_the_parent_has_it():
+    """Shapes, strides, dtypes and shared tensors as recorded (here a bf16 model, a transposed lm_head and
+    tied embeddings), so the package's key is the parent's."""
+    model = random_tiny(tie_word_embeddings=True).to(torch.bfloat16)
+    model.layers[0].self_attn.q_proj.weight.data = model.layers[0].self_attn.q_proj.weight.data.t().contiguous().t()
+    rebuilt = background.model_from_spec(background.spec_of(model, 64, "unused"))
+    assert rebuilt.lm_head.weight is rebuilt.embed_tokens.weight and rebuilt.config == model.config
+    assert decode._graph_key(rebuilt, 64) == decode._graph_key(model, 64)
+    for kind in ("named_parameters", "named_buffers"):
+        mine = [(n, t.shape, t.stride(), t.dtype) for n, t in getattr(model, kind)(remove_duplicate=False)]
+        assert [(n, t.shape, t.stride(), t.dtype) for n, t in getattr(rebuilt, kind)(remove_duplicate=False)] == mine
 
 
 def test_the_rule_stays_eager_where_compiling_does_not_apply(monkeypatch):

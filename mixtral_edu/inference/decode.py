@@ -54,7 +54,7 @@ from ..model.mixtral import DecoderLayer, Mixtral
 from ..model.moe import SparseMoeBlock
 from ..model.norm import RMSNorm
 from ..model.rope import RotaryEmbedding
-from . import aot
+from . import aot, background
 from .arguments import check_cache_room, check_max_new_tokens, check_max_seq_len
 from .cpu import SummedAttention, SummedLinear, use_summed_products_
 from .dispatch import decode_dispatch, kernel_weights
@@ -372,6 +372,10 @@ SAVED_FRACTION = 0.3
 WARM_START_S = 10.0
 COLD_START_S = 60.0
 PROBE_STEPS = 3                                     # eager steps timed before deciding
+# A generation that stays eager starts a background build (`background.py`) only where its own saving would
+# repay loading a package: 0.1 s measured for the benchmark's model, twice that for margin. (A toy model's
+# generations save milliseconds: no builder.)
+WORTH_BUILDING_S = 0.2
 
 
 class _CompiledSlot:
@@ -416,12 +420,16 @@ def _graph_key(model: nn.Module, max_seq_len: int) -> str:
     return hashlib.sha256(f"{model.config}|{model.embed_tokens.weight.dtype}|{max_seq_len}".encode()).hexdigest()[:16]
 
 
+def _recorded_startup(model: nn.Module, max_seq_len: int) -> Optional[dict]:
+    try:
+        return json.loads(_startup_record().read_text()).get(_graph_key(model, max_seq_len))
+    except (OSError, ValueError):
+        return None
+
+
 def expected_startup(model: nn.Module, max_seq_len: int) -> float:
     """Seconds a new compiled step for this model and cache length is expected to take before its first token."""
-    try:
-        known = json.loads(_startup_record().read_text()).get(_graph_key(model, max_seq_len))
-    except (OSError, ValueError):
-        known = None
+    known = _recorded_startup(model, max_seq_len)
     if known is None:
         return COLD_START_S
     warm = known.get("warm_s")
@@ -456,7 +464,9 @@ class DefaultStep:
     The prompt and the first PROBE_STEPS tokens run eagerly and the steps are timed; then, when
     `compiles_well(model)`, it compiles if  tokens left x eager step x SAVED_FRACTION  exceeds the
     expected start-up: 0 when this process already compiled a step for this model with room enough,
-    else `expected_startup`. The eager cache is copied into the decoder's (`FastDecoder.adopt`).
+    else `expected_startup`. The eager cache is copied into the decoder's (`FastDecoder.adopt`). Where it
+    stays eager and no step was ever built on this machine, a low-priority process builds the package
+    for the next calls (`background.py`).
     """
 
     def __init__(self, model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
@@ -491,6 +501,9 @@ class DefaultStep:
                 or decoder.weights != weights_of(self.model)):        # cast or given other tensors since
             length = cache_length(self.model, self.cache.max_seq_len)
             if saving <= expected_startup(self.model, length):
+                if saving > WORTH_BUILDING_S and _recorded_startup(self.model, length) is None:
+                    # never built on this machine, and a generation like this one would repay loading it: build aside
+                    background.start(self.model, length, compile_cache_dir(), _graph_key(self.model, length))
                 return None
             decoder = slot.decoder = FastDecoder(self.model, length, compile=True)
         decoder.adopt(self.cache)
