@@ -109,7 +109,7 @@ def test_a_first_eager_run_has_the_package_built_aside_for_the_next(monkeypatch,
     eager = generate(model, PROMPT, 20, eos_id=None)                       # expected start-up 60 s: eager
     assert model.compiled_step.decoder is None and len(started) == 1
     argv, kw = started[0]
-    assert kw["start_new_session"] and kw["stdin"] is subprocess.DEVNULL and "os.nice(19)" in argv[2]
+    assert kw["start_new_session"] and kw["stdin"] is subprocess.DEVNULL and argv[2].endswith("build_supervisor.py")
     assert capsys.readouterr().err.strip() == background.ANNOUNCE
     assert generate(model, PROMPT, 20, eos_id=None) == eager and len(started) == 1   # one builder per process
 
@@ -142,6 +142,23 @@ def test_the_background_build_is_off_when_asked_or_running_or_failed(monkeypatch
     _, _, _, failed = background._paths(tmp_path, "k2")
     failed.write_text("Traceback ...")
     assert not background.start(model, 64, tmp_path, "k2")
+
+
+def test_a_builder_sees_every_generation_while_it_runs(monkeypatch, tmp_path):
+    """generate holds the machine's shared "generating" lock for its whole loop (a builder pauses its build
+    meanwhile), and only where a package was ever built or started in the cache folder."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    folder = decode.compile_cache_dir()
+    busy = folder / "aoti" / "generating.lock"
+    seen = []
+
+    def stream(token_id):
+        seen.append(busy.exists() and background.held(busy))
+    generate(model_with_threads(), PROMPT, 4, eos_id=None, stream=stream)
+    assert seen == [False] * 4 and not (folder / "aoti").exists()        # nothing built here: no lock taken
+    (folder / "aoti").mkdir(parents=True)
+    generate(model_with_threads(), PROMPT, 4, eos_id=None, stream=stream)
+    assert seen[4:] == [True] * 4 and not background.held(busy)         # held while generating, then released
 
 
 def test_the_builder_rebuilds_the_model_as_the_parent_has_it():

@@ -3,20 +3,23 @@ gets it: the first run on a machine stays eager (building takes tens of seconds,
 generation can repay) and starts one low-priority process that builds it; later calls and processes find
 it on disk and load it in a fraction of a second (`decode.DefaultStep`'s rule, unchanged).
 
-The builder is a separate process, not a thread (export and inductor hold the GIL for seconds), at the
-lowest priority (`os.nice(19)`), detached from the learner's process (its own session; its output goes to a
-log file beside the package). It rebuilds the model from what the parent's model is at that moment: the
-config, the cache length, and every parameter and buffer's name, shape, strides and dtype, over empty
-tensors (the package holds no weights, so their values never matter), then compiles it exactly as
-`FastDecoder(model, length, compile=True)` does, so it writes the package the parent will look up.
+The builder is a separate process, not a thread (export and inductor hold the GIL for seconds), started
+after the generation that asked for it, at the lowest priority (nice 19, SCHED_IDLE), detached from the
+learner's process (its own session; its output goes to a log file beside the package). It rebuilds the
+model from what the parent's model is at that moment: the config, the cache length, and every parameter
+and buffer's name, shape, strides and dtype, over empty tensors (the package holds no weights, so their
+values never matter), then compiles it exactly as `FastDecoder(model, length, compile=True)` does, so it
+writes the package the parent will look up.
 
-One builder per model shape and cache length at a time (an exclusive `flock` on a lock file, released by
+While any process generates (`generating`, held by `generate`), the build is paused. One builder per
+model shape and cache length at a time (an exclusive `flock` on a lock file, released by
 the kernel when the builder exits, however it exits); a failed build leaves a `.failed` note, and no later
 run starts another. MIXTRAL_EDU_BACKGROUND_BUILD=0 turns it off (the tests do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import MixtralConfig
+from .build_supervisor import held
 
 ANNOUNCE = "building the compiled decode step in the background (once per machine; later runs load it)"
 _started: dict = {}            # lock path -> the builder's Popen, one per shape in this process
@@ -76,8 +80,8 @@ def model_from_spec(spec: dict) -> nn.Module:
 
 
 def build(spec: dict) -> None:
-    """Build the package for the spec's model, as `FastDecoder(model, length, compile=True)`'s first step does
-    (the start-up is recorded for the parent's rule too)."""
+    """(In the builder's child process.) Build the package for the spec's model, as the first step of
+    `FastDecoder(model, length, compile=True)` does (the start-up is recorded for the parent's rule too)."""
     from .decode import FastDecoder
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["folder"]
@@ -91,19 +95,6 @@ def _paths(folder: Path, key: str) -> tuple[Path, Path, Path, Path]:
     return tuple(base.with_name(base.name + ext) for ext in (".lock", ".json", ".log", ".failed"))
 
 
-def _held(lock: Path) -> bool:
-    """Whether a builder holds `lock` now."""
-    import fcntl
-
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
 def start(model: nn.Module, length: int, folder: Path, key: str) -> bool:
     """Start the builder for this model and cache length unless turned off, unsupported here (no flock),
     already started by this process, running elsewhere, or failed before. Returns whether it started."""
@@ -113,7 +104,7 @@ def start(model: nn.Module, length: int, folder: Path, key: str) -> bool:
     if str(lock) in _started or failed.exists():
         return False
     lock.parent.mkdir(parents=True, exist_ok=True)
-    if _held(lock):
+    if held(lock):
         return False
     part = spec_file.with_suffix(f".{os.getpid()}.part")
     part.write_text(json.dumps(spec_of(model, length, folder)))
@@ -127,25 +118,22 @@ def start(model: nn.Module, length: int, folder: Path, key: str) -> bool:
 
 
 def command(folder: Path, key: str) -> list:
-    """The builder's command line (the spec written by `start`), at the lowest priority from its first line."""
+    """The builder's command line (the spec written by `start`): `build_supervisor.py`, which sets the lowest
+    priority first (nice 19 and, on Linux, SCHED_IDLE, inherited by the build and the C++ compiler)."""
     lock, spec_file, _, failed = _paths(folder, key)
-    code = "import os, sys; os.nice(19); from mixtral_edu.inference.background import main; main(sys.argv[1:])"
-    return [sys.executable, "-c", code, str(spec_file), str(lock), str(failed)]
+    supervisor = Path(__file__).with_name("build_supervisor.py")
+    return [sys.executable, "-I", str(supervisor), str(spec_file), str(lock), str(failed)]
 
 
-def main(argv: list) -> None:
-    """The builder: take the lock (or leave, when another builder has it), build, note a failure."""
+def generating(folder: Path):
+    """A context held (a shared lock on `folder`/aoti/generating.lock) while a generation runs: builders pause
+    meanwhile (`build_supervisor.py`). The kernel drops the lock with the process, however it ends. Nothing
+    where no package was ever built or started in `folder`."""
+    aoti = Path(folder) / "aoti"
+    if sys.platform == "win32" or not aoti.is_dir():
+        return contextlib.nullcontext()
     import fcntl
-    import traceback
 
-    spec_file, lock, failed = (Path(a) for a in argv)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return
-        try:
-            build(json.loads(spec_file.read_text()))
-        except Exception:
-            failed.write_text(traceback.format_exc())
-            raise
+    f = open(aoti / "generating.lock", "a")
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f                                   # closing it (the with-block's end) releases the lock

@@ -465,8 +465,8 @@ class DefaultStep:
     `compiles_well(model)`, it compiles if  tokens left x eager step x SAVED_FRACTION  exceeds the
     expected start-up: 0 when this process already compiled a step for this model with room enough,
     else `expected_startup`. The eager cache is copied into the decoder's (`FastDecoder.adopt`). Where it
-    stays eager and no step was ever built on this machine, a low-priority process builds the package
-    for the next calls (`background.py`).
+    stays eager and no step was ever built on this machine, `finish` (called after the last token) starts
+    a low-priority process that builds the package for the next calls (`background.py`).
     """
 
     def __init__(self, model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
@@ -477,6 +477,15 @@ class DefaultStep:
         self.may_compile = self.device.type == "cpu" and compiles_well(model)
         self.step_times: list[float] = []
         self.decoder: Optional[FastDecoder] = None
+        self.build_aside: Optional[int] = None      # a cache length to build the package for in the background
+
+    def finish(self) -> None:
+        """After the last token: start the background build the rule asked for (none started mid-generation,
+        so it never competes with this generation's steps)."""
+        if self.build_aside is not None:
+            length = self.build_aside
+            background.start(self.model, length, compile_cache_dir(), _graph_key(self.model, length))
+            self.build_aside = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.decoder is not None:
@@ -502,8 +511,9 @@ class DefaultStep:
             length = cache_length(self.model, self.cache.max_seq_len)
             if saving <= expected_startup(self.model, length):
                 if saving > WORTH_BUILDING_S and _recorded_startup(self.model, length) is None:
-                    # never built on this machine, and a generation like this one would repay loading it: build aside
-                    background.start(self.model, length, compile_cache_dir(), _graph_key(self.model, length))
+                    # never built on this machine, and a generation like this one would repay loading it:
+                    # build it aside once this generation is done (`finish`)
+                    self.build_aside = length
                 return None
             decoder = slot.decoder = FastDecoder(self.model, length, compile=True)
         decoder.adopt(self.cache)

@@ -26,7 +26,8 @@ import torch
 
 from ..chat import encode_chat
 from .arguments import check_sampling
-from .decode import DefaultStep
+from . import background
+from .decode import DefaultStep, compile_cache_dir
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -189,8 +190,11 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     model.eval()
     try:
         step = DefaultStep(model, len(ids), max_new_tokens)       # Mixtral.forward with a KV cache
-        return sample_loop(step, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, generator,
-                           eos_id, stream)[0]
+        with background.generating(compile_cache_dir()):          # a background build pauses meanwhile
+            new_ids = sample_loop(step, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, generator,
+                                  eos_id, stream)[0]
+        step.finish()
+        return new_ids
     finally:
         model.train(was_training)
 
