@@ -116,7 +116,7 @@ def test_a_first_eager_run_has_the_package_built_aside_for_the_next(monkeypatch,
     folder, length = decode.compile_cache_dir(), decode.cache_length(model, len(PROMPT) + 19)
     assert argv == background.command(folder, decode._graph_key(model, length))
     subprocess.run(argv, check=True, timeout=600)           # the builder itself, waited for
-    assert decode._recorded_startup(model, length).get("warm_s") is not None
+    assert decode._recorded(model, length).get("warm_s") is not None
 
     def no_build(*args):
         raise AssertionError("the parent built a package: the builder's key differs")
@@ -194,8 +194,8 @@ def test_the_rule_weighs_start_up_against_the_steps_left(monkeypatch):
     monkeypatch.setattr(decode, "expected_startup", lambda model, length: 10.0)
     step = decode.DefaultStep(model, len(PROMPT), 100)
     step.step_times = [1e-3] * decode.PROBE_STEPS             # 96 steps left x 1 ms x 0.3 = 29 ms < 10 s
-    assert step.compiled_decoder() is None
-    step.step_times = [1.0] * decode.PROBE_STEPS              # 96 steps x 1 s x 0.3 = 29 s > 10 s
+    assert step.compiled_decoder(1e-3) is None
+    assert step.compiled_decoder(None) is None                # no eager step known: only a decoder in hand
 
     class Chosen(Exception):
         pass
@@ -204,7 +204,36 @@ def test_the_rule_weighs_start_up_against_the_steps_left(monkeypatch):
         raise Chosen(length)
     monkeypatch.setattr(decode, "FastDecoder", compiled)
     with pytest.raises(Chosen):
-        step.compiled_decoder()
+        step.compiled_decoder(1.0)                            # 96 steps x 1 s x 0.3 = 29 s > 10 s
+
+
+def test_a_known_machine_switches_right_after_the_prompt(monkeypatch, tmp_path):
+    """No eager token is spent probing where the answer is known: a decoder this process already has is taken
+    at once; a package on disk is loaded at once when the eager step recorded by an earlier generation says
+    it pays. Where nothing is known, the first PROBE_STEPS tokens are timed and the fastest is recorded."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = model_with_threads()
+    prompt = torch.tensor([PROMPT])
+
+    def run(model, n=20):
+        step = decode.DefaultStep(model, len(PROMPT), n)
+        return step, sample_loop(step, prompt, n)[0]
+
+    step, eager = run(model)                                  # nothing known: probes, stays eager
+    assert step.decoder is None and len(step.step_times) == len(eager) - 1    # every token fed back
+    length = decode.cache_length(model, len(PROMPT) + 19)
+    assert decode._recorded(model, length)["eager_step_s"] == round(min(step.step_times[:decode.PROBE_STEPS]), 4)
+
+    decode.FastDecoder(model, length, compile=True, progress=None).step()      # the package, built here
+    monkeypatch.setattr(decode, "SAVED_FRACTION", 1e6)        # pays, by the recorded eager step
+    fresh = copy.deepcopy(model)                              # an empty slot, as in a new process
+    step, tokens = run(fresh)
+    assert step.step_times == [] and step.decoder is not None and step.decoder._packaged is not None
+    assert tokens == eager
+
+    monkeypatch.setattr(decode, "SAVED_FRACTION", 0.0)        # whatever the estimate: the decoder in hand is free
+    step, tokens = run(fresh)
+    assert step.step_times == [] and step.decoder is fresh.compiled_step.decoder and tokens == eager
 
 
 def test_the_inductor_cache_is_kept_apart_per_cpu_capability(monkeypatch, tmp_path):
@@ -229,11 +258,13 @@ def test_the_expected_start_up_is_what_this_machine_recorded(monkeypatch, tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = random_tiny(num_hidden_layers=1)
     assert decode.expected_startup(model, 256) == decode.COLD_START_S          # never built here
-    decode._record_startup(model, 256, 12.0, cold=True)
+    decode._record(model, 256, "cold_s", 12.0)
     assert decode.expected_startup(model, 256) == decode.WARM_START_S          # built, no load measured yet
-    decode._record_startup(model, 256, 0.0001, cold=False)
+    decode._record(model, 256, "warm_s", 0.00001)
     assert decode.expected_startup(model, 256) == 0.0                          # a load that rounds to nothing
     assert decode.expected_startup(model, 512) == decode.COLD_START_S
+    monkeypatch.setattr(aot, "code_key", lambda: "torch or the course's sources updated since")
+    assert decode.expected_startup(model, 256) == decode.COLD_START_S          # its package is not built yet
 
 
 def test_cache_lengths_are_shared_buckets():

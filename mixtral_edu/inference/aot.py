@@ -17,6 +17,7 @@ module's own parameters and buffers, which the library then reads in place (user
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -33,13 +34,20 @@ SOURCES = sorted((_PACKAGE / "model").glob("*.py")) + [
     _PACKAGE / "config.py", *(_PACKAGE / "inference" / f"{name}.py" for name in ("aot", "cpu", "decode", "dispatch"))]
 
 
-def package_path(folder: Path, module: nn.Module, example_args: tuple, options: dict) -> Path:
-    """`folder`/aoti/step-<key>.pt2, the key a hash of the torch version, the inductor options, the sources
-    above, the module's configuration and classes, and the name, shape, strides and dtype of every
-    parameter, buffer and example input (the compiled code assumes all of them)."""
-    h = hashlib.sha256(f"{torch.__version__}|{sorted(options.items())}|{getattr(module, 'config', '')}".encode())
+@functools.lru_cache(maxsize=None)
+def code_key() -> str:
+    """A hash of the torch version and the sources above: what every package of this code has in common."""
+    h = hashlib.sha256(torch.__version__.encode())
     for source in SOURCES:
         h.update(source.read_bytes())
+    return h.hexdigest()
+
+
+def package_path(folder: Path, module: nn.Module, example_args: tuple, options: dict) -> Path:
+    """`folder`/aoti/step-<key>.pt2, the key a hash of the torch version and the sources above (`code_key`),
+    the inductor options, the module's configuration and classes, and the name, shape, strides and dtype of
+    every parameter, buffer and example input (the compiled code assumes all of them)."""
+    h = hashlib.sha256(f"{code_key()}|{sorted(options.items())}|{getattr(module, 'config', '')}".encode())
     tensors = chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False),
                     ((f"arg{i}", a) for i, a in enumerate(example_args)))
     for name, t in tensors:

@@ -248,7 +248,7 @@ class FastDecoder:
         if self.progress is not None and (cold or self._packaged is None):
             self.progress(f"compiled in {self.compile_seconds:.1f} s")
         if self.device.type == "cpu":      # what generate's rule expects next time (DefaultStep)
-            _record_startup(self.model, self.cache.max_seq_len, self.compile_seconds, cold)
+            _record(self.model, self.cache.max_seq_len, "cold_s" if cold else "warm_s", self.compile_seconds)
         self._run = self._compiled
         return out
 
@@ -268,7 +268,7 @@ class FastDecoder:
         self._compiled = lambda token, pos: tuple(run(token, pos, *kv))
         out = self._compiled(token, pos)
         if cold:     # what loading it takes, the start-up of every later process: the rule's estimate
-            _record_startup(self.model, self.cache.max_seq_len, time.perf_counter() - start, cold=False)
+            _record(self.model, self.cache.max_seq_len, "warm_s", time.perf_counter() - start)
         return out, cold
 
     def _eager_step(self) -> torch.Tensor:
@@ -417,36 +417,45 @@ def _startup_record() -> Path:
 
 
 def _graph_key(model: nn.Module, max_seq_len: int) -> str:
-    return hashlib.sha256(f"{model.config}|{model.embed_tokens.weight.dtype}|{max_seq_len}".encode()).hexdigest()[:16]
+    """Names what is recorded for a model shape and cache length; with the code's own key, so that after an
+    update of torch or of the course's sources no package is expected where none is built yet."""
+    key = f"{aot.code_key()}|{model.config}|{model.embed_tokens.weight.dtype}|{max_seq_len}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _recorded_startup(model: nn.Module, max_seq_len: int) -> Optional[dict]:
+def _recorded(model: nn.Module, max_seq_len: int) -> dict:
+    """What this machine measured for the model and cache length (`_record`), {} where nothing."""
     try:
-        return json.loads(_startup_record().read_text()).get(_graph_key(model, max_seq_len))
+        return json.loads(_startup_record().read_text()).get(_graph_key(model, max_seq_len)) or {}
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def built_here(model: nn.Module, max_seq_len: int) -> bool:
+    """A compiled step for this model and cache length was built on this machine (its start-up recorded)."""
+    known = _recorded(model, max_seq_len)
+    return "cold_s" in known or "warm_s" in known
 
 
 def expected_startup(model: nn.Module, max_seq_len: int) -> float:
     """Seconds a new compiled step for this model and cache length is expected to take before its first token."""
-    known = _recorded_startup(model, max_seq_len)
-    if known is None:
+    if not built_here(model, max_seq_len):
         return COLD_START_S
-    warm = known.get("warm_s")
+    warm = _recorded(model, max_seq_len).get("warm_s")
     return WARM_START_S if warm is None else warm          # a load can round to 0.0 s
 
 
-def _record_startup(model: nn.Module, max_seq_len: int, seconds: float, cold: bool) -> None:
-    """Note in the cache folder how long the first compiled step took, with an empty (cold) or a warm cache."""
+def _record(model: nn.Module, max_seq_len: int, what: str, seconds: float) -> None:
+    """Note in the cache folder a time measured here for the model and cache length: the compiled step's first
+    start-up with an empty cache ("cold_s") or with its package built ("warm_s"), an eager step ("eager_step_s")."""
     path = _startup_record()
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = {}
-    entry = record.setdefault(_graph_key(model, max_seq_len), {})
-    entry["cold_s" if cold else "warm_s"] = round(seconds, 3)
+    record.setdefault(_graph_key(model, max_seq_len), {})[what] = round(seconds, 4)
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".part")
+    part = path.with_suffix(f".{os.getpid()}.part")      # a builder and a generation may both write
     part.write_text(json.dumps(record, indent=1))
     part.replace(path)
 
@@ -461,12 +470,14 @@ class DefaultStep:
     """`generate`'s step (`next_logits` for `sample_loop`): `Mixtral.forward` with a KV cache, switched
     to the compiled `FastDecoder` step on a CPU when the tokens left repay its start-up.
 
-    The prompt and the first PROBE_STEPS tokens run eagerly and the steps are timed; then, when
-    `compiles_well(model)`, it compiles if  tokens left x eager step x SAVED_FRACTION  exceeds the
-    expected start-up: 0 when this process already compiled a step for this model with room enough,
-    else `expected_startup`. The eager cache is copied into the decoder's (`FastDecoder.adopt`). Where it
-    stays eager and no step was ever built on this machine, `finish` (called after the last token) starts
-    a low-priority process that builds the package for the next calls (`background.py`).
+    The prompt runs eagerly. Where `compiles_well(model)`, it switches when  tokens left x eager step x
+    SAVED_FRACTION  exceeds the expected start-up: 0 when this process already compiled a step for this model
+    with room enough, else `expected_startup`. Right after the prompt, that is decided with the eager step
+    this machine recorded (and always yes for a reusable step); where none was recorded, the first
+    PROBE_STEPS tokens run eagerly too, timed, and the fastest is recorded. The eager cache is copied into
+    the decoder's (`FastDecoder.adopt`). Where it stays eager and no step was ever built on this machine,
+    `finish` (called after the last token) starts a low-priority process that builds the package for the
+    next calls (`background.py`).
     """
 
     def __init__(self, model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
@@ -475,46 +486,53 @@ class DefaultStep:
         # The last new token is returned, never fed back, so the cache needs one slot less.
         self.cache = model.new_kv_cache(1, prompt_len + max_new_tokens - 1)
         self.may_compile = self.device.type == "cpu" and compiles_well(model)
+        # a new compiled step's cache length
+        self.length = cache_length(model, self.cache.max_seq_len) if self.may_compile else None
         self.step_times: list[float] = []
         self.decoder: Optional[FastDecoder] = None
-        self.build_aside: Optional[int] = None      # a cache length to build the package for in the background
+        self.build_aside = False          # build the package in the background after the last token
 
     def finish(self) -> None:
         """After the last token: start the background build the rule asked for (none started mid-generation,
         so it never competes with this generation's steps)."""
-        if self.build_aside is not None:
-            length = self.build_aside
-            background.start(self.model, length, compile_cache_dir(), _graph_key(self.model, length))
-            self.build_aside = None
+        if self.build_aside:
+            background.start(self.model, self.length, compile_cache_dir(), _graph_key(self.model, self.length))
+            self.build_aside = False
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.decoder is not None:
             return self.decoder.next_logits(ids)
         start = time.perf_counter()
         logits = self.model(ids.to(self.device), cache=self.cache, last_only=True)[:, -1]   # [batch, vocab]
-        if self.cache.pos > ids.shape[1]:
+        if not self.may_compile:
+            return logits
+        if self.cache.pos == ids.shape[1]:              # the prompt
+            self.decoder = self.compiled_decoder(_recorded(self.model, self.length).get("eager_step_s"))
+        else:
             self.step_times.append(time.perf_counter() - start)
-        if self.may_compile and len(self.step_times) == PROBE_STEPS:
-            self.decoder = self.compiled_decoder()
+            if len(self.step_times) == PROBE_STEPS:
+                _record(self.model, self.length, "eager_step_s", min(self.step_times))
+                self.decoder = self.compiled_decoder(min(self.step_times))
         return logits
 
-    def compiled_decoder(self) -> Optional[FastDecoder]:
-        """The compiled decoder to continue with, or None where the eager steps left are cheaper."""
+    def compiled_decoder(self, eager_step: Optional[float]) -> Optional[FastDecoder]:
+        """The compiled decoder to continue with, or None where the eager steps left, of `eager_step` seconds
+        each, are cheaper (with no eager step known, only a decoder this process has already is taken)."""
         steps_left = self.max_new_tokens - 1 - len(self.step_times)
         if steps_left <= 0:
             return None
-        saving = steps_left * min(self.step_times) * SAVED_FRACTION
         slot = self.model.__dict__.setdefault("compiled_step", _CompiledSlot())
         decoder = slot.decoder
         if (decoder is None or decoder.cache.max_seq_len < self.cache.max_seq_len
                 or decoder.weights != weights_of(self.model)):        # cast or given other tensors since
-            length = cache_length(self.model, self.cache.max_seq_len)
-            if saving <= expected_startup(self.model, length):
-                if saving > WORTH_BUILDING_S and _recorded_startup(self.model, length) is None:
-                    # never built on this machine, and a generation like this one would repay loading it:
-                    # build it aside once this generation is done (`finish`)
-                    self.build_aside = length
+            if eager_step is None:
                 return None
-            decoder = slot.decoder = FastDecoder(self.model, length, compile=True)
+            saving = steps_left * eager_step * SAVED_FRACTION
+            if saving <= expected_startup(self.model, self.length):
+                # never built on this machine, and a generation like this one would repay loading it:
+                # build it aside once this generation is done (`finish`)
+                self.build_aside = saving > WORTH_BUILDING_S and not built_here(self.model, self.length)
+                return None
+            decoder = slot.decoder = FastDecoder(self.model, self.length, compile=True)
         decoder.adopt(self.cache)
         return decoder
