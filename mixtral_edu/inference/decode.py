@@ -360,7 +360,8 @@ class FastDecoder:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"FastDecoder decodes one sequence: input_ids must be [1, seq], got {tuple(input_ids.shape)}")
         self.cache.reset()
-        return sample_loop(self.next_logits, input_ids, max_new_tokens)[0]
+        with background.generating(compile_cache_dir()):      # a background build pauses meanwhile
+            return sample_loop(self.next_logits, input_ids, max_new_tokens)[0]
 
 
 # ----------------------------------------------------------------------------- generate's step: eager or compiled
@@ -475,9 +476,9 @@ class DefaultStep:
     with room enough, else `expected_startup`. Right after the prompt, that is decided with the eager step
     this machine recorded (and always yes for a reusable step); where none was recorded, the first
     PROBE_STEPS tokens run eagerly too, timed, and the fastest is recorded. The eager cache is copied into
-    the decoder's (`FastDecoder.adopt`). Where it stays eager and no step was ever built on this machine,
-    `finish` (called after the last token) starts a low-priority process that builds the package for the
-    next calls (`background.py`).
+    the decoder's (`FastDecoder.adopt`). Used as a context (`with DefaultStep(...) as step:`): where it
+    stays eager and no step was ever built on this machine, its end starts a low-priority process that
+    builds the package for the next calls (`background.py`).
     """
 
     def __init__(self, model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
@@ -492,10 +493,17 @@ class DefaultStep:
         self.decoder: Optional[FastDecoder] = None
         self.build_aside = False          # build the package in the background after the last token
 
-    def finish(self) -> None:
+    def __enter__(self) -> "DefaultStep":
+        """Generating: any background build pauses meanwhile (`background.generating`)."""
+        self._generating = background.generating(compile_cache_dir())
+        self._generating.__enter__()
+        return self
+
+    def __exit__(self, kind, *details) -> None:
         """After the last token: start the background build the rule asked for (none started mid-generation,
         so it never competes with this generation's steps)."""
-        if self.build_aside:
+        self._generating.__exit__(kind, *details)
+        if kind is None and self.build_aside:
             background.start(self.model, self.length, compile_cache_dir(), _graph_key(self.model, self.length))
             self.build_aside = False
 
@@ -530,7 +538,7 @@ class DefaultStep:
             saving = steps_left * eager_step * SAVED_FRACTION
             if saving <= expected_startup(self.model, self.length):
                 # never built on this machine, and a generation like this one would repay loading it:
-                # build it aside once this generation is done (`finish`)
+                # build it aside once this generation is done (`__exit__`)
                 self.build_aside = saving > WORTH_BUILDING_S and not built_here(self.model, self.length)
                 return None
             decoder = slot.decoder = FastDecoder(self.model, self.length, compile=True)

@@ -26,8 +26,7 @@ import torch
 
 from ..chat import encode_chat
 from .arguments import check_sampling
-from . import background
-from .decode import DefaultStep, compile_cache_dir
+from .decode import DefaultStep
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -189,12 +188,9 @@ def generate(model, input_ids: TokenIds, max_new_tokens: int, temperature: float
     was_training = model.training
     model.eval()
     try:
-        step = DefaultStep(model, len(ids), max_new_tokens)       # Mixtral.forward with a KV cache
-        with background.generating(compile_cache_dir()):          # a background build pauses meanwhile
-            new_ids = sample_loop(step, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, generator,
-                                  eos_id, stream)[0]
-        step.finish()
-        return new_ids
+        with DefaultStep(model, len(ids), max_new_tokens) as step:      # Mixtral.forward with a KV cache
+            return sample_loop(step, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, generator,
+                               eos_id, stream)[0]
     finally:
         model.train(was_training)
 
