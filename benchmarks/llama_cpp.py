@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/llama_cpp.py --weights DIR      # any Mixtral checkpoint folder (HF layout)
     .venv/bin/python benchmarks/llama_cpp.py --skip-bench       # build (or reuse) and the correctness line only
     .venv/bin/python benchmarks/llama_cpp.py --startup          # + the compiled step's start-up, cold and warm cache
+    .venv/bin/python benchmarks/llama_cpp.py --rounds 10        # + decode, llama.cpp and ours interleaved, 10 rounds
 
 What happens:
 
@@ -339,8 +340,9 @@ def convert(cache: Cache, folder: Path, outtype: str) -> Path:
 
 # ------------------------------------------------------------------ llama-bench
 
-def parse_llama_bench(text: str) -> dict:
-    """llama-bench's `-o json` output -> prefill (the n_prompt test) and decode (the n_gen test) figures."""
+def parse_llama_bench(text: str, prefill: bool = True) -> dict:
+    """llama-bench's `-o json` output -> prefill (the n_prompt test, unless `prefill` is False: run with -p 0)
+    and decode (the n_gen test) figures."""
     try:
         runs = json.loads(text)
     except ValueError as e:
@@ -363,23 +365,25 @@ def parse_llama_bench(text: str) -> dict:
         out.setdefault("threads", r.get("n_threads"))
         out.setdefault("type_k", r.get("type_k"))
         out.setdefault("build", f"{r.get('build_commit', '?')} ({r.get('build_number', '?')})")
-    if "prefill_ms" not in out or "decode_tps" not in out:
+    if (prefill and "prefill_ms" not in out) or "decode_tps" not in out:
         raise ValueError(f"llama-bench JSON lacks a prefill (n_prompt) or a decode (n_gen) test: {text[:300]!r}")
     return out
 
 
-def llama_bench(cache: Cache, gguf: Path, threads: int, prefill: int, decode: int, repeats: int) -> dict:
+def llama_bench(cache: Cache, gguf: Path, threads: int, prefill: int, decode: int, repeats: int,
+                quiet: bool = False) -> dict:
     log = cache.logs / f"llama-bench-{gguf.stem}.log"
     cmd = [str(cache.bin / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prefill),
            "-n", str(decode), "-r", str(repeats), "-o", "json"]
-    say(f"llama-bench: {gguf.name} (-t {threads} -p {prefill} -n {decode} -r {repeats})")
+    if not quiet:
+        say(f"llama-bench: {gguf.name} (-t {threads} -p {prefill} -n {decode} -r {repeats})")
     run = subprocess.run(cmd, capture_output=True, text=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("$ " + " ".join(cmd) + "\n" + run.stdout + "\n--- stderr\n" + run.stderr)
     if run.returncode != 0:
         raise StepError("llama-bench", f"exit status {run.returncode}", log)
     try:
-        return parse_llama_bench(run.stdout)
+        return parse_llama_bench(run.stdout, prefill=prefill > 0)
     except ValueError as e:
         raise StepError("llama-bench", str(e), log) from None
 
@@ -502,6 +506,52 @@ def startup_times(folder: Path, threads: int, new_tokens: int) -> dict:
     return out
 
 
+def interleaved(cache: Cache, ggufs: dict, folder: Path, threads: int, new_tokens: int, rounds: int) -> list[dict]:
+    """Decode tok/s, `rounds` rounds, each one after the other within seconds: llama-bench F32 (-p 0 -r 1), ours
+    default `generate`, llama-bench F16, our bfloat16 compiled step. Each system sees the machine as the one
+    before it did, so a round's ratio does not mix this virtual machine's slow and fast memory (the separate
+    runs above do: llama-bench first, ours a minute later)."""
+    import copy
+
+    import torch
+    import cpu_vs_transformers as cvt
+    from mixtral_edu.inference.decode import FastDecoder, cache_length
+
+    torch.set_num_threads(threads)
+    ours = cvt.load_ours(str(folder))
+    prompt = torch.randint(3, ours.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    bf16 = FastDecoder(copy.deepcopy(ours).to(torch.bfloat16), cache_length(ours, 32 + new_tokens - 1), compile=True)
+    for _ in range(2):                 # the first call records the eager step and switches; the second reuses it
+        cvt.decode_ours(ours, prompt, new_tokens)
+    cvt.decode_fast(bf16, prompt, 2)
+    out = []
+    for r in range(rounds):
+        say(f"interleaved: round {r + 1} of {rounds}")
+        row = {"llama_f32": llama_bench(cache, ggufs["f32"], threads, 0, new_tokens, 1, quiet=True)["decode_tps"],
+               "ours": cvt.decode_ours(ours, prompt, new_tokens)[0].tokens_per_s(),
+               "llama_f16": llama_bench(cache, ggufs["f16"], threads, 0, new_tokens, 1, quiet=True)["decode_tps"],
+               "ours_bf16": cvt.decode_fast(bf16, prompt, new_tokens)[0].tokens_per_s()}
+        out.append(row)
+    return out
+
+
+def format_rounds(rows: list[dict]) -> str:
+    """The interleaved rounds as a table, with each round's ratios, their median and the ratio of the sums."""
+    import statistics
+
+    lines = ["| round | llama.cpp F32 | ours, default | ours / F32 | llama.cpp F16 | ours, bf16 step | ours / F16 |",
+             "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {r['llama_f32']:.1f} | {r['ours']:.1f} | {r['ours'] / r['llama_f32']:.2f} | "
+                     f"{r['llama_f16']:.1f} | {r['ours_bf16']:.1f} | {r['ours_bf16'] / r['llama_f16']:.2f} |")
+    for name, ours, theirs in (("default / llama.cpp F32", "ours", "llama_f32"),
+                               ("bf16 step / llama.cpp F16", "ours_bf16", "llama_f16")):
+        ratios = [r[ours] / r[theirs] for r in rows]
+        lines.append(f"{name}: median of the rounds {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
+                     f"{max(ratios):.2f}), sums {sum(r[ours] for r in rows) / sum(r[theirs] for r in rows):.2f}x")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ correctness
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
@@ -583,6 +633,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bench", action="store_true", help="only the correctness line, no speed table")
     p.add_argument("--startup", action="store_true",
                    help="also time the compiled step's start-up in fresh processes, cold and warm inductor cache")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="also N interleaved rounds of decode: llama.cpp and ours one after the other (default off)")
     p.add_argument("--repeats", type=int, default=3, help="best of / llama-bench -r (default %(default)s)")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default %(default)s)")
     p.add_argument("--decode", type=int, default=128, help="decode tokens (default %(default)s)")
@@ -622,6 +674,8 @@ def main(argv=None) -> int:
             if args.startup:
                 say("start-up: fresh processes: default generate and the compiled step, an empty cache, then warm")
                 t["startup"] = startup_times(folder, args.threads, args.decode)
+            if args.rounds:
+                t["rounds"] = interleaved(cache, ggufs, folder, args.threads, args.decode, args.rounds)
             table = (t, bench)
     except StepError as e:
         print(f"llama_cpp.py: {e}", file=sys.stderr)
@@ -661,6 +715,9 @@ def main(argv=None) -> int:
                 print(f"default generate, {args.decode} tokens, a fresh process, {when}: {d['decode_tps']:.1f} tok/s "
                       f"({'switched to the compiled step' if d['switched'] else 'stayed eager'}), {d['total_s']:.1f} s "
                       f"from Python start to the last token ({d['after_load_s']:.1f} after loading)")
+        if "rounds" in t:
+            print(f"\ninterleaved decode, {args.decode} tokens, tok/s (llama-bench -p 0 -r 1, then ours, each round):")
+            print(format_rounds(t["rounds"]))
         if not t["greedy_equal"] or not agrees:
             print("FAIL: ours and transformers' greedy tokens differ")
             return 1

@@ -75,6 +75,29 @@ def test_decode_threads_gives_way_to_a_busy_process_and_restores_the_count(monke
         torch.set_num_threads(before)
 
 
+def test_a_new_generation_does_not_count_a_busy_spell_that_is_over(monkeypatch):
+    """Another process kept both cores busy for 10 s and stopped; a generation starting then (restart) keeps
+    2 threads. Without the restart, the look at 10.3 s would average over all 10.3 s and take 1."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def sample():                          # others: 2 cores until t = 10 s, then none; ours: 1 core
+        return 2 * min(clock[0], 10.0) + clock[0], clock[0]
+    try:
+        stale, fresh = (DecodeThreads(interval=0.2, sample=sample, cores=2) for _ in range(2))
+        clock[0] = 10.0
+        fresh.restart()
+        clock[0] = 10.3
+        fresh.tick()
+        assert torch.get_num_threads() == 2
+        stale.tick()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_without_proc_stat_the_thread_count_is_left_alone():
     before = torch.get_num_threads()
     threads = DecodeThreads(interval=0.0, sample=lambda: None, cores=2)

@@ -290,3 +290,15 @@ def test_one_loop_stops_each_row_at_its_eos_and_streams():
     assert sample_loop(next_logits, torch.tensor([[1]]).expand(2, 1), 1, stream=seen.append) == [[4], [2]]
     assert len(fed) == 1 and seen == [4, 2]
 
+
+
+def test_each_generation_restarts_the_thread_policy():
+    """The thread policy looks at the machine from the start of each generation (`DecodeThreads.restart`), in
+    `generate` and in `FastDecoder`'s prefill."""
+    model = model_with_threads()
+    calls = []
+    model.decode_threads.restart = lambda: calls.append("restart")
+    generate(model, PROMPT, 3, eos_id=None)
+    assert calls == ["restart"]
+    decode.FastDecoder(model, 32).generate(torch.tensor([PROMPT]), 3)
+    assert calls == ["restart", "restart"]

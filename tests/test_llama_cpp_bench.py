@@ -33,6 +33,25 @@ def test_llama_bench_combined_tests_are_ignored_and_a_missing_test_is_an_error()
         bench.parse_llama_bench(json.dumps(only_prefill))
 
 
+def test_a_decode_only_run_needs_no_prefill_but_still_a_decode():
+    decode_only = json.dumps([bench_run(0, 128, 1_245_000_000, 102.8)])
+    assert bench.parse_llama_bench(decode_only, prefill=False)["decode_tps"] == pytest.approx(102.8)
+    with pytest.raises(ValueError, match="lacks a prefill"):
+        bench.parse_llama_bench(decode_only)
+    with pytest.raises(ValueError, match="or a decode"):
+        bench.parse_llama_bench(json.dumps([bench_run(512, 0, 1e8, 5000.0)]), prefill=False)
+
+
+def test_interleaved_rounds_give_each_round_its_ratio_the_median_and_the_ratio_of_sums():
+    rows = [dict(llama_f32=200.0, ours=180.0, llama_f16=400.0, ours_bf16=400.0),
+            dict(llama_f32=100.0, ours=110.0, llama_f16=200.0, ours_bf16=220.0),
+            dict(llama_f32=300.0, ours=240.0, llama_f16=400.0, ours_bf16=360.0)]
+    text = bench.format_rounds(rows)
+    assert "| 1 | 200.0 | 180.0 | 0.90 | 400.0 | 400.0 | 1.00 |" in text
+    assert "default / llama.cpp F32: median of the rounds 0.90x (range 0.80-1.10), sums 0.88x" in text
+    assert "bf16 step / llama.cpp F16: median of the rounds 1.00x (range 0.90-1.10), sums 0.98x" in text
+
+
 @pytest.mark.parametrize("text", ["", "llama_model_load: error loading model", '{"n_prompt": 512}'])
 def test_llama_bench_output_that_is_not_a_json_list_is_a_clear_error(text):
     with pytest.raises(ValueError, match="llama-bench"):

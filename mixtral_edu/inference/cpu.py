@@ -114,6 +114,7 @@ class DecodeThreads:
     """Fits torch's thread count to the cores other processes leave free, while decoding.
 
     threads = DecodeThreads()        # remembers torch.get_num_threads() as the most to use
+    threads.restart()                # at the start of each generation
     for ...: threads.tick()          # once per token; looks at the machine every `interval` s
     threads.close()                  # the thread count as it was
 
@@ -139,6 +140,11 @@ class DecodeThreads:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         self.last, self.when = current, now
+
+    def restart(self) -> None:
+        """A new generation begins: look at the machine from now on, not since the last generation's last token
+        (a busy spell long over would count as now). The thread count stays as it is until the next look."""
+        self.last, self.when = self.sample(), time.perf_counter()
 
     def close(self) -> None:
         if torch.get_num_threads() != self.most:

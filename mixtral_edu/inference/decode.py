@@ -130,6 +130,14 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _restart_threads(model: nn.Module) -> None:
+    """A generation begins: the model's thread policy (`cpu.DecodeThreads`, where installed) looks at the
+    machine from now on."""
+    threads = getattr(model, "decode_threads", None)
+    if threads is not None:
+        threads.restart()
+
+
 # ----------------------------------------------------------------------------- the decoder
 def weights_of(model: nn.Module) -> tuple:
     """Which tensors the model's parameters are now (address and dtype of each): a compiled package reads
@@ -307,6 +315,7 @@ class FastDecoder:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"FastDecoder decodes one sequence: input_ids must be [1, seq], got {tuple(input_ids.shape)}")
         self.cache.reset()
+        _restart_threads(self.model)
         logits = self.model(input_ids.to(self.device), cache=self.cache, last_only=True)[:, -1]
         self.pos.fill_(self.cache.pos)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
@@ -495,6 +504,7 @@ class DefaultStep:
 
     def __enter__(self) -> "DefaultStep":
         """Generating: any background build pauses meanwhile (`background.generating`)."""
+        _restart_threads(self.model)
         self._generating = background.generating(compile_cache_dir())
         self._generating.__enter__()
         return self
