@@ -98,6 +98,21 @@ def test_a_new_generation_does_not_count_a_busy_spell_that_is_over(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_copy_of_the_model_ticks_its_own_policy():
+    """generate restarts the policy of the model it runs; the forward hook must tick that one, not the policy of
+    the model it was copied from (whose look would span whatever ran since that model's last token)."""
+    import copy
+
+    model = use_thread_policy_(tiny())
+    twin = copy.deepcopy(model)
+    ticked = []
+    model.decode_threads.tick = lambda: ticked.append("original")
+    twin.decode_threads.tick = lambda: ticked.append("copy")
+    with torch.no_grad():
+        twin(torch.tensor([[1, 2]]))
+    assert ticked == ["copy"]
+
+
 def test_without_proc_stat_the_thread_count_is_left_alone():
     before = torch.get_num_threads()
     threads = DecodeThreads(interval=0.0, sample=lambda: None, cores=2)

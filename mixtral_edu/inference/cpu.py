@@ -159,9 +159,9 @@ def use_thread_policy_(model: nn.Module, threads: Optional[DecodeThreads] = None
     """
     threads = threads or DecodeThreads()
 
-    def tick(module, args):
+    def tick(module, args):                 # the module's own policy: a deepcopy of the model ticks its copy
         if not torch.compiler.is_compiling():
-            threads.tick()
+            module.decode_threads.tick()
     if getattr(model, "thread_policy", None) is not None:
         model.thread_policy.remove()
     model.thread_policy = model.register_forward_pre_hook(tick)
