@@ -41,6 +41,15 @@ def test_free_cores(others, cores, expected):
     assert free_cores(others, cores) == expected
 
 
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads for the test (a DecodeThreads takes the count it starts with as its most), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 class FakeMachine:
     """A /proc/stat stand-in: other processes use `others` cores; this process, `ours` cores."""
 
@@ -51,51 +60,41 @@ class FakeMachine:
         return (self.others + self.ours) * self.t, self.ours * self.t
 
 
-def test_decode_threads_gives_way_to_a_busy_process_and_restores_the_count(monkeypatch):
+def test_decode_threads_gives_way_to_a_busy_process_and_restores_the_count(monkeypatch, two_threads):
     clock = [0.0]
     monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        machine = FakeMachine(others=1.0)
-        threads = DecodeThreads(interval=0.2, sample=machine.sample, cores=2)
-        clock[0] = machine.t = 0.1
-        threads.tick()
-        assert torch.get_num_threads() == 2                 # too soon to look
-        clock[0] = machine.t = 0.3
-        threads.tick()
-        assert torch.get_num_threads() == 1                 # one core is taken by someone else
-        machine.others = 0.0                                # they stop; we count only our own time
-        machine.t = clock[0] = 0.6
-        threads.tick()
-        assert torch.get_num_threads() == 2
-        threads.close()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    machine = FakeMachine(others=1.0)
+    threads = DecodeThreads(interval=0.2, sample=machine.sample, cores=2)
+    clock[0] = machine.t = 0.1
+    threads.tick()
+    assert torch.get_num_threads() == 2                 # too soon to look
+    clock[0] = machine.t = 0.3
+    threads.tick()
+    assert torch.get_num_threads() == 1                 # one core is taken by someone else
+    machine.others = 0.0                                # they stop; we count only our own time
+    machine.t = clock[0] = 0.6
+    threads.tick()
+    assert torch.get_num_threads() == 2
+    threads.close()
+    assert torch.get_num_threads() == 2
 
 
-def test_a_new_generation_does_not_count_a_busy_spell_that_is_over(monkeypatch):
+def test_a_new_generation_does_not_count_a_busy_spell_that_is_over(monkeypatch, two_threads):
     """Another process kept both cores busy for 10 s and stopped; a generation starting then (restart) keeps
     2 threads. Without the restart, the look at 10.3 s would average over all 10.3 s and take 1."""
     clock = [0.0]
     monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
 
     def sample():                          # others: 2 cores until t = 10 s, then none; ours: 1 core
         return 2 * min(clock[0], 10.0) + clock[0], clock[0]
-    try:
-        stale, fresh = (DecodeThreads(interval=0.2, sample=sample, cores=2) for _ in range(2))
-        clock[0] = 10.0
-        fresh.restart()
-        clock[0] = 10.3
-        fresh.tick()
-        assert torch.get_num_threads() == 2
-        stale.tick()
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    stale, fresh = (DecodeThreads(interval=0.2, sample=sample, cores=2) for _ in range(2))
+    clock[0] = 10.0
+    fresh.restart()
+    clock[0] = 10.3
+    fresh.tick()
+    assert torch.get_num_threads() == 2
+    stale.tick()
+    assert torch.get_num_threads() == 1
 
 
 def test_a_copy_of_the_model_ticks_its_own_policy():

@@ -36,6 +36,7 @@ this can be measured without downloading 93 GB.)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,7 +78,9 @@ def use_kernel_(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- inductor's cache on disk
+@functools.lru_cache(maxsize=None)
 def _cpu_flags() -> str:
+    """The CPU's flags from /proc/cpuinfo (read once per process: every generation asks for the cache folder)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
@@ -449,10 +452,10 @@ def built_here(model: nn.Module, max_seq_len: int) -> bool:
 
 def expected_startup(model: nn.Module, max_seq_len: int) -> float:
     """Seconds a new compiled step for this model and cache length is expected to take before its first token."""
-    if not built_here(model, max_seq_len):
+    known = _recorded(model, max_seq_len)
+    if "cold_s" not in known and "warm_s" not in known:       # not `built_here`
         return COLD_START_S
-    warm = _recorded(model, max_seq_len).get("warm_s")
-    return WARM_START_S if warm is None else warm          # a load can round to 0.0 s
+    return known.get("warm_s", WARM_START_S)                   # a load can round to 0.0 s
 
 
 def _record(model: nn.Module, max_seq_len: int, what: str, seconds: float) -> None:
